@@ -1,0 +1,36 @@
+# Everything runs from a project-local virtualenv bootstrapped from python3,
+# so `make demo` and `make test` work on a fresh clone with nothing installed.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-stamp
+
+.PHONY: venv demo test test-matrix bench lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/python client/demo.py
+
+test: venv
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+
+test-matrix:
+	$(PYTHON) scripts/test_matrix.py
+
+bench: venv
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+lint: venv
+	$(BIN)/python -m pip install --quiet ruff mypy
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) .venv-matrix .coverage .coverage.* htmlcov logs

@@ -1,0 +1,192 @@
+"""Many lines under one concurrent-log-handler lock.
+
+This is the seam both sides write through: the daemon's per-file writers and
+the clients' fallback. CLH's own ``emit()`` takes the lock, checks rollover
+and writes once per record, and swallows errors into ``handleError``; here a
+whole list of rendered lines is written under one lock acquisition, with a
+rollover check per chunk (chunks are capped in size so rotation stays close
+to maxBytes), and errors propagate so nothing is acknowledged unwritten.
+
+Because both sides use the same CLH handler options, the same
+``do_write`` and the same terminator, a line is the same bytes whichever way
+it travelled.
+"""
+
+import codecs
+import locale
+import logging
+import os
+from contextlib import suppress
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
+
+from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
+
+CLHHandler = Union[ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler]
+
+# Upper bound of one write call (characters); a batch larger than this is
+# written in several chunks, each after its own rollover check.
+DEFAULT_CHUNK_CHARS = 256 * 1024
+
+# CLH's shouldRollover() ignores its record argument; it still wants one.
+_PROBE = logging.makeLogRecord({"msg": ""})
+
+# TimedRotatingFileHandler stores interval * unit seconds; this undoes it.
+_WHEN_SECONDS = {"S": 1, "M": 60, "H": 3600, "D": 86400, "MIDNIGHT": 86400}
+
+
+class WriteResult(NamedTuple):
+    bytes: int
+    rotations: int
+
+
+def build_handler(path: str, options: Dict[str, Any]) -> CLHHandler:
+    """Build the CLH handler that ``options`` (validated by the protocol) describe."""
+    kwargs = dict(options)
+    if "owner" in kwargs:
+        kwargs["owner"] = tuple(kwargs["owner"])
+    if "when" in kwargs:
+        return ConcurrentTimedRotatingFileHandler(path, **kwargs)
+    return ConcurrentRotatingFileHandler(path, **kwargs)
+
+
+def describe_handler(handler: CLHHandler) -> Tuple[str, Dict[str, Any]]:
+    """The (absolute path, options) that rebuild ``handler`` with build_handler.
+
+    Used by clients to tell the daemon how a file is configured, so the app's
+    logging configuration stays the single source of truth. The encoding is
+    always explicit, so the daemon's locale cannot change the bytes.
+    """
+    timed = isinstance(handler, ConcurrentTimedRotatingFileHandler)
+    clh: ConcurrentRotatingFileHandler = handler.clh if timed else handler  # type: ignore[union-attr]
+    if not isinstance(clh, ConcurrentRotatingFileHandler):
+        raise TypeError(f"expected a concurrent-log-handler handler, got {type(handler).__name__}")
+    encoding = clh.encoding or locale.getpreferredencoding(False)
+    options: Dict[str, Any] = {
+        "maxBytes": int(clh.maxBytes),
+        "backupCount": int(handler.backupCount),
+        "use_gzip": bool(clh.use_gzip),
+        "encoding": codecs.lookup(encoding).name,
+        "terminator": clh.terminator,
+        "unicode_error_policy": clh.unicode_error_policy,
+    }
+    if clh.newline is not None:
+        options["newline"] = clh.newline
+    if clh.chmod is not None:
+        options["chmod"] = int(clh.chmod)
+    if clh.umask is not None:
+        options["umask"] = int(clh.umask)
+    if clh.owner:
+        options["owner"] = [str(clh.owner[0]), str(clh.owner[1])]
+    lock_dir = os.path.dirname(clh.lockFilename)
+    if lock_dir != os.path.dirname(clh.baseFilename):
+        options["lock_file_directory"] = lock_dir
+    if timed:
+        if getattr(handler, "atTime", None) is not None:
+            raise ValueError("atTime is not supported by clh-writerd")
+        when = handler.when.upper()  # type: ignore[union-attr]
+        unit = 604800 if when.startswith("W") else _WHEN_SECONDS[when]
+        options["when"] = when
+        options["interval"] = max(1, int(handler.interval) // unit)  # type: ignore[union-attr]
+        options["utc"] = bool(handler.utc)  # type: ignore[union-attr]
+    return clh.baseFilename, options
+
+
+class BatchWriter:
+    """Writes lists of rendered lines to one file through its CLH handler.
+
+    ``write()`` holds the CLH lock once for the whole list. On a failed write
+    the file is cut back to where this chunk started, so a failure leaves no
+    torn line, and the error propagates to the caller.
+    """
+
+    def __init__(self, handler: CLHHandler, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> None:
+        self.handler = handler
+        timed = isinstance(handler, ConcurrentTimedRotatingFileHandler)
+        self._clh: ConcurrentRotatingFileHandler = handler.clh if timed else handler  # type: ignore[union-attr]
+        max_bytes = self._clh.maxBytes
+        # Several rollover checks per maxBytes keep rotated files near their size.
+        self.chunk_chars = min(chunk_chars, max(256, max_bytes // 8)) if max_bytes > 0 else chunk_chars
+        self.terminator = self._clh.terminator
+
+    @property
+    def path(self) -> str:
+        return str(self._clh.baseFilename)
+
+    def write(self, lines: Sequence[str], fsync: bool = False) -> WriteResult:
+        """Write ``lines`` (each gets the terminator) under one lock acquisition."""
+        if not lines:
+            return WriteResult(0, 0)
+        clh = self._clh
+        clh._do_lock()
+        try:
+            clh._check_stream()
+            written = rotations = 0
+            for chunk in self._chunks(lines):
+                rotations += self._roll_if_needed()
+                written += self._write_chunk(chunk)
+            if fsync and clh.stream is not None:
+                os.fsync(clh.stream.fileno())
+            return WriteResult(written, rotations)
+        finally:
+            clh._do_unlock()
+
+    def fsync(self) -> bool:
+        """fsync the open stream, if any (for interval policies); True if done."""
+        stream = self._clh.stream
+        if stream is None or stream.closed:
+            return False
+        stream.flush()
+        os.fsync(stream.fileno())
+        return True
+
+    def close(self) -> None:
+        self.handler.close()
+
+    def _chunks(self, lines: Sequence[str]) -> List[List[str]]:
+        limit = self.chunk_chars
+        chunks: List[List[str]] = []
+        current: List[str] = []
+        size = 0
+        for line in lines:
+            if current and size + len(line) > limit:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(line)
+            size += len(line) + 1
+        chunks.append(current)
+        return chunks
+
+    def _roll_if_needed(self) -> int:
+        # As in CLH's emit(): a failed rollover is reported but the write goes on.
+        before = getattr(self.handler, "num_rollovers", 0)
+        try:
+            if self.handler.shouldRollover(_PROBE):
+                self.handler.doRollover()
+        except OSError:
+            return 0
+        return int(getattr(self.handler, "num_rollovers", 0) != before)
+
+    def _write_chunk(self, chunk: List[str]) -> int:
+        clh = self._clh
+        if clh.stream is None or clh.stream.closed:
+            clh.stream = clh.do_open()
+        stream = clh.stream
+        start = stream.seek(0, os.SEEK_END)
+        try:
+            # do_write appends the terminator to the last line and flushes.
+            clh.do_write(self.terminator.join(chunk))
+            end = stream.seek(0, os.SEEK_END) if not stream.closed else start
+        except BaseException:
+            self._discard_from(start)
+            raise
+        return max(0, end - start)
+
+    def _discard_from(self, start: int) -> None:
+        """Drop a half-written chunk: close the stream and cut the file back."""
+        clh = self._clh
+        stream, clh.stream = clh.stream, None
+        if stream is not None:
+            with suppress(Exception):
+                stream.close()  # may try to flush the rest again: cut afterwards
+        with suppress(OSError):
+            os.truncate(clh.baseFilename, start)

@@ -1,0 +1,281 @@
+"""The daemon's configuration: plain, validated data with one loader.
+
+Every option is declared once, in ``OPTIONS``: its section, key, default and
+check. The TOML loader, ``check-config``'s printout and the reference config
+test all read that table. Relative paths are resolved against the daemon's
+working directory.
+"""
+
+import fnmatch
+import grp
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .. import protocol
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised by the test matrix on older Pythons
+    import tomli as tomllib
+
+EMBEDDED = "<embedded default>"
+FSYNC_POLICIES = ("never", "batch", "interval")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used, with a message naming the key."""
+
+
+def _positive(kind: type, low: float, high: float) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if type(value) is int and kind is float:
+            value = float(value)
+        if type(value) is not kind or not (low <= value <= high):
+            raise ConfigError(f"{key} must be a {kind.__name__} in [{low}, {high}], got {value!r}")
+        return value
+
+    return check
+
+
+def _choice(choices: Tuple[str, ...]) -> Callable[[str, Any], Any]:
+    def check(key: str, value: Any) -> Any:
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _string(key: str, value: Any) -> str:
+    if type(value) is not str:
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _boolean(key: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _dirs(key: str, value: Any) -> Tuple[str, ...]:
+    if type(value) is not list or not value or not all(type(v) is str and v for v in value):
+        raise ConfigError(f"{key} must be a non-empty list of directory paths")
+    return tuple(os.path.realpath(os.path.abspath(v)) for v in value)
+
+
+def _group(key: str, value: Any) -> str:
+    value = _string(key, value)
+    if value and not value.isdigit():
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ConfigError(f"{key}: no such group {value!r}") from None
+    return value
+
+
+@dataclass(frozen=True)
+class Option:
+    section: str
+    key: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    doc: str
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("daemon", "endpoint", "", _string,
+           'ZeroMQ endpoint to bind: "ipc:///path/to.sock" or "tcp://127.0.0.1:PORT". '
+           'Empty: $CLH_WRITERD_ENDPOINT, else an ipc socket in the per-user runtime directory.'),
+    Option("daemon", "socket_dir_mode", 0o700, _positive(int, 0, 0o7777),
+           "Mode of the directory that holds the ipc socket (who may connect)."),
+    Option("daemon", "socket_group", "", _group,
+           'Group of the socket directory (name or gid); "" leaves it as created.'),
+    Option("daemon", "allow_remote_tcp", False, _boolean,
+           "Allow a tcp endpoint on a non-loopback address."),
+    Option("daemon", "allowed_dirs", ["logs"], _dirs,
+           "The only directories (real paths, subdirectories included) the daemon writes under."),
+    Option("daemon", "create_allowed_dirs", True, _boolean,
+           "Create missing allowed directories at start."),
+    Option("daemon", "allow_owner", False, _boolean,
+           "Honour a client's owner=(user, group) option (chown); refused otherwise."),
+    Option("daemon", "drain_timeout", 10.0, _positive(float, 0.1, 3600.0),
+           "Seconds SIGTERM/SIGINT may spend writing and acknowledging what was received."),
+    Option("daemon", "log_level", "info", _choice(LOG_LEVELS),
+           "Level of the daemon's own diagnostics on stderr."),
+    Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
+           "Largest frame accepted (ZMQ_MAXMSGSIZE); a peer sending more is disconnected."),
+    Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
+           "Batches queued per file before the daemon answers 'busy' (backpressure)."),
+    Option("limits", "max_write_chars", 256 * 1024, _positive(int, 1024, 64 * 1024 * 1024),
+           "Largest chunk written between two rollover checks."),
+    Option("limits", "max_files", 1000, _positive(int, 1, 100_000),
+           "Files served at once."),
+    Option("limits", "max_clients", 10000, _positive(int, 1, 1_000_000),
+           "Client entries kept in stats (least recently seen are forgotten)."),
+    Option("fsync", "policy", "never", _choice(FSYNC_POLICIES),
+           'Default fsync policy: "never", "batch" (after every write) or "interval".'),
+    Option("fsync", "interval", 1.0, _positive(float, 0.001, 3600.0),
+           'Seconds between fsyncs under the "interval" policy.'),
+)
+
+
+@dataclass(frozen=True)
+class FileOverride:
+    """Per-file settings, matched by an fnmatch pattern on the absolute path."""
+
+    pattern: str
+    fsync: str
+    fsync_interval: float
+
+
+@dataclass(frozen=True)
+class Config:
+    endpoint: str
+    socket_dir_mode: int
+    socket_group: str
+    allow_remote_tcp: bool
+    allowed_dirs: Tuple[str, ...]
+    create_allowed_dirs: bool
+    allow_owner: bool
+    drain_timeout: float
+    log_level: str
+    max_message_bytes: int
+    queue_batches: int
+    max_write_chars: int
+    max_files: int
+    max_clients: int
+    fsync_policy: str
+    fsync_interval: float
+    files: Tuple[FileOverride, ...] = ()
+    source: str = EMBEDDED
+
+    def fsync_for(self, path: str) -> Tuple[str, float]:
+        """The fsync policy and interval for one file (first matching override wins)."""
+        for override in self.files:
+            if fnmatch.fnmatchcase(path, override.pattern):
+                return override.fsync, override.fsync_interval
+        return self.fsync_policy, self.fsync_interval
+
+    @property
+    def ipc_path(self) -> Optional[str]:
+        return self.endpoint[len("ipc://"):] if self.endpoint.startswith("ipc://") else None
+
+    def as_toml(self) -> str:
+        """The effective configuration, as TOML that load_config reads back."""
+        lines = [f"# effective configuration (from {self.source})"]
+        section = None
+        for opt in OPTIONS:
+            if opt.section != section:
+                section = opt.section
+                lines.append(f"\n[{section}]")
+            lines.append(f"{opt.key} = {_toml_value(getattr(self, _attr(opt)))}")
+        for override in self.files:
+            lines.append("\n[[files]]")
+            lines.append(f"path = {_toml_value(override.pattern)}")
+            lines.append(f"fsync = {_toml_value(override.fsync)}")
+            lines.append(f"fsync_interval = {_toml_value(override.fsync_interval)}")
+        return "\n".join(lines) + "\n"
+
+
+def _attr(opt: Option) -> str:
+    return f"fsync_{opt.key}" if opt.section == "fsync" else opt.key
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _check_endpoint(config: Config) -> Config:
+    endpoint = config.endpoint or protocol.default_endpoint()
+    if endpoint.startswith("ipc://"):
+        path = os.path.abspath(endpoint[len("ipc://"):])
+        # Linux's sun_path holds 108 bytes including the terminating NUL.
+        if len(os.fsencode(path)) > 107:
+            raise ConfigError(f"endpoint: ipc path {path!r} is longer than the 107-byte limit of a unix socket")
+        return replace(config, endpoint="ipc://" + path)
+    if endpoint.startswith("tcp://"):
+        host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+        if not config.allow_remote_tcp:
+            try:
+                loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ConfigError(
+                    f"endpoint: {endpoint} is not a loopback address; set allow_remote_tcp = true to bind it"
+                )
+        return config
+    raise ConfigError(f"endpoint must start with ipc:// or tcp://, got {endpoint!r}")
+
+
+def _files(value: Any, defaults: Mapping[str, Any]) -> Tuple[FileOverride, ...]:
+    if type(value) is not list:
+        raise ConfigError("[[files]] must be an array of tables")
+    out: List[FileOverride] = []
+    for i, entry in enumerate(value):
+        where = f"files[{i}]"
+        unknown = set(entry) - {"path", "fsync", "fsync_interval"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        pattern = _string(f"{where}.path", entry.get("path"))
+        if not os.path.isabs(pattern):
+            pattern = os.path.abspath(pattern)
+        policy = _choice(FSYNC_POLICIES)(f"{where}.fsync", entry.get("fsync", defaults["fsync_policy"]))
+        interval = _positive(float, 0.001, 3600.0)(
+            f"{where}.fsync_interval", entry.get("fsync_interval", defaults["fsync_interval"])
+        )
+        out.append(FileOverride(pattern, policy, interval))
+    return tuple(out)
+
+
+def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Config:
+    """Validate a parsed TOML document (or {} for the embedded default)."""
+    known_sections = {opt.section for opt in OPTIONS} | {"files"}
+    unknown = set(data) - known_sections
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(known_sections)}")
+    values: Dict[str, Any] = {}
+    for section in known_sections - {"files"}:
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        keys = {opt.key for opt in OPTIONS if opt.section == section}
+        extra = set(table) - keys
+        if extra:
+            raise ConfigError(f"[{section}]: unknown key(s) {sorted(extra)}; known: {sorted(keys)}")
+    for opt in OPTIONS:
+        raw = data.get(opt.section, {}).get(opt.key, opt.default)
+        values[_attr(opt)] = opt.check(f"{opt.section}.{opt.key}", raw)
+    values["files"] = _files(data.get("files", []), values)
+    return _check_endpoint(Config(source=source, **values))
+
+
+def load_config(path: Optional[str] = None) -> Config:
+    """Load and validate a TOML config file; ``None`` gives the embedded default."""
+    if path is None:
+        return config_from_mapping({})
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return config_from_mapping(data, source=os.path.abspath(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+__all__ = ["Config", "ConfigError", "FileOverride", "OPTIONS", "load_config", "config_from_mapping"]

@@ -1,0 +1,489 @@
+"""The wire contract between clh-writerd clients and the daemon.
+
+This is the only module both sides import for the wire: message types, field
+names, limits, encoding, decoding and validation. It deliberately imports no
+zmq and no logging handler, so it can be tested and fuzzed on its own.
+`docs/protocol.md` describes the same contract for humans; keep them together.
+
+Every message is one msgpack map with at least ``v`` (the protocol version)
+and ``type``. Decoding untrusted bytes raises only :class:`ProtocolError`.
+"""
+
+import os
+import socket
+import sys
+import uuid
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# -- limits ---------------------------------------------------------------
+# One frame may hold at most this many bytes; the daemon also sets it as
+# ZMQ_MAXMSGSIZE so an oversize frame never reaches Python.
+MAX_FRAME_BYTES = 8 * 1024 * 1024
+MAX_RECORDS_PER_BATCH = 20000
+# One rendered record (a formatted line, traceback included), in UTF-8 bytes.
+MAX_RECORD_BYTES = 1024 * 1024
+MAX_PATH_BYTES = 4096
+MAX_NAME_CHARS = 256  # host, program, session, option strings
+MAX_MAP_ENTRIES = 64
+MAX_COUNTERS = 32
+MAX_REPLY_ENTRIES = 100000
+MAX_INT = 2**63 - 1
+
+# -- message and reply types ----------------------------------------------
+T_BATCH = "batch"
+T_SYNC = "sync"
+T_STATS = "stats"
+T_PING = "ping"
+T_REPORT = "report"
+T_ACK = "ack"
+T_OK = "ok"
+T_ERROR = "error"
+
+RENDER_LINES = "lines"  # records are formatted lines without terminator
+RENDER_MODES = (RENDER_LINES,)
+
+# -- stable error codes ---------------------------------------------------
+E_MALFORMED = "malformed"  # not msgpack, wrong shape, wrong types
+E_VERSION = "unsupported_version"
+E_UNKNOWN_TYPE = "unknown_type"
+E_TOO_LARGE = "too_large"  # a limit above was exceeded
+E_FORBIDDEN_PATH = "forbidden_path"  # outside allowed_dirs, relative, '..', NUL, symlink escape
+E_BAD_OPTIONS = "bad_options"  # unknown option or value out of range
+E_BUSY = "busy"  # the file's queue is full: retry later (backpressure)
+E_WRITE_FAILED = "write_failed"  # the write raised (disk full, permissions, ...)
+E_SHUTTING_DOWN = "shutting_down"
+E_INTERNAL = "internal"
+
+ERROR_CODES = (
+    E_MALFORMED,
+    E_VERSION,
+    E_UNKNOWN_TYPE,
+    E_TOO_LARGE,
+    E_FORBIDDEN_PATH,
+    E_BAD_OPTIONS,
+    E_BUSY,
+    E_WRITE_FAILED,
+    E_SHUTTING_DOWN,
+    E_INTERNAL,
+)
+# A client may send the same records again later after one of these; the
+# others mean "this daemon will never write it": use the fallback.
+RETRYABLE_ERRORS = frozenset((E_BUSY, E_WRITE_FAILED, E_SHUTTING_DOWN))
+
+
+class ProtocolError(Exception):
+    """Raised for anything that is not a valid message; carries a stable code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+# -- CLH options ------------------------------------------------------------
+# name -> (accepted types, lower bound, upper bound). Bounds keep a hostile or
+# mistaken client from asking for a million backups or a zero-second interval.
+_INT = (int,)
+_STR = (str,)
+_BOOL = (bool,)
+FILE_OPTIONS: Dict[str, Tuple[Tuple[type, ...], Any, Any]] = {
+    "maxBytes": (_INT, 0, 1 << 44),
+    "backupCount": (_INT, 0, 1000),
+    "use_gzip": (_BOOL, None, None),
+    "encoding": (_STR, None, None),
+    "chmod": (_INT, 0, 0o7777),
+    "umask": (_INT, 0, 0o777),
+    "newline": (_STR, None, None),
+    "terminator": (_STR, None, None),
+    "unicode_error_policy": (_STR, None, None),
+    "lock_file_directory": (_STR, None, None),
+    "owner": ((list,), None, None),
+    # Present only for ConcurrentTimedRotatingFileHandler.
+    "when": (_STR, None, None),
+    "interval": (_INT, 1, 10**7),
+    "utc": (_BOOL, None, None),
+}
+WHEN_VALUES = ("S", "M", "H", "D", "MIDNIGHT") + tuple(f"W{i}" for i in range(7))
+UNICODE_POLICIES = ("ignore", "replace", "strict")
+
+
+def check_file_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """Validate a file's CLH options and return them as a plain dict.
+
+    Raises ProtocolError(E_BAD_OPTIONS) naming the first offending option.
+    """
+    out: Dict[str, Any] = {}
+    for name, value in options.items():
+        spec = FILE_OPTIONS.get(name)
+        if spec is None:
+            raise ProtocolError(E_BAD_OPTIONS, f"unknown option {name!r}")
+        types, low, high = spec
+        # bool is an int subclass; an int option must not accept True.
+        if type(value) not in types:
+            raise ProtocolError(E_BAD_OPTIONS, f"option {name!r} has type {type(value).__name__}")
+        if low is not None and not (low <= value <= high):
+            raise ProtocolError(E_BAD_OPTIONS, f"option {name!r}={value!r} is outside [{low}, {high}]")
+        if isinstance(value, str) and (len(value) > MAX_PATH_BYTES or "\x00" in value):
+            raise ProtocolError(E_BAD_OPTIONS, f"option {name!r} is too long or holds NUL")
+        out[name] = value
+    if "encoding" in out:
+        import codecs
+
+        try:
+            codecs.lookup(out["encoding"])
+        except LookupError:
+            raise ProtocolError(E_BAD_OPTIONS, f"unknown encoding {out['encoding']!r}") from None
+    if out.get("newline") not in (None, "", "\n", "\r", "\r\n"):
+        raise ProtocolError(E_BAD_OPTIONS, "newline must be one of None, '', '\\n', '\\r', '\\r\\n'")
+    if "terminator" in out and not (1 <= len(out["terminator"]) <= 4):
+        raise ProtocolError(E_BAD_OPTIONS, "terminator must be 1 to 4 characters")
+    if out.get("unicode_error_policy", "ignore") not in UNICODE_POLICIES:
+        raise ProtocolError(E_BAD_OPTIONS, f"unicode_error_policy must be one of {UNICODE_POLICIES}")
+    if "when" in out and out["when"].upper() not in WHEN_VALUES:
+        raise ProtocolError(E_BAD_OPTIONS, f"when must be one of {WHEN_VALUES}")
+    if ("interval" in out or "utc" in out) and "when" not in out:
+        raise ProtocolError(E_BAD_OPTIONS, "interval and utc need when (a timed rotating file)")
+    owner = out.get("owner")
+    if owner is not None and not (
+        len(owner) == 2 and all(type(x) is str and 0 < len(x) <= MAX_NAME_CHARS for x in owner)
+    ):
+        raise ProtocolError(E_BAD_OPTIONS, "owner must be [user, group]")
+    return out
+
+
+def options_key(options: Mapping[str, Any]) -> Tuple[Tuple[str, Any], ...]:
+    """A hashable, order-independent form of validated options."""
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
+
+
+# -- decoded messages -------------------------------------------------------
+class ClientId(NamedTuple):
+    """Who sent a message: one per client process (session changes on fork)."""
+
+    host: str
+    pid: int
+    program: str
+    session: str
+
+
+class Batch(NamedTuple):
+    client: ClientId
+    seq: int
+    path: str
+    options: Dict[str, Any]
+    render: str
+    records: List[str]
+
+
+class SyncRecord(NamedTuple):
+    client: ClientId
+    id: int
+    path: str
+    options: Dict[str, Any]
+    render: str
+    record: str
+
+
+class StatsRequest(NamedTuple):
+    id: int
+
+
+class Ping(NamedTuple):
+    id: int
+
+
+class Report(NamedTuple):
+    """A client's own counters (dropped, fallback writes, resent, ...)."""
+
+    client: ClientId
+    id: int
+    counters: Dict[str, int]
+
+
+class Ack(NamedTuple):
+    seq: int
+
+
+class Ok(NamedTuple):
+    id: int
+    data: Dict[str, Any]
+
+
+class Error(NamedTuple):
+    code: str
+    message: str
+    seq: Optional[int] = None
+    id: Optional[int] = None
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in RETRYABLE_ERRORS
+
+
+Request = Union[Batch, SyncRecord, StatsRequest, Ping, Report]
+Reply = Union[Ack, Ok, Error]
+
+
+# -- identity -----------------------------------------------------------
+def new_client_id(program: Optional[str] = None) -> ClientId:
+    """The identity of this process; call again after fork for a new session."""
+    prog = program or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+    return ClientId(
+        socket.gethostname()[:MAX_NAME_CHARS],
+        os.getpid(),
+        prog[:MAX_NAME_CHARS] or "python",
+        uuid.uuid4().hex,
+    )
+
+
+def default_endpoint() -> str:
+    """The endpoint client and daemon agree on without configuration.
+
+    ``CLH_WRITERD_ENDPOINT`` wins; otherwise an ipc socket in the per-user
+    runtime directory (``$XDG_RUNTIME_DIR/clh-writerd``, else
+    ``/tmp/clh-writerd-<uid>``).
+    """
+    env = os.environ.get("CLH_WRITERD_ENDPOINT")
+    if env:
+        return env
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        directory = os.path.join(runtime, "clh-writerd")
+    else:
+        directory = os.path.join("/tmp", f"clh-writerd-{os.getuid()}")
+    return "ipc://" + os.path.join(directory, "writerd.sock")
+
+
+# -- encoding ---------------------------------------------------------------
+def _client_map(client: ClientId) -> Dict[str, Any]:
+    return {"host": client.host, "pid": client.pid, "program": client.program, "session": client.session}
+
+
+def _file_map(path: str, options: Mapping[str, Any]) -> Dict[str, Any]:
+    return {"path": path, "options": dict(options)}
+
+
+def encode_batch(
+    client: ClientId,
+    seq: int,
+    path: str,
+    options: Mapping[str, Any],
+    records: List[str],
+    render: str = RENDER_LINES,
+) -> bytes:
+    return msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": T_BATCH,
+            "client": _client_map(client),
+            "seq": seq,
+            "file": _file_map(path, options),
+            "render": render,
+            "records": records,
+        }
+    )
+
+
+def encode_sync(
+    client: ClientId,
+    id: int,
+    path: str,
+    options: Mapping[str, Any],
+    record: str,
+    render: str = RENDER_LINES,
+) -> bytes:
+    return msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "type": T_SYNC,
+            "client": _client_map(client),
+            "id": id,
+            "file": _file_map(path, options),
+            "render": render,
+            "record": record,
+        }
+    )
+
+
+def encode_stats_request(id: int = 0) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_STATS, "id": id})
+
+
+def encode_ping(id: int = 0) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_PING, "id": id})
+
+
+def encode_report(client: ClientId, counters: Mapping[str, int], id: int = 0) -> bytes:
+    return msgpack.packb(
+        {"v": PROTOCOL_VERSION, "type": T_REPORT, "client": _client_map(client), "id": id,
+         "counters": dict(counters)}
+    )
+
+
+def encode_ack(seq: int) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_ACK, "seq": seq})
+
+
+def encode_ok(id: int = 0, data: Optional[Mapping[str, Any]] = None) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_OK, "id": id, "data": dict(data or {})})
+
+
+def encode_error(code: str, message: str, seq: Optional[int] = None, id: Optional[int] = None) -> bytes:
+    msg: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": T_ERROR, "code": code, "message": message[:1000]}
+    if seq is not None:
+        msg["seq"] = seq
+    if id is not None:
+        msg["id"] = id
+    return msgpack.packb(msg)
+
+
+# -- decoding -----------------------------------------------------------
+def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES) -> Dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(E_MALFORMED, "frame is not bytes")
+    if len(data) > MAX_FRAME_BYTES:
+        raise ProtocolError(E_TOO_LARGE, f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        obj = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_RECORD_BYTES,
+            max_bin_len=0,
+            max_ext_len=0,
+            max_array_len=max_array,
+            max_map_len=max_map,
+        )
+    except ValueError as exc:
+        # msgpack reports exceeded limits as ValueError("... exceeds max_...").
+        code = E_TOO_LARGE if "exceeds max" in str(exc) else E_MALFORMED
+        raise ProtocolError(code, f"cannot decode frame: {exc}") from None
+    except Exception as exc:  # untrusted bytes: nothing but ProtocolError escapes
+        raise ProtocolError(E_MALFORMED, f"cannot decode frame: {type(exc).__name__}: {exc}") from None
+    if type(obj) is not dict:
+        raise ProtocolError(E_MALFORMED, "a message is a map")
+    version = obj.get("v")
+    if type(version) is not int:
+        raise ProtocolError(E_MALFORMED, "missing protocol version 'v'")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(E_VERSION, f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    return obj
+
+
+def _field(obj: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = obj.get(name)
+    if type(value) is not kind:
+        raise ProtocolError(E_MALFORMED, f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+def _int_field(obj: Mapping[str, Any], name: str, default: Optional[int] = None) -> int:
+    if default is not None and name not in obj:
+        return default
+    value = _field(obj, name, int)
+    if not (0 <= value <= MAX_INT):
+        raise ProtocolError(E_MALFORMED, f"field {name!r} is out of range")
+    return value
+
+
+def _name(obj: Mapping[str, Any], name: str) -> str:
+    value = _field(obj, name, str)
+    if len(value) > MAX_NAME_CHARS:
+        raise ProtocolError(E_TOO_LARGE, f"field {name!r} is longer than {MAX_NAME_CHARS}")
+    return value
+
+
+def _client(obj: Mapping[str, Any]) -> ClientId:
+    c = _field(obj, "client", dict)
+    return ClientId(_name(c, "host"), _int_field(c, "pid"), _name(c, "program"), _name(c, "session"))
+
+
+def _file(obj: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    f = _field(obj, "file", dict)
+    path = _field(f, "path", str)
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ProtocolError(E_TOO_LARGE, f"path is longer than {MAX_PATH_BYTES} bytes")
+    options = _field(f, "options", dict)
+    for value in options.values():
+        # Options are scalars, or owner's [user, group]; nothing deeper.
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(x, (list, dict)) for x in value)):
+            raise ProtocolError(E_MALFORMED, "file options must be scalars")
+    return path, options
+
+
+def _render(obj: Mapping[str, Any]) -> str:
+    render = _field(obj, "render", str)
+    if render not in RENDER_MODES:
+        raise ProtocolError(E_MALFORMED, f"render mode {render!r} is not one of {RENDER_MODES}")
+    return render
+
+
+def _check_record(record: Any) -> str:
+    if type(record) is not str:
+        raise ProtocolError(E_MALFORMED, "a record must be a string")
+    return record
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode a client->daemon frame; raises only ProtocolError."""
+    obj = _unpack(data, MAX_RECORDS_PER_BATCH)
+    kind = obj.get("type")
+    if kind == T_BATCH:
+        records = _field(obj, "records", list)
+        for record in records:
+            _check_record(record)
+        path, options = _file(obj)
+        return Batch(_client(obj), _int_field(obj, "seq"), path, options, _render(obj), records)
+    if kind == T_SYNC:
+        path, options = _file(obj)
+        record = _check_record(obj.get("record"))
+        return SyncRecord(_client(obj), _int_field(obj, "id"), path, options, _render(obj), record)
+    if kind == T_STATS:
+        return StatsRequest(_int_field(obj, "id", 0))
+    if kind == T_PING:
+        return Ping(_int_field(obj, "id", 0))
+    if kind == T_REPORT:
+        counters = _field(obj, "counters", dict)
+        if len(counters) > MAX_COUNTERS:
+            raise ProtocolError(E_TOO_LARGE, f"more than {MAX_COUNTERS} counters")
+        for name, value in counters.items():
+            if len(name) > MAX_NAME_CHARS or type(value) is not int or not (0 <= value <= MAX_INT):
+                raise ProtocolError(E_MALFORMED, "counters map names to non-negative ints")
+        return Report(_client(obj), _int_field(obj, "id", 0), counters)
+    if type(kind) is not str:
+        raise ProtocolError(E_MALFORMED, "field 'type' must be str")
+    raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
+
+
+def decode_reply(data: bytes) -> Reply:
+    """Decode a daemon->client frame; raises only ProtocolError."""
+    # Replies come from the daemon and may carry a stats document with one
+    # entry per file and client, hence the wider container limits.
+    obj = _unpack(data, MAX_REPLY_ENTRIES, MAX_REPLY_ENTRIES)
+    kind = obj.get("type")
+    if kind == T_ACK:
+        return Ack(_int_field(obj, "seq"))
+    if kind == T_OK:
+        data_field = obj.get("data", {})
+        if type(data_field) is not dict:
+            raise ProtocolError(E_MALFORMED, "field 'data' must be a map")
+        return Ok(_int_field(obj, "id", 0), data_field)
+    if kind == T_ERROR:
+        seq = _int_field(obj, "seq") if "seq" in obj else None
+        id_ = _int_field(obj, "id") if "id" in obj else None
+        return Error(_field(obj, "code", str), _field(obj, "message", str), seq, id_)
+    raise ProtocolError(E_UNKNOWN_TYPE, f"unknown reply type {str(kind)[:64]!r}")
+
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
+    "MAX_PATH_BYTES", "MAX_NAME_CHARS", "ProtocolError", "ClientId", "Batch", "SyncRecord",
+    "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",
+    "FILE_OPTIONS", "check_file_options", "options_key", "new_client_id", "default_endpoint",
+    "encode_batch", "encode_sync", "encode_stats_request", "encode_ping", "encode_report",
+    "encode_ack", "encode_ok", "encode_error", "decode_request", "decode_reply",
+]
