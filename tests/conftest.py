@@ -1,0 +1,39 @@
+"""Shared fixtures: real daemon subprocesses that are always cleaned up."""
+
+import os
+from typing import Any, Callable, List
+
+import pytest
+
+
+from support import DaemonProcess, RawClient
+
+
+@pytest.fixture
+def start_daemon(tmp_path) -> Callable[..., DaemonProcess]:
+    """start_daemon(**config) -> a running DaemonProcess writing under tmp_path/logs."""
+    started: List[DaemonProcess] = []
+
+    def start(wait: bool = True, **kwargs: Any) -> DaemonProcess:
+        workdir = kwargs.pop("workdir", None) or str(tmp_path)
+        daemon = DaemonProcess(workdir, **kwargs)
+        started.append(daemon)
+        return daemon.start(wait=wait)
+
+    yield start
+    for daemon in started:
+        daemon.cleanup()
+
+
+@pytest.fixture
+def raw_client() -> Callable[[str], RawClient]:
+    clients: List[RawClient] = []
+
+    def make(endpoint: str, program: str = "raw-test-client") -> RawClient:
+        client = RawClient(endpoint, program)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -1,0 +1,338 @@
+"""Test support: a real daemon subprocess, a raw protocol client, the oracle.
+
+Everything here talks to real processes over real sockets. Waiting is done
+with ``wait_for`` (a condition and a deadline), never with a bare sleep.
+"""
+
+import gzip
+import os
+import re
+import shutil
+import signal as _signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import zmq
+
+from clh_writerd import protocol
+from clh_writerd.client.control import DaemonUnavailable, request
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, what: str = "condition",
+              interval: float = 0.01) -> Any:
+    """Poll ``condition`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_socket_dir() -> str:
+    """A fresh directory with a short path (unix socket paths are limited to 107 bytes)."""
+    return tempfile.mkdtemp(prefix="cw-", dir="/tmp")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def write_config(path: str, sections: Dict[str, Dict[str, Any]], files: Iterable[Dict[str, Any]] = ()) -> str:
+    lines = []
+    for section, table in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    for entry in files:
+        lines.append("[[files]]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in entry.items()]
+        lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+class DaemonProcess:
+    """``python -m clh_writerd --config FILE`` as a subprocess."""
+
+    def __init__(self, workdir: str, log_dir: Optional[str] = None, endpoint: Optional[str] = None,
+                 daemon: Optional[Dict[str, Any]] = None, limits: Optional[Dict[str, Any]] = None,
+                 fsync: Optional[Dict[str, Any]] = None, files: Iterable[Dict[str, Any]] = (),
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
+        self.workdir = workdir
+        self.log_dir = log_dir or os.path.join(workdir, "logs")
+        self.socket_dir = short_socket_dir()
+        self.endpoint = endpoint or f"ipc://{self.socket_dir}/w.sock"
+        daemon_section = {"endpoint": self.endpoint, "allowed_dirs": [self.log_dir], "drain_timeout": 10.0}
+        daemon_section.update(daemon or {})
+        sections = {"daemon": daemon_section}
+        if limits:
+            sections["limits"] = limits
+        if fsync:
+            sections["fsync"] = fsync
+        self.config_path = write_config(os.path.join(workdir, "clh-writerd.toml"), sections, files)
+        self.stderr_path = os.path.join(workdir, "daemon.stderr")
+        self.proc: Optional[subprocess.Popen] = None
+        self._preexec_fn = preexec_fn
+
+    def start(self, wait: bool = True) -> "DaemonProcess":
+        stderr = open(self.stderr_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clh_writerd", "--config", self.config_path],
+            cwd=self.workdir, stdout=stderr, stderr=stderr, preexec_fn=self._preexec_fn,
+        )
+        stderr.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        def answers() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.stderr()}")
+            try:
+                return isinstance(request(self.endpoint, protocol.encode_ping(), 0.5), protocol.Ok)
+            except DaemonUnavailable:
+                return False
+
+        wait_for(answers, timeout, "the daemon to answer a ping")
+
+    def stats(self, timeout: float = 5.0) -> Dict[str, Any]:
+        reply = request(self.endpoint, protocol.encode_stats_request(), timeout)
+        assert isinstance(reply, protocol.Ok), reply
+        return reply.data
+
+    def file_stats(self, path: str) -> Dict[str, Any]:
+        real = os.path.realpath(path)
+        for entry in self.stats()["files"]:
+            if entry["path"] == real:
+                return entry
+        raise KeyError(path)
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, sig: int = _signal.SIGTERM, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Send ``sig`` and wait for the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(DEFAULT_TIMEOUT)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(_signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def stderr(self) -> str:
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+class RawClient:
+    """A minimal protocol client: a DEALER for batches, a REQ for sync records."""
+
+    def __init__(self, endpoint: str, program: str = "raw-test-client") -> None:
+        self.endpoint = endpoint
+        self.context = zmq.Context()
+        self.dealer = self.context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(endpoint)
+        self.client = protocol.new_client_id(program)
+        self.seq = 0
+
+    def send_batch(self, path: str, records: List[str], options: Optional[Dict[str, Any]] = None) -> int:
+        self.seq += 1
+        self.dealer.send(protocol.encode_batch(self.client, self.seq, path, options or {}, records))
+        return self.seq
+
+    def send_raw(self, payload: bytes) -> None:
+        self.dealer.send(payload)
+
+    def recv(self, timeout: float = DEFAULT_TIMEOUT) -> protocol.Reply:
+        if not self.dealer.poll(int(timeout * 1000)):
+            raise AssertionError(f"no reply within {timeout}s")
+        return protocol.decode_reply(self.dealer.recv())
+
+    def write(self, path: str, records: List[str], options: Optional[Dict[str, Any]] = None,
+              timeout: float = DEFAULT_TIMEOUT) -> protocol.Reply:
+        """Send one batch and return its reply (ack or error)."""
+        seq = self.send_batch(path, records, options)
+        reply = self.recv(timeout)
+        assert getattr(reply, "seq", seq) == seq, (reply, seq)
+        return reply
+
+    def sync(self, path: str, record: str, options: Optional[Dict[str, Any]] = None,
+             timeout: float = DEFAULT_TIMEOUT) -> protocol.Reply:
+        req = self.context.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(self.endpoint)
+        try:
+            self.seq += 1
+            req.send(protocol.encode_sync(self.client, self.seq, path, options or {}, record))
+            if not req.poll(int(timeout * 1000)):
+                raise AssertionError(f"no reply to sync within {timeout}s")
+            return protocol.decode_reply(req.recv())
+        finally:
+            req.close()
+
+    def close(self) -> None:
+        self.dealer.close(0)
+        self.context.term()
+
+
+# -- the sequence oracle ------------------------------------------------------
+# Every test record is "SEQ <writer> <n> <payload>": the oracle knows who wrote
+# it and in which order, so it can tell missing, duplicated and torn lines.
+RECORD_RE = re.compile(r"^SEQ (\S+) (\d+) (.*)$")
+
+
+def seq_record(writer: str, n: int, payload: str = "") -> str:
+    return f"SEQ {writer} {n} {payload or ('x' * (n % 37))}"
+
+
+def family_files(path: str) -> List[str]:
+    """The base file and everything rotation made of it: .N, .N.gz, timed
+    suffixes, and orphaned .rotate.* files left by an interrupted rollover."""
+    directory, base = os.path.split(path)
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name == base or name.startswith(base + "."):
+            if name.endswith(".lock"):
+                continue
+            out.append(os.path.join(directory, name))
+    return out
+
+
+def read_lines(path: str) -> List[str]:
+    """Every line of the file family, decoded, in no particular file order."""
+    lines: List[str] = []
+    for name in family_files(path):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(name, "rb") as f:  # type: ignore[operator]
+            data = f.read()
+        text = data.decode("utf-8", "replace")
+        chunk = text.split("\n")
+        if chunk and chunk[-1] == "":
+            chunk.pop()
+        elif chunk:
+            chunk[-1] += "\x00<no terminator>"  # a torn last line shows as malformed
+        lines.extend(chunk)
+    return lines
+
+
+@dataclass
+class OracleReport:
+    expected: int = 0
+    found: int = 0
+    missing: Dict[str, List[int]] = field(default_factory=dict)
+    duplicates: int = 0
+    torn: List[str] = field(default_factory=list)
+    foreign: int = 0  # well-formed lines from writers not in the expectation
+
+    @property
+    def missing_count(self) -> int:
+        return sum(len(v) for v in self.missing.values())
+
+    def assert_complete(self, allow_duplicates: bool = False) -> None:
+        problems = []
+        if self.missing_count:
+            sample = {w: v[:10] for w, v in self.missing.items()}
+            problems.append(f"{self.missing_count} missing (first: {sample})")
+        if self.torn:
+            problems.append(f"{len(self.torn)} torn lines (first: {self.torn[:3]!r})")
+        if self.duplicates and not allow_duplicates:
+            problems.append(f"{self.duplicates} duplicates")
+        assert not problems, "; ".join(problems) + f" [expected {self.expected}, found {self.found}]"
+
+
+def check_sequences(lines: Iterable[str], expected: Dict[str, int], payloads: bool = True) -> OracleReport:
+    """Compare lines against ``expected`` = {writer: number of records 0..n-1}."""
+    seen: Dict[str, Counter] = defaultdict(Counter)
+    report = OracleReport(expected=sum(expected.values()))
+    for line in lines:
+        m = RECORD_RE.match(line)
+        if not m:
+            report.torn.append(line)
+            continue
+        writer, n, payload = m.group(1), int(m.group(2)), m.group(3)
+        if payloads and payload.startswith("x") and payload != "x" * (n % 37):
+            report.torn.append(line)
+            continue
+        if writer not in expected:
+            report.foreign += 1
+            continue
+        seen[writer][n] += 1
+        report.found += 1
+    for writer, count in expected.items():
+        got = seen.get(writer, Counter())
+        missing = [n for n in range(count) if got[n] == 0]
+        if missing:
+            report.missing[writer] = missing
+        report.duplicates += sum(c - 1 for c in got.values() if c > 1)
+    return report
+
+
+def per_writer_order(lines: Iterable[str]) -> Dict[str, bool]:
+    """For lines of one file (not rotated), whether each writer's numbers only go up."""
+    last: Dict[str, int] = {}
+    ok: Dict[str, bool] = {}
+    for line in lines:
+        m = RECORD_RE.match(line)
+        if not m:
+            continue
+        writer, n = m.group(1), int(m.group(2))
+        ok.setdefault(writer, True)
+        if writer in last and n <= last[writer]:
+            ok[writer] = False
+        last[writer] = n
+    return ok
+
+
+def ordered_family(path: str) -> List[str]:
+    """Lines of a size-rotated family oldest first: highest .N first, base last."""
+    def rank(name: str) -> Tuple[int, str]:
+        m = re.search(r"\.(\d+)(\.gz)?$", name)
+        if name == path:
+            return (-1, name)
+        return (int(m.group(1)) if m else 10**9, name)
+
+    lines: List[str] = []
+    for name in sorted(family_files(path), key=rank, reverse=True):
+        if ".rotate." in name:
+            continue
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(name, "rb") as f:  # type: ignore[operator]
+            lines.extend(f.read().decode("utf-8", "replace").splitlines())
+    return lines
