@@ -173,7 +173,9 @@ class Config:
             if opt.section != section:
                 section = opt.section
                 lines.append(f"\n[{section}]")
-            lines.append(f"{opt.key} = {_toml_value(getattr(self, _attr(opt)))}")
+            value = getattr(self, _attr(opt))
+            text = oct(value) if opt.key.endswith("_mode") else _toml_value(value)
+            lines.append(f"{opt.key} = {text}")
         for override in self.files:
             lines.append("\n[[files]]")
             lines.append(f"path = {_toml_value(override.pattern)}")
