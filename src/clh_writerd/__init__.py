@@ -1,9 +1,12 @@
 """clh-writerd: non-blocking multi-process rotating log files.
 
 Client handlers push records to a local writer daemon over ZeroMQ; the daemon
-writes them through concurrent-log-handler, one lock per batch.
+writes them through concurrent-log-handler, one lock per batch. Without a
+daemon the handlers write the file themselves, off the caller's thread.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+from .client.nonblocking import NonBlockingConcurrentHandler, create_nonblocking_handler  # noqa: E402
+
+__all__ = ["NonBlockingConcurrentHandler", "create_nonblocking_handler", "__version__"]

@@ -217,7 +217,7 @@ def _check_endpoint(config: Config) -> Config:
                 raise ConfigError(
                     f"endpoint: {endpoint} is not a loopback address; set allow_remote_tcp = true to bind it"
                 )
-        return config
+        return replace(config, endpoint=endpoint)
     raise ConfigError(f"endpoint must start with ipc:// or tcp://, got {endpoint!r}")
 
 
@@ -227,6 +227,8 @@ def _files(value: Any, defaults: Mapping[str, Any]) -> Tuple[FileOverride, ...]:
     out: List[FileOverride] = []
     for i, entry in enumerate(value):
         where = f"files[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} must be a table ([[files]]), got {entry!r}")
         unknown = set(entry) - {"path", "fsync", "fsync_interval"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import IO, Any, List, Optional
+from typing import IO, Any, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -35,6 +35,8 @@ EXIT_FORCED = 130
 POLL_MS = 200
 # Frames handled per poll wake-up before acks get their turn.
 MAX_BURST = 256
+# How long a busy refusal holds back a client's later batches for that file.
+BLOCK_SECONDS = 2.0
 
 
 class StartupError(RuntimeError):
@@ -58,6 +60,7 @@ class Server:
         self.force_exit = False
         self.reload_requested = False
         self._writers_running = False
+        self._blocked: Dict[Tuple[str, str], Tuple[int, float]] = {}
         self._old_handlers: List[Any] = []
 
     # -- lifecycle -----------------------------------------------------------
@@ -207,7 +210,8 @@ class Server:
         if isinstance(request, protocol.StatsRequest):
             return protocol.encode_ok(request.id, self.snapshot())
         if isinstance(request, protocol.Ping):
-            return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid()})
+            return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
+                                                   "max_message_bytes": self.config.max_message_bytes})
         if isinstance(request, protocol.Report):
             self.stats.client(request.client).reported.update(request.counters)
             return protocol.encode_ok(request.id)
@@ -225,8 +229,11 @@ class Server:
             client_stats.errors += 1
             raise
         sync = rid is not None
-        if not writer.submit(Work(envelope, lines, ok_reply, seq, rid), sync=sync):
+        blocked = self._refused_batches(client, writer.path, seq)
+        if blocked or not writer.submit(Work(envelope, lines, ok_reply, seq, rid), sync=sync):
             writer.stats.busy_refusals += 1
+            if seq is not None and not blocked:
+                self._blocked[(client.session, writer.path)] = (seq, time.monotonic() + BLOCK_SECONDS)
             raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full")
         writer.stats.records_received += len(lines)
         writer.stats.bytes_received += size
@@ -236,6 +243,23 @@ class Server:
         else:
             client_stats.batches += 1
         return None
+
+    def _refused_batches(self, client: protocol.ClientId, path: str, seq: Optional[int]) -> bool:
+        """Per-process order under backpressure: once a client's batch for a
+        file was refused as busy, its later batches for that file are refused
+        too until it sends the refused one again (or BLOCK_SECONDS pass, in
+        case it wrote that batch through its fallback instead)."""
+        if seq is None or not self._blocked:
+            return False
+        key = (client.session, path)
+        entry = self._blocked.get(key)
+        if entry is None:
+            return False
+        first, expires = entry
+        if seq == first or time.monotonic() > expires:
+            del self._blocked[key]
+            return False
+        return True
 
     def _forward_acks(self, wait_ms: int = 0) -> None:
         sock = self.ack_socket

@@ -181,7 +181,7 @@ def render_table(doc: Dict[str, Any]) -> str:
     d = doc["daemon"]
     out = [
         f"clh-writerd {d['version']}  pid {d['pid']}  up {d['uptime_s']:.0f}s  endpoint {d['endpoint']}",
-        "counters: " + "  ".join(f"{k}={v}" for k, v in d["counters"].items() if v) or "counters: none",
+        "counters: " + ("  ".join(f"{k}={v}" for k, v in d["counters"].items() if v) or "none"),
         "",
         "FILES",
     ]
