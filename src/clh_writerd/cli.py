@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 from typing import Optional
 
 import click
@@ -10,7 +11,7 @@ from . import __version__, protocol
 from .client.control import DaemonUnavailable, request
 from .daemon.config import ConfigError, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging
-from .daemon.stats import render_table
+from .daemon.stats import render_table, render_watch
 
 CONFIG_HELP = "TOML config file (default: the embedded default; see daemon/clh-writerd.toml)."
 
@@ -61,14 +62,25 @@ def check_config(config_path: Optional[str]) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Take the endpoint from this config.")
 @click.option("--json", "as_json", is_flag=True, help="Print the stats document as JSON (docs/stats.md).")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for the daemon.")
-def stats(endpoint: Optional[str], config_path: Optional[str], as_json: bool, timeout: float) -> None:
+@click.option("--watch", is_flag=True, help="Refresh a live view (rates per second) until Ctrl-C.")
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between refreshes with --watch.")
+@click.option("--count", default=0, help="With --watch: stop after this many refreshes (0 = never).")
+@click.pass_obj
+def stats(parent_config: Optional[str], endpoint: Optional[str], config_path: Optional[str], as_json: bool,
+          timeout: float, watch: bool, interval: float, count: int) -> None:
     """Show queue, delivery and client metrics of a running daemon."""
-    if endpoint is None and config_path is not None:
-        try:
-            endpoint = load_config(config_path).endpoint
-        except ConfigError as exc:
-            click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
-            sys.exit(EXIT_CONFIG)
+    endpoint = _endpoint(endpoint, config_path or parent_config)
+    if watch:
+        _watch(endpoint, timeout, interval, count)
+        return
+    doc = _fetch_stats(endpoint, timeout)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        click.echo(render_table(doc), nl=False)
+
+
+def _fetch_stats(endpoint: Optional[str], timeout: float) -> dict:
     try:
         reply = request(endpoint, protocol.encode_stats_request(), timeout)
     except DaemonUnavailable as exc:
@@ -77,21 +89,50 @@ def stats(endpoint: Optional[str], config_path: Optional[str], as_json: bool, ti
     if not isinstance(reply, protocol.Ok):
         click.echo(f"clh-writerd: the daemon refused the stats request: {reply}", err=True)
         sys.exit(1)
-    if as_json:
-        click.echo(json.dumps(reply.data, indent=2, sort_keys=True))
-    else:
-        click.echo(render_table(reply.data), nl=False)
+    return reply.data
+
+
+def _watch(endpoint: Optional[str], timeout: float, interval: float, count: int) -> None:
+    previous, taken, frames = None, time.monotonic(), 0
+    try:
+        while True:
+            doc = _fetch_stats(endpoint, timeout)
+            now = time.monotonic()
+            # Clear the screen and home the cursor, as top does.
+            click.echo("\x1b[2J\x1b[H" + render_watch(doc, previous, now - taken), nl=False)
+            previous, taken, frames = doc, now, frames + 1
+            if count and frames >= count:
+                return
+            time.sleep(interval)  # pacing the refresh, not synchronising
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()
 @click.option("--endpoint", help="Daemon endpoint (default: $CLH_WRITERD_ENDPOINT or the per-user socket).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Take the endpoint from this config.")
 @click.option("--timeout", default=2.0, show_default=True, help="Seconds to wait for the daemon.")
-def ping(endpoint: Optional[str], timeout: float) -> None:
+@click.pass_obj
+def ping(parent_config: Optional[str], endpoint: Optional[str], config_path: Optional[str], timeout: float) -> None:
     """Exit 0 if a daemon answers (for health checks), 1 otherwise."""
+    endpoint = _endpoint(endpoint, config_path or parent_config)
     try:
         reply = request(endpoint, protocol.encode_ping(), timeout)
     except DaemonUnavailable as exc:
         click.echo(f"clh-writerd: {exc}", err=True)
         sys.exit(1)
-    assert isinstance(reply, protocol.Ok)
+    if not isinstance(reply, protocol.Ok):
+        click.echo(f"clh-writerd: the daemon answered with an error: {reply}", err=True)
+        sys.exit(1)
     click.echo(f"clh-writerd {reply.data.get('version')} pid {reply.data.get('pid')} is serving")
+
+
+def _endpoint(endpoint: Optional[str], config_path: Optional[str]) -> Optional[str]:
+    """--endpoint wins; else the endpoint of --config; else the default."""
+    if endpoint is not None or config_path is None:
+        return endpoint
+    try:
+        return load_config(config_path).endpoint
+    except ConfigError as exc:
+        click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)

@@ -68,6 +68,15 @@ def _dirs(key: str, value: Any) -> Tuple[str, ...]:
     return tuple(os.path.realpath(os.path.abspath(v)) for v in value)
 
 
+def _listen(key: str, value: Any) -> str:
+    value = _string(key, value)
+    if value:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{key} must be HOST:PORT, got {value!r}")
+    return value
+
+
 def _group(key: str, value: Any) -> str:
     value = _string(key, value)
     if value and not value.isdigit():
@@ -107,6 +116,8 @@ OPTIONS: Tuple[Option, ...] = (
            "Seconds SIGTERM/SIGINT may spend writing and acknowledging what was received."),
     Option("daemon", "log_level", "info", _choice(LOG_LEVELS),
            "Level of the daemon's own diagnostics on stderr."),
+    Option("daemon", "metrics_listen", "", _listen,
+           'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
     Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
            "Largest frame accepted (ZMQ_MAXMSGSIZE); a peer sending more is disconnected."),
     Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
@@ -144,6 +155,7 @@ class Config:
     allow_owner: bool
     drain_timeout: float
     log_level: str
+    metrics_listen: str
     max_message_bytes: int
     queue_batches: int
     max_write_chars: int

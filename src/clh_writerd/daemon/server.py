@@ -21,6 +21,7 @@ import zmq
 
 from .. import __version__, protocol
 from .config import Config, load_config
+from .notify import SystemdNotifier
 from .stats import DaemonStats, FileStats
 from .writers import FileWriter, Router, Work
 
@@ -62,6 +63,8 @@ class Server:
         self._writers_running = False
         self._blocked: Dict[Tuple[str, str], Tuple[int, float]] = {}
         self._old_handlers: List[Any] = []
+        self.notifier = SystemdNotifier()
+        self.metrics: Optional[Any] = None
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -93,7 +96,13 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.router_socket = sock
         self._bind(sock)
+        if cfg.metrics_listen:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot)
+            log.info("metrics on http://%s/metrics", cfg.metrics_listen)
         self._install_signal_handlers()
+        self.notifier.ready(f"serving {cfg.endpoint}")
         log.info(
             "clh-writerd %s serving %s (pid %d, config %s); allowed dirs: %s",
             __version__, cfg.endpoint, os.getpid(), cfg.source, ", ".join(cfg.allowed_dirs),
@@ -105,6 +114,7 @@ class Server:
         poller.register(self.router_socket, zmq.POLLIN)
         poller.register(self.ack_socket, zmq.POLLIN)
         while not self.should_exit:
+            self.notifier.watchdog()
             events = dict(poller.poll(POLL_MS))
             if self.ack_socket in events:
                 self._forward_acks()
@@ -120,9 +130,11 @@ class Server:
         code = EXIT_OK
         queued = sum(w.stats.queue_depth for w in self.router.writers.values()) if self.router else 0
         log.info("stopping: draining %d queued message(s) (timeout %.1fs)", queued, self.config.drain_timeout)
+        self.notifier.stopping(f"draining {queued} queued message(s)")
         if self.router is not None:
             self.router.stop_all()
             while not self.force_exit:
+                self.notifier.watchdog()
                 running = [w for w in self.router.writers.values() if not w.join(0)]
                 self._forward_acks(wait_ms=20)
                 if not running:
@@ -370,6 +382,10 @@ class Server:
         self.reload_requested = True
 
     def _release(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.notifier.close()
         for sig, handler in self._old_handlers:
             signal.signal(sig, handler)
         self._old_handlers = []

@@ -154,10 +154,12 @@ class DaemonStats:
                 "endpoint": self.endpoint,
                 "started": self.started,
                 "uptime_s": round(time.time() - self.started, 3),
-                "counters": dict(self.counters),
+                "counters": self.counters.copy(),
             },
-            "files": [f.snapshot() for f in self.files.values()],
-            "clients": [c.snapshot() for c in self.clients.values()],
+            # list() copies in one step: the metrics thread may read while
+            # the main loop adds entries.
+            "files": [f.snapshot() for f in list(self.files.values())],
+            "clients": [c.snapshot() for c in list(self.clients.values())],
         }
 
 
@@ -222,4 +224,32 @@ def render_table(doc: Dict[str, Any]) -> str:
         for c in doc["clients"]
     ]
     out += _table(["client", "program", "last seen", "records", "dropped", "fallback", "resent"], client_rows)
+    return "\n".join(out) + "\n"
+
+
+def render_watch(doc: Dict[str, Any], previous: Optional[Dict[str, Any]], elapsed: float) -> str:
+    """One frame of `clh-writerd stats --watch`: rates since the previous frame."""
+    d = doc["daemon"]
+    before = {f["path"]: f for f in (previous or {}).get("files", [])}
+    rate = lambda now, then: (now - then) / elapsed if previous and elapsed > 0 else 0.0  # noqa: E731
+    errors = sum(v for k, v in d["counters"].items() if k not in ("frames_received", "reloads"))
+    out = [
+        f"clh-writerd {d['version']}  {d['endpoint']}  up {d['uptime_s']:.0f}s  "
+        f"clients {len(doc['clients'])}  refused {errors}  {time.strftime('%H:%M:%S')}",
+        "",
+    ]
+    rows = []
+    for f in doc["files"]:
+        old = before.get(f["path"], f)
+        rows.append([
+            f["path"],
+            f"{rate(f['records_written'], old['records_written']):.0f}",
+            f"{rate(f['bytes_written'], old['bytes_written']) / 1024:.1f}",
+            f"{f['queue_depth']}/{f['queue_capacity']}",
+            str(f["records_written"]),
+            str(f["rotations"]),
+            str(f["write_errors"]),
+            _ms(f["write_latency_p99_ms"]),
+        ])
+    out += _table(["path", "rec/s", "KiB/s", "queue", "written", "rot", "errors", "p99ms"], rows)
     return "\n".join(out) + "\n"
