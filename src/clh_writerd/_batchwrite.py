@@ -37,6 +37,7 @@ _WHEN_SECONDS = {"S": 1, "M": 60, "H": 3600, "D": 86400, "MIDNIGHT": 86400}
 class WriteResult(NamedTuple):
     bytes: int
     rotations: int
+    skipped: int = 0  # lines the encoding refused (unicode_error_policy="strict")
 
 
 def build_handler(path: str, options: Dict[str, Any]) -> CLHHandler:
@@ -120,13 +121,22 @@ class BatchWriter:
         clh._do_lock()
         try:
             clh._check_stream()
-            written = rotations = 0
+            written = rotations = skipped = 0
             for chunk in self._chunks(lines):
                 rotations += self._roll_if_needed()
-                written += self._write_chunk(chunk)
+                try:
+                    written += self._write_chunk(chunk)
+                except UnicodeError:
+                    # As CLH's emit() would: drop only the lines the file's
+                    # encoding refuses, not the whole batch.
+                    for line in chunk:
+                        try:
+                            written += self._write_chunk([line])
+                        except UnicodeError:
+                            skipped += 1
             if fsync and clh.stream is not None:
                 os.fsync(clh.stream.fileno())
-            return WriteResult(written, rotations)
+            return WriteResult(written, rotations, skipped)
         finally:
             clh._do_unlock()
 

@@ -134,9 +134,11 @@ def check_file_options(options: Mapping[str, Any]) -> Dict[str, Any]:
         import codecs
 
         try:
-            codecs.lookup(out["encoding"])
+            info = codecs.lookup(out["encoding"])
         except LookupError:
             raise ProtocolError(E_BAD_OPTIONS, f"unknown encoding {out['encoding']!r}") from None
+        if not getattr(info, "_is_text_encoding", True):  # rot13, base64, ...: open() refuses them
+            raise ProtocolError(E_BAD_OPTIONS, f"encoding {out['encoding']!r} is not a text encoding")
     if out.get("newline") not in (None, "", "\n", "\r", "\r\n"):
         raise ProtocolError(E_BAD_OPTIONS, "newline must be one of None, '', '\\n', '\\r', '\\r\\n'")
     if "terminator" in out and not (1 <= len(out["terminator"]) <= 4):
@@ -360,7 +362,8 @@ def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES) -> Dict
         )
     except ValueError as exc:
         # msgpack reports exceeded limits as ValueError("... exceeds max_...").
-        code = E_TOO_LARGE if "exceeds max" in str(exc) else E_MALFORMED
+        # bin and ext are refused by a zero limit: that is a wrong type, not a size.
+        code = E_TOO_LARGE if "exceeds max" in str(exc) and "_len(0)" not in str(exc) else E_MALFORMED
         raise ProtocolError(code, f"cannot decode frame: {exc}") from None
     except Exception as exc:  # untrusted bytes: nothing but ProtocolError escapes
         raise ProtocolError(E_MALFORMED, f"cannot decode frame: {type(exc).__name__}: {exc}") from None
@@ -451,7 +454,9 @@ def decode_request(data: bytes) -> Request:
         if len(counters) > MAX_COUNTERS:
             raise ProtocolError(E_TOO_LARGE, f"more than {MAX_COUNTERS} counters")
         for name, value in counters.items():
-            if len(name) > MAX_NAME_CHARS or type(value) is not int or not (0 <= value <= MAX_INT):
+            if len(name) > MAX_NAME_CHARS:
+                raise ProtocolError(E_TOO_LARGE, f"counter name is longer than {MAX_NAME_CHARS}")
+            if type(value) is not int or not (0 <= value <= MAX_INT):
                 raise ProtocolError(E_MALFORMED, "counters map names to non-negative ints")
         return Report(_client(obj), _int_field(obj, "id", 0), counters)
     if type(kind) is not str:

@@ -237,7 +237,9 @@ class Router:
         try:
             self.policy.ensure_parent(real)
             writer = self._make_writer(real, opts)
-        except (OSError, KeyError, ValueError) as exc:  # permissions, unknown owner, ...
+        except (KeyError, ValueError) as exc:  # unknown owner user or group, ...
+            raise protocol.ProtocolError(protocol.E_BAD_OPTIONS, f"cannot serve {real}: {exc}") from None
+        except OSError as exc:  # permissions, a file where a directory should be, ...
             raise protocol.ProtocolError(protocol.E_WRITE_FAILED, f"cannot open {real}: {exc}") from None
         self.writers[real] = writer
         log.info("serving %s with %s", real, opts)
