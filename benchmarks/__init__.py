@@ -1,0 +1,12 @@
+"""The clh-writerd benchmark harness: ``python -m benchmarks`` (``make bench``).
+
+A scenario is a function registered with :func:`benchmarks.harness.scenario`
+that runs once and returns rows (name, records, seconds). The harness repeats
+it ``--runs`` times, reports the median of each row, its rate and its ratio to
+the scenario's baseline row, checks the scenario's goals, and writes the whole
+run as JSON to ``benchmarks/results/``. Goals are ratios and rates measured in
+one run on one machine; no test ever asserts a speed.
+
+To add a scenario: write a module with a ``@scenario(...)`` function and add
+it to ``SCENARIO_MODULES`` in ``benchmarks/__main__.py``.
+"""

@@ -1,0 +1,176 @@
+"""``ingest``: how fast the daemon turns batches into file lines, and its ceilings.
+
+Rows, all on the same records:
+
+- ``daemon ingest``: the real daemon (``python -m clh_writerd``) fed by a
+  separate process over ipc, a window of unacknowledged batches in flight;
+  first send to last ack. The file must then hold every line.
+- ``decode only``: ``protocol.decode_request`` over the same frames, the
+  ceiling set by unpacking and validation.
+- ``BatchWriter only``: the write seam alone, one ``write()`` per batch, no
+  daemon: the ceiling set by CLH's lock, rollover check and the file write.
+- ``CLH per record``: ``logger.info`` into a ConcurrentRotatingFileHandler,
+  one lock per record, the baseline the daemon has to beat.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import List
+
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+from clh_writerd import protocol
+from clh_writerd._batchwrite import DEFAULT_CHUNK_CHARS, BatchWriter, build_handler
+from clh_writerd.client.control import DaemonUnavailable, request
+
+from .harness import ROOT, Goal, Params, Row, scenario
+from .workload import PROGRAM, count_lines, file_options, make_batches
+
+BASELINE = "CLH per record"
+START_TIMEOUT = 30.0
+FEED_TIMEOUT = 300.0
+
+
+@scenario("ingest", baseline=BASELINE,
+          goals=[Goal("daemon ingest", min_rate=500_000, min_ratio=10.0)])
+def ingest(params: Params) -> List[Row]:
+    """Daemon ingest over ipc vs decode and write ceilings vs CLH per record."""
+    workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
+    try:
+        batches = make_batches(params)
+        return [
+            daemon_ingest(params, workdir),
+            decode_only(params, batches),
+            batchwriter_only(params, batches, os.path.join(workdir, "batchwriter")),
+            clh_per_record(params, batches, os.path.join(workdir, "per-record")),
+        ]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _expect_lines(path: str, expected: int, what: str) -> None:
+    found = count_lines(path)
+    if found != expected:
+        raise RuntimeError(f"{what}: {path} holds {found} lines, expected {expected}")
+
+
+def daemon_ingest(params: Params, workdir: str) -> Row:
+    log_dir = os.path.join(workdir, "daemon-logs")
+    # Unix socket paths are limited to 107 bytes: keep the socket dir short.
+    socket_dir = tempfile.mkdtemp(prefix="cwb-", dir="/tmp")
+    endpoint = f"ipc://{socket_dir}/w.sock"
+    config = os.path.join(workdir, "clh-writerd.toml")
+    with open(config, "w") as f:
+        f.write("[daemon]\n"
+                f"endpoint = {json.dumps(endpoint)}\n"
+                f"allowed_dirs = [{json.dumps(log_dir)}]\n"
+                'log_level = "warning"\n')
+    stderr_path = os.path.join(workdir, "daemon.stderr")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    with open(stderr_path, "wb") as stderr:
+        daemon = subprocess.Popen([sys.executable, "-m", "clh_writerd", "--config", config],
+                                  cwd=workdir, stdout=stderr, stderr=stderr, env=env)
+    try:
+        _wait_ready(daemon, endpoint, stderr_path)
+        path = os.path.join(log_dir, "ingest.log")
+        feeder = subprocess.run(
+            [sys.executable, "-m", "benchmarks.feeder", endpoint, path, json.dumps(vars(params))],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=FEED_TIMEOUT,
+        )
+        if feeder.returncode != 0:
+            raise RuntimeError(f"feeder exited with {feeder.returncode}:\n{feeder.stderr}")
+        result = json.loads(feeder.stdout.strip().splitlines()[-1])
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(START_TIMEOUT)
+        if code != 0:
+            raise RuntimeError(f"daemon exited with {code}:\n{_read(stderr_path)}")
+        _expect_lines(path, params.records + result["warmup_records"], "daemon ingest")
+        return Row("daemon ingest", result["records"], result["seconds"],
+                   f"ipc, {params.batch}/batch, window {params.window}")
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _wait_ready(daemon: "subprocess.Popen[bytes]", endpoint: str, stderr_path: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if daemon.poll() is not None:
+            raise RuntimeError(f"daemon exited with {daemon.returncode}:\n{_read(stderr_path)}")
+        try:
+            if isinstance(request(endpoint, protocol.encode_ping(), 0.5), protocol.Ok):
+                return
+        except DaemonUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"daemon did not answer within {START_TIMEOUT}s:\n{_read(stderr_path)}")
+        time.sleep(0.02)
+
+
+def _read(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def decode_only(params: Params, batches: List[List[str]]) -> Row:
+    client = protocol.new_client_id(PROGRAM)
+    options = file_options(params)
+    payloads = [protocol.encode_batch(client, seq, "/tmp/x.log", options, batch)
+                for seq, batch in enumerate(batches, start=1)]
+    decode = protocol.decode_request
+    started = time.perf_counter()
+    for payload in payloads:
+        decode(payload)
+    return Row("decode only", params.records, time.perf_counter() - started, "protocol.decode_request")
+
+
+def batchwriter_only(params: Params, batches: List[List[str]], directory: str) -> Row:
+    os.makedirs(directory)
+    path = os.path.join(directory, "batchwriter.log")
+    writer = BatchWriter(build_handler(path, file_options(params)), DEFAULT_CHUNK_CHARS)
+    try:
+        started = time.perf_counter()
+        for batch in batches:
+            writer.write(batch)
+        seconds = time.perf_counter() - started
+    finally:
+        writer.close()
+    _expect_lines(path, params.records, "BatchWriter only")
+    return Row("BatchWriter only", params.records, seconds, "one write() per batch, no daemon")
+
+
+def clh_per_record(params: Params, batches: List[List[str]], directory: str) -> Row:
+    os.makedirs(directory)
+    path = os.path.join(directory, "per-record.log")
+    options = file_options(params)
+    handler = ConcurrentRotatingFileHandler(path, maxBytes=options["maxBytes"],
+                                            backupCount=options["backupCount"], encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"clh_bench.{uuid.uuid4().hex}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    lines = [line for batch in batches for line in batch][: params.baseline_records]
+    try:
+        info = logger.info
+        started = time.perf_counter()
+        for line in lines:
+            info(line)
+        seconds = time.perf_counter() - started
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logging.Logger.manager.loggerDict.pop(logger.name, None)
+    _expect_lines(path, len(lines), BASELINE)
+    return Row(BASELINE, len(lines), seconds, "logger.info -> emit, one lock per record")
