@@ -4,20 +4,24 @@ Everything here talks to real processes over real sockets. Waiting is done
 with ``wait_for`` (a condition and a deadline), never with a bare sleep.
 """
 
+import contextlib
 import gzip
 import os
 import re
 import shutil
 import signal as _signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import portalocker
 import zmq
+from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 from clh_writerd import protocol
 from clh_writerd.client.control import DaemonUnavailable, request
@@ -74,7 +78,7 @@ class DaemonProcess:
     def __init__(self, workdir: str, log_dir: Optional[str] = None, endpoint: Optional[str] = None,
                  daemon: Optional[Dict[str, Any]] = None, limits: Optional[Dict[str, Any]] = None,
                  fsync: Optional[Dict[str, Any]] = None, files: Iterable[Dict[str, Any]] = (),
-                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
+                 preexec_fn: Optional[Callable[[], None]] = None, env: Optional[Dict[str, str]] = None) -> None:
         self.workdir = workdir
         self.log_dir = log_dir or os.path.join(workdir, "logs")
         self.socket_dir = short_socket_dir()
@@ -90,12 +94,16 @@ class DaemonProcess:
         self.stderr_path = os.path.join(workdir, "daemon.stderr")
         self.proc: Optional[subprocess.Popen] = None
         self._preexec_fn = preexec_fn
+        self.env = env
 
-    def start(self, wait: bool = True) -> "DaemonProcess":
+    def start(self, wait: bool = True, env: Optional[Dict[str, str]] = None) -> "DaemonProcess":
+        """Run the daemon; ``env`` (or the constructor's) is added to os.environ for it."""
+        extra = env if env is not None else self.env
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clh_writerd", "--config", self.config_path],
             cwd=self.workdir, stdout=stderr, stderr=stderr, preexec_fn=self._preexec_fn,
+            env={**os.environ, **extra} if extra else None,
         )
         stderr.close()
         if wait:
@@ -207,9 +215,35 @@ class RawClient:
         finally:
             req.close()
 
+    def try_recv(self, timeout: float) -> Optional[protocol.Reply]:
+        """The next reply, or None if none arrives within ``timeout`` seconds."""
+        if not self.dealer.poll(int(timeout * 1000)):
+            return None
+        return protocol.decode_reply(self.dealer.recv())
+
     def close(self) -> None:
         self.dealer.close(0)
         self.context.term()
+
+
+@contextlib.contextmanager
+def hold_clh_lock(path: str) -> Iterator[None]:
+    """Hold the CLH lock of ``path`` (as another writer of the file would), so
+    the daemon's writer for it blocks until the block ends."""
+    lock_dir, lock_name = ConcurrentRotatingFileHandler.baseLockFilename(os.path.abspath(path))
+    with open(os.path.join(lock_dir, lock_name), "a") as f:
+        portalocker.lock(f, portalocker.LOCK_EX)
+        try:
+            yield
+        finally:
+            portalocker.unlock(f)
+
+
+def free_tcp_port() -> int:
+    """A loopback port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- the sequence oracle ------------------------------------------------------

@@ -154,6 +154,8 @@ class BatchWriter:
 
     def _chunks(self, lines: Sequence[str]) -> List[List[str]]:
         limit = self.chunk_chars
+        if sum(map(len, lines)) + len(lines) <= limit:  # the common case, counted in C
+            return [list(lines)]
         chunks: List[List[str]] = []
         current: List[str] = []
         size = 0

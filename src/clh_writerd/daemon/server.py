@@ -40,6 +40,13 @@ MAX_BURST = 256
 BLOCK_SECONDS = 2.0
 
 
+def hard_frame_limit(max_message_bytes: int) -> int:
+    """ZMQ_MAXMSGSIZE: frames up to twice the configured limit reach Python,
+    where they are refused with a reply and counted; larger ones make libzmq
+    drop the connection before the bytes are buffered (not counted)."""
+    return min(2 * max_message_bytes, 2 * protocol.MAX_FRAME_BYTES)
+
+
 class StartupError(RuntimeError):
     """The daemon cannot start (endpoint in use, bind failed, ...)."""
 
@@ -89,7 +96,7 @@ class Server:
         self.ack_socket.bind(self._ack_endpoint)
         self.router = Router(cfg, self.stats, self._make_writer)
         sock = self.context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(cfg.max_message_bytes))
         sock.setsockopt(zmq.LINGER, 1000)
         # Let zmq drop state of peers that vanished without closing.
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -170,7 +177,7 @@ class Server:
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
         self.router.reload(new)
-        self.router_socket.setsockopt(zmq.MAXMSGSIZE, new.max_message_bytes)
+        self.router_socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(new.max_message_bytes))
         for writer in self.router.writers.values():
             writer.fsync_policy, writer.fsync_interval = new.fsync_for(writer.path)
             writer.capacity = writer.stats.capacity = new.queue_batches
@@ -199,6 +206,15 @@ class Server:
         envelope, payload = frames[:-1], frames[-1]
         request: Optional[protocol.Request] = None
         try:
+            if len(payload) > self.config.max_message_bytes:
+                # Bounded (see hard_frame_limit): decode only to name the batch refused.
+                try:
+                    request = protocol.decode_request(payload)
+                except protocol.ProtocolError:
+                    pass
+                raise protocol.ProtocolError(
+                    protocol.E_TOO_LARGE, f"frame of {len(payload)} bytes exceeds max_message_bytes "
+                    f"({self.config.max_message_bytes})")
             request = protocol.decode_request(payload)
             reply = self._dispatch(envelope, request, len(payload))
         except protocol.ProtocolError as exc:
