@@ -81,10 +81,12 @@ class StatsCollector:
         yield latency
 
     def _clients(self, clients: List[Dict[str, Any]]) -> Iterator[Any]:
-        labels = ["host", "pid", "program"]
+        # session too: every handler in a process is a client of its own, and
+        # two series with the same labels make the exposition invalid.
+        labels = ["host", "pid", "program", "session"]
 
         def ident(c: Dict[str, Any]) -> List[str]:
-            return [c["host"], str(c["pid"]), c["program"]]
+            return [c["host"], str(c["pid"]), c["program"], c["session"]]
 
         records = CounterMetricFamily(PREFIX + "client_records", "records received from the client", labels=labels)
         seen = GaugeMetricFamily(PREFIX + "client_last_seen_timestamp_seconds", "when the client was last heard",

@@ -40,6 +40,11 @@ MAX_BURST = 256
 BLOCK_SECONDS = 2.0
 
 
+# Settings a reload cannot apply to a running daemon (the endpoint is handled
+# on its own); everything else applies live.
+RESTART_ONLY = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
+
+
 def hard_frame_limit(max_message_bytes: int) -> int:
     """ZMQ_MAXMSGSIZE: frames up to twice the configured limit reach Python,
     where they are refused with a reply and counted; larger ones make libzmq
@@ -173,6 +178,12 @@ class Server:
         if new.endpoint != self.config.endpoint:
             log.warning("reload: endpoint change to %s needs a restart; keeping %s", new.endpoint, self.config.endpoint)
             new = dataclasses.replace(new, endpoint=self.config.endpoint)
+        for key in RESTART_ONLY:
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: %s changed; it takes effect after a restart", key)
+                new = dataclasses.replace(new, **{key: getattr(self.config, key)})
+        if new.log_level != self.config.log_level:
+            logging.getLogger("clh_writerd").setLevel(new.log_level.upper())
         self.config = new
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
@@ -348,6 +359,12 @@ class Server:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             raise StartupError(f"cannot bind {endpoint}: {exc}") from None
+        if path is not None:
+            # Connecting needs write permission on the socket file, which the
+            # umask may have removed: the directory's mode decides who gets in.
+            os.chmod(path, self.config.socket_dir_mode & 0o666)
+            if self.config.socket_group:
+                os.chown(path, -1, self._socket_gid())
 
     def _prepare_socket_dir(self, directory: str) -> None:
         cfg = self.config
@@ -357,10 +374,13 @@ class Server:
             if st.st_uid == os.getuid():
                 os.chmod(directory, cfg.socket_dir_mode)
                 if cfg.socket_group:
-                    gid = int(cfg.socket_group) if cfg.socket_group.isdigit() else grp.getgrnam(cfg.socket_group).gr_gid
-                    os.chown(directory, -1, gid)
+                    os.chown(directory, -1, self._socket_gid())
         except OSError as exc:
             raise StartupError(f"cannot prepare socket directory {directory}: {exc}") from None
+
+    def _socket_gid(self) -> int:
+        group = self.config.socket_group
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
 
     def _take_lock(self, lock_path: str) -> None:
         """One daemon per endpoint: the lock is taken before bind, since an
