@@ -7,6 +7,14 @@ daemon the handlers write the file themselves, off the caller's thread.
 
 __version__ = "0.1.0"
 
+from .client.aio import AsyncConcurrentHandler, AsyncLogger, create_async_concurrent_handler  # noqa: E402
 from .client.nonblocking import NonBlockingConcurrentHandler, create_nonblocking_handler  # noqa: E402
 
-__all__ = ["NonBlockingConcurrentHandler", "create_nonblocking_handler", "__version__"]
+__all__ = [
+    "AsyncConcurrentHandler",
+    "AsyncLogger",
+    "NonBlockingConcurrentHandler",
+    "create_async_concurrent_handler",
+    "create_nonblocking_handler",
+    "__version__",
+]

@@ -249,3 +249,26 @@ def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any]]:
     """(path, options) the daemon needs, validated like the daemon will."""
     path, options = describe_handler(handler)
     return path, protocol.check_file_options(options)
+
+
+def build_clh(filename: Any, use_timed: bool, kwargs: Dict[str, Any]) -> CLHHandler:
+    """The CLH handler a factory wraps (an absolute path: the daemon needs one)."""
+    import os
+
+    from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
+
+    path = os.path.abspath(os.fspath(filename))
+    if use_timed:
+        return ConcurrentTimedRotatingFileHandler(path, **kwargs)
+    return ConcurrentRotatingFileHandler(path, **kwargs)
+
+
+def split_kwargs(kwargs: Dict[str, Any], own: Tuple[str, ...]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(CLH's keyword arguments, the handler's own). Level names are accepted
+    as strings, as logging configuration files write them."""
+    mine = {k: v for k, v in kwargs.items() if k in own}
+    clh = {k: v for k, v in kwargs.items() if k not in own}
+    for key in ("sync_level", "level"):
+        if isinstance(mine.get(key), str):
+            mine[key] = logging.getLevelName(mine[key].upper())
+    return clh, mine
