@@ -11,6 +11,7 @@ a REQ socket (or the fallback) before ``emit()`` returns.
 import atexit
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -161,6 +162,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         if self._closed:
             raise RuntimeError("handler is closed")
         self._started = True
+        _drain_at_multiprocessing_exit()
         if self.endpoint is not None:
             self._context = zmq.Context()
         # A daemon thread: interpreter exit joins non-daemon threads *before*
@@ -709,7 +711,40 @@ class _Sender:
             pass
 
 
+# Wrapped handlers' write locks held across fork() (see _before_fork).
+_FORK_LOCK_TIMEOUT = 5.0
+_fork_held: List[Any] = []
+
+
+def _before_fork() -> None:
+    """Let no thread be inside a write of a wrapped CLH handler when we fork.
+
+    The child inherits the handler's open file object; forked in the middle of
+    a write, it holds the parent's half-written buffer and its internal lock in
+    the held state: the child's first write then fails ("reentrant call") or
+    blocks forever. Every write (sender and synchronous paths) holds CLH's
+    thread lock, so holding it across fork() (as logging did before 3.9) means
+    the child gets a clean stream. Bounded: a write stuck on another process's
+    file lock must not hang fork() forever.
+    """
+    for handler in list(_live_handlers):
+        clh = getattr(handler.handler, "clh", handler.handler)  # timed handlers wrap one
+        lock = getattr(clh, "_thread_lock", None)
+        if lock is not None and lock.acquire(timeout=_FORK_LOCK_TIMEOUT):
+            _fork_held.append(lock)
+
+
+def _release_fork_locks() -> None:
+    while _fork_held:
+        lock = _fork_held.pop()
+        try:
+            lock.release()
+        except RuntimeError:
+            pass
+
+
 def _after_fork_in_child() -> None:
+    _release_fork_locks()
     for handler in list(_live_handlers):
         handler._pid = -1  # emit() rebuilds it lazily in the child
 
@@ -722,8 +757,28 @@ def _stop_all_at_exit() -> None:
             pass
 
 
+_mp_finalizer: Any = None
+
+
+def _drain_at_multiprocessing_exit() -> None:
+    """Also drain when a multiprocessing child exits.
+
+    A child started with the 'fork' method (Process or Pool worker) leaves
+    through os._exit(): atexit hooks do not run there, multiprocessing's
+    finalizers do. The child's registry is cleared when it starts, so this is
+    (re)registered by the first start() in each process that needs it.
+    """
+    global _mp_finalizer
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None or (_mp_finalizer is not None and _mp_finalizer.still_active()):
+        return
+    # Lowest priority: runs after other finalizers, which may still log.
+    _mp_finalizer = mp_util.Finalize(None, _stop_all_at_exit, exitpriority=-100)
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(before=lambda: None, after_in_parent=_release_fork_locks,
+                        after_in_child=_after_fork_in_child)
 atexit.register(_stop_all_at_exit)
 
 

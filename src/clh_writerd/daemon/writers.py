@@ -24,7 +24,7 @@ log = logging.getLogger("clh_writerd.daemon")
 
 # Records written under one lock acquisition at most: bounds ack latency when
 # many batches are queued.
-MAX_RECORDS_PER_WRITE = 50000
+MAX_RECORDS_PER_WRITE = 8192
 
 
 class Work(NamedTuple):
