@@ -1,0 +1,412 @@
+"""Delivery guarantees of NonBlockingConcurrentHandler, seen from the file.
+
+Real client processes log sequence records through
+``create_nonblocking_handler`` into one small, gzip-rotating file, through a
+real ``clh-writerd`` subprocess, while the daemon runs, dies, stops or was
+never there. The oracle then reads every file of the family (rotated, .gz,
+orphaned .rotate.*) and reports missing, duplicated and malformed lines.
+"""
+
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+import pytest
+from support import (
+    OracleReport,
+    check_sequences,
+    family_files,
+    ordered_family,
+    per_writer_order,
+    read_lines,
+    short_socket_dir,
+    wait_for,
+)
+
+from tests.client import workers
+
+pytestmark = pytest.mark.e2e
+
+# Scenario 1 logs this many records from each of 8 processes. The issue asks
+# for 50k each; that takes well under a minute here (2 cores, shared).
+RECORDS_PER_PROCESS = 50_000
+
+# Children get this long to finish; generous, the machine is shared.
+CHILD_TIMEOUT = 120.0
+
+LINE_RE = re.compile(r"^(INFO|ERROR) delivery\.(\S+) (\d+): (SEQ (\S+) (\d+) .*)$")
+
+
+# -- helpers ------------------------------------------------------------------
+def run_children(procs: Sequence[multiprocessing.process.BaseProcess], timeout: float = CHILD_TIMEOUT) -> None:
+    for proc in procs:
+        proc.start()
+    join_children(procs, timeout)
+
+
+def join_children(procs: Sequence[multiprocessing.process.BaseProcess], timeout: float = CHILD_TIMEOUT) -> None:
+    wait_for(lambda: all(p.exitcode is not None for p in procs), timeout, "the client processes to exit",
+             interval=0.05)
+    for proc in procs:
+        proc.join()
+    assert [p.exitcode for p in procs] == [0] * len(procs), "a client process failed"
+
+
+def load_results(paths: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    results = {}
+    for path in paths:
+        result = workers.read_result(path)
+        results[result["writer"]] = result
+    return results
+
+
+def exact_messages(lines: Sequence[str], results: Dict[str, Dict[str, Any]]) -> Tuple[List[str], List[str]]:
+    """(messages, malformed): each line must be byte for byte what FORMAT makes
+    of the record it carries, logged by the process that logged it."""
+    messages, malformed = [], []
+    errors = {w: set(r.get("errors", ())) for w, r in results.items()}
+    for line in lines:
+        m = LINE_RE.match(line)
+        result = results.get(m.group(5)) if m else None
+        if m is None or result is None:
+            malformed.append(line)
+            continue
+        writer, n = m.group(5), int(m.group(6))
+        level = "ERROR" if n in errors[writer] else "INFO"
+        if line != workers.render_line(level, writer, result["pid"], n):
+            malformed.append(line)
+            continue
+        messages.append(m.group(4))
+    return messages, malformed
+
+
+def check_family(path: str, results: Dict[str, Dict[str, Any]]) -> OracleReport:
+    """The oracle over every file of the family; malformed lines count as torn."""
+    names = family_files(path)
+    assert any(name.endswith(".gz") for name in names), f"the file should have rotated (gzipped): {names}"
+    messages, malformed = exact_messages(read_lines(path), results)
+    report = check_sequences(messages, {w: r["count"] for w, r in results.items()})
+    report.torn.extend(malformed)
+    return report
+
+
+class OrderBroken(AssertionError):
+    """Some process's records are not in the file in the order it emitted them."""
+
+
+def check_order(path: str, results: Dict[str, Dict[str, Any]]) -> None:
+    """Per-process order over the family read oldest file first."""
+    messages, malformed = exact_messages(ordered_family(path), results)
+    assert not malformed
+    order = per_writer_order(messages)
+    assert set(order) == set(results)
+    broken = sorted(w for w, ok in order.items() if not ok)
+    if broken:
+        raise OrderBroken(f"emit order broken for {broken}")
+
+
+def total_resent(results: Dict[str, Dict[str, Any]]) -> int:
+    return sum(r["stats"]["resent"] for r in results.values())
+
+
+class Load:
+    """N fork processes logging paced records until told to stop."""
+
+    def __init__(self, tmp_path, path: str, handler_kwargs: Dict[str, Any], processes: int = 8) -> None:
+        self.ctx = multiprocessing.get_context("fork")
+        self.writers = [f"w{i}" for i in range(processes)]
+        self.progress = self.ctx.Array("q", processes, lock=False)
+        self.stop_event = self.ctx.Event()
+        self.result_paths = [str(tmp_path / f"{w}.json") for w in self.writers]
+        self.procs = [
+            self.ctx.Process(target=workers.log_until, name=f"client-{w}",
+                             args=(w, path, handler_kwargs, rp, self.progress, i, self.stop_event))
+            for i, (w, rp) in enumerate(zip(self.writers, self.result_paths))
+        ]
+
+    def __enter__(self) -> "Load":
+        for proc in self.procs:
+            proc.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        for proc in self.procs:
+            proc.join(CHILD_TIMEOUT)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+
+    def counts(self) -> List[int]:
+        return list(self.progress)
+
+    def wait_each_logged(self, more: int, since: Sequence[int] = (), what: str = "") -> List[int]:
+        """Wait until every process logged ``more`` records past ``since``."""
+        base = list(since) or [0] * len(self.writers)
+        wait_for(lambda: all(now >= b + more for now, b in zip(self.progress, base)), CHILD_TIMEOUT,
+                 what or f"every client to log {more} more records", interval=0.02)
+        return self.counts()
+
+    def finish(self) -> Dict[str, Dict[str, Any]]:
+        self.stop_event.set()
+        join_children(self.procs)
+        return load_results(self.result_paths)
+
+
+def daemon_has_written(daemon, path: str) -> bool:
+    try:
+        return daemon.file_stats(path)["records_written"] > 0
+    except KeyError:
+        return False
+
+
+def stop_daemon(daemon) -> None:
+    """SIGTERM: the daemon writes what it still holds (batches a client may
+    have given up on, too) and exits, so the files are final before the
+    oracle reads them."""
+    assert daemon.stop(signal.SIGTERM) == 0, daemon.stderr()
+
+
+def report_duplicates(name: str, report: OracleReport, results: Dict[str, Dict[str, Any]]) -> None:
+    resent = total_resent(results)
+    sync_timeouts = sum(r["stats"]["sync_timeouts"] for r in results.values())
+    fallback = sum(r["stats"]["fallback_written"] for r in results.values())
+    print(f"\n[{name}] records={report.expected} duplicates={report.duplicates} resent={resent} "
+          f"sync_timeouts={sync_timeouts} fallback_written={fallback}")
+
+
+def test_exact_line_check_rejects_altered_lines():
+    """Negative control for exact_messages: the checker itself can fail."""
+    results = {"a": {"pid": 42, "errors": [3]}}
+    good = [workers.render_line("INFO", "a", 42, 0), workers.render_line("ERROR", "a", 42, 3)]
+    assert exact_messages(good, results) == ([workers.message("a", 0), workers.message("a", 3)], [])
+    altered = [
+        workers.render_line("INFO", "a", 43, 0),  # another process
+        workers.render_line("ERROR", "a", 42, 0),  # another level
+        workers.render_line("INFO", "a", 42, 3).replace("€", "?"),  # another byte
+        workers.render_line("INFO", "b", 42, 0),  # a writer nobody started
+        "INFO delivery.a 42: " + workers.message("a", 0) + " ",  # trailing junk
+    ]
+    messages, malformed = exact_messages(altered, results)
+    assert messages == [] and malformed == altered
+
+
+@pytest.fixture
+def dead_endpoint():
+    """An ipc endpoint where nothing listens (and never will)."""
+    directory = short_socket_dir()
+    yield f"ipc://{directory}/nobody.sock"
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- 1. the normal case -----------------------------------------------------
+def test_fork_and_spawn_processes_every_record_once_in_order_byte_exact(start_daemon, tmp_path):
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, "app.log")
+    kwargs = {
+        "endpoint": daemon.endpoint,
+        # Room for every record: a record that finds the queue full is written
+        # synchronously, ahead of the queued ones, which breaks the order this
+        # test checks (test_queue_full_records_keep_emit_order).
+        "queue_size": RECORDS_PER_PROCESS,
+        # Eight flat-out producers on two shared cores put the daemon seconds
+        # behind. Nothing fails here, so no client may take that for a dead
+        # daemon (with the 5 s defaults they do, and write their windows
+        # themselves: duplicates, counted in `resent`).
+        # The same holds for the first ping of a child that starts while the
+        # others already load the machine (default connect_timeout: 0.5 s).
+        "ack_timeout": 60.0,
+        "sync_timeout": 60.0,
+        "connect_timeout": 20.0,
+        "drain_timeout": 90.0,
+    }
+    procs, result_paths = [], []
+    for method in ("fork", "spawn"):
+        ctx = multiprocessing.get_context(method)
+        for i in range(4):
+            writer = f"{method[0]}{i}"
+            result_path = str(tmp_path / f"{writer}.json")
+            result_paths.append(result_path)
+            # Fork children end with os._exit (no atexit): they close the
+            # handler. Spawn children exit through the interpreter, and half of
+            # them leave the draining to the handler's atexit hook.
+            target = workers.log_count_atexit if method == "spawn" and i % 2 else workers.log_count
+            procs.append(ctx.Process(target=target, args=(writer, path, RECORDS_PER_PROCESS, kwargs, result_path)))
+    run_children(procs)
+    results = load_results(result_paths)
+    clients, written = daemon.stats()["clients"], daemon.file_stats(path)["records_written"]
+    stop_daemon(daemon)
+
+    report = check_family(path, results)
+    report.assert_complete()
+    check_order(path, results)
+    for writer, result in results.items():
+        if "stats" in result:
+            stats = result["stats"]
+            assert result["drained"], writer
+            assert stats["acked"] == RECORDS_PER_PROCESS and stats["fallback_written"] == 0, (writer, stats)
+            assert stats["fallback_count"] == 0 and stats["resent"] == 0, (writer, stats)
+    # Every record went through the daemon, the atexit-drained children's too.
+    received = {c["pid"]: c["records_received"] for c in clients}
+    assert {w: received.get(r["pid"]) for w, r in results.items()} == dict.fromkeys(results, RECORDS_PER_PROCESS)
+    assert written == len(results) * RECORDS_PER_PROCESS
+
+
+@pytest.mark.xfail(strict=True, raises=OrderBroken, reason=(
+    "fallback_on_full=True writes a record that finds the queue full at once "
+    "(daemon REQ, served ahead of queued batches, or the fallback) while older "
+    "records are still queued, so it lands ahead of them; the README's "
+    "per-process order guarantee does not list this exception"))
+def test_queue_full_records_keep_emit_order(start_daemon, tmp_path):
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, "app.log")
+    result_path = str(tmp_path / "q0.json")
+    # A small queue and an unpaced producer: the queue is full most of the time.
+    kwargs = {"endpoint": daemon.endpoint, "queue_size": 100, "ack_timeout": 60.0, "sync_timeout": 60.0,
+              "connect_timeout": 20.0, "drain_timeout": 60.0}
+    run_children([multiprocessing.get_context("fork").Process(
+        target=workers.log_count, args=("q0", path, 20_000, kwargs, result_path))])
+    results = load_results([result_path])
+    stop_daemon(daemon)
+
+    stats = results["q0"]["stats"]
+    assert stats["fallback_count"] > 0 and stats["resent"] == 0 and stats["fallback_written"] == 0, stats
+    check_family(path, results).assert_complete()
+    check_order(path, results)
+
+
+# -- 2. no daemon at all ------------------------------------------------------
+def test_no_daemon_every_record_lands_through_the_fallback_without_blocking(tmp_path, dead_endpoint):
+    endpoint = dead_endpoint
+    path = str(tmp_path / "logs" / "app.log")
+    os.makedirs(os.path.dirname(path))
+    connect_timeout = 0.3
+    # Generous: the machine is shared. A handler waiting for the daemon would
+    # show up as sync_timeout / ack_timeout (5 s), far above this.
+    limit = connect_timeout + 1.0
+    count, sync_every = 20_000, 1000
+    kwargs = {"endpoint": endpoint, "connect_timeout": connect_timeout}
+    ctx = multiprocessing.get_context("fork")
+    writers = [f"n{i}" for i in range(4)]
+    # Record 0 is an ERROR (sync level) emitted while the handler is still
+    # looking for the daemon: the slowest case, bounded by connect_timeout.
+    run_children([ctx.Process(target=workers.log_count,
+                              args=(w, path, count, kwargs, str(tmp_path / f"{w}.json"), True, sync_every))
+                  for w in writers])
+    results = load_results([str(tmp_path / f"{w}.json") for w in writers])
+
+    check_family(path, results).assert_complete()
+    for writer, result in results.items():
+        stats = result["stats"]
+        assert stats["fallback_written"] == count and stats["acked"] == 0, (writer, stats)
+        assert result["slowest_emit"] < limit, (writer, result["slowest_emit"])
+    print(f"\n[no daemon] slowest emit: {max(r['slowest_emit'] for r in results.values()):.3f}s")
+
+
+# -- 3. the daemon is killed and comes back -----------------------------------
+def test_sigkill_under_load_then_restart_nothing_missing(start_daemon, tmp_path):
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, "app.log")
+    with Load(tmp_path, path, {"endpoint": daemon.endpoint}) as load:
+        load.wait_each_logged(2000)
+        wait_for(lambda: daemon_has_written(daemon, path), what="the daemon to write records")
+        daemon.kill()
+        # Down for as long as it takes every client to log 2000 more records
+        # (about a second at the load's pace), then the same daemon again.
+        load.wait_each_logged(2000, since=load.counts(), what="clients to keep logging with the daemon dead")
+        daemon.start()
+        wait_for(lambda: daemon_has_written(daemon, path), what="clients to return to the restarted daemon")
+        load.wait_each_logged(2000, since=load.counts())
+        results = load.finish()
+    stop_daemon(daemon)
+
+    report = check_family(path, results)
+    report_duplicates("sigkill+restart", report, results)
+    report.assert_complete(allow_duplicates=True)
+    assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
+
+
+# -- 4. the daemon is stopped for good ---------------------------------------
+def test_sigterm_under_load_without_restart_nothing_missing(start_daemon, tmp_path):
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, "app.log")
+    with Load(tmp_path, path, {"endpoint": daemon.endpoint}) as load:
+        load.wait_each_logged(2000)
+        wait_for(lambda: daemon_has_written(daemon, path), what="the daemon to write records")
+        stop_daemon(daemon)
+        load.wait_each_logged(2000, since=load.counts(), what="clients to keep logging after the daemon left")
+        results = load.finish()
+
+    report = check_family(path, results)
+    report_duplicates("sigterm", report, results)
+    report.assert_complete(allow_duplicates=True)
+    assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
+    assert all(r["stats"]["fallback_written"] > 0 for r in results.values())
+
+
+# -- 5. the daemon freezes for a while ----------------------------------------
+@pytest.mark.parametrize("ack_timeout", [None, 1.0], ids=["default-ack-timeout", "ack-timeout-1s"])
+def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path, ack_timeout):
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, "app.log")
+    kwargs: Dict[str, Any] = {"endpoint": daemon.endpoint}
+    if ack_timeout is not None:
+        # Shorter than the freeze: the clients give up on the daemon and write
+        # their windows themselves; the daemon writes its copies on SIGCONT.
+        kwargs["ack_timeout"] = ack_timeout
+    with Load(tmp_path, path, kwargs) as load:
+        load.wait_each_logged(2000)
+        wait_for(lambda: daemon_has_written(daemon, path), what="the daemon to write records")
+        daemon.send_signal(signal.SIGSTOP)
+        try:
+            frozen_at = load.counts()
+            # The fault's length is the scenario's input, not a synchronisation.
+            time.sleep(2.0)
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+        load.wait_each_logged(2000, since=frozen_at)
+        results = load.finish()
+    stop_daemon(daemon)
+
+    report = check_family(path, results)
+    report_duplicates(f"sigstop 2s, ack_timeout={ack_timeout or 'default'}", report, results)
+    report.assert_complete(allow_duplicates=True)
+    assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
+    if ack_timeout is not None:
+        assert sum(r["stats"]["fallback_written"] for r in results.values()) > 0, "no client gave up on the daemon"
+
+
+# -- 6. sync records are in the file when emit() returns ----------------------
+@pytest.mark.parametrize("daemon_kind", ["daemon", "embedded", "dead-endpoint"])
+def test_sync_record_is_in_the_file_when_emit_returns(start_daemon, tmp_path, dead_endpoint, daemon_kind):
+    expected_state = {"daemon": "daemon", "embedded": "embedded", "dead-endpoint": "fallback"}[daemon_kind]
+    if daemon_kind == "daemon":
+        daemon = start_daemon()
+        endpoint, log_dir = daemon.endpoint, daemon.log_dir
+    else:
+        endpoint = None if daemon_kind == "embedded" else dead_endpoint
+        log_dir = str(tmp_path / "logs")
+        os.makedirs(log_dir)
+    path = os.path.join(log_dir, "app.log")
+    result_path = str(tmp_path / "sync.json")
+    # Short where nothing will answer; generous where the daemon will, so a
+    # busy machine cannot push the handler into the fallback.
+    kwargs = {"endpoint": endpoint, "connect_timeout": 20.0 if daemon_kind == "daemon" else 0.3}
+    # 100 INFO records before each ERROR: the file rotates along the way.
+    proc = multiprocessing.get_context("fork").Process(
+        target=workers.sync_visible, args=("e0", path, kwargs, result_path, 40, 100))
+    run_children([proc])
+    result = workers.read_result(result_path)
+    if daemon_kind == "daemon":
+        stop_daemon(daemon)
+
+    assert len(result["errors"]) == 40
+    assert result["absent"] == [], f"ERROR records not in the file when emit() returned: {result['absent']}"
+    assert result["state"] == expected_state, result
+    check_family(path, {"e0": result}).assert_complete()
+    if daemon_kind == "daemon":
+        assert result["stats"]["fallback_written"] == 0, result["stats"]
