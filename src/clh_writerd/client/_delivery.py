@@ -62,6 +62,9 @@ class Settings:
         self.report_interval = report_interval
 
 
+# How long a ping may take to show that a silent daemon is alive.
+LIVENESS_TIMEOUT = 2.0
+
 SETTING_NAMES = tuple(Settings.__init__.__code__.co_varnames[1:Settings.__init__.__code__.co_argcount])
 
 
@@ -85,6 +88,15 @@ class Delivery:
         self.probe_at = 0.0
         self.probe_interval = 0.1
         self.probe_id = 0
+        # A daemon that acks nothing for ack_timeout gets a ping: answered,
+        # it is alive but slow (keep waiting, no duplicates); unanswered
+        # within liveness_timeout, the fallback takes over.
+        self.last_progress = time.monotonic()
+        self.liveness_deadline: Optional[float] = None
+        self.liveness_id = 0
+        # The daemon said it is stopping: what it accepted before will still
+        # be written and acked; what it refused goes to the fallback after.
+        self.daemon_stopping = False
         self.report_at = time.monotonic() + settings.report_interval
         self.reported: Dict[str, int] = {}
         if endpoint is None or context is None:
@@ -154,10 +166,12 @@ class Delivery:
             if now - self.connect_started > self.s.connect_timeout:
                 self._enter_fallback("no daemon answered within connect_timeout")
         elif state == STATE_DAEMON:
-            self._send_batches(now)
-            oldest = self.window.oldest_sent_at()
-            if oldest is not None and now - oldest > self.ack_timeout():
-                self._enter_fallback(f"no ack within {self.ack_timeout():.1f}s")
+            if self.daemon_stopping:
+                if not self.window.batches:  # everything it accepted is acked
+                    self._enter_fallback("the daemon is stopping")
+            else:
+                self._send_batches(now)
+            self._check_liveness(now)
         direct: List[str] = []
         if self.stats.state == STATE_FALLBACK:
             replayed = self.window.take_all()
@@ -169,13 +183,34 @@ class Delivery:
             self._report(now)
         return direct
 
+    def _check_liveness(self, now: float) -> None:
+        if not self.window.batches:
+            self.last_progress = now
+            self.liveness_deadline = None
+            return
+        if self.liveness_deadline is not None:
+            if now > self.liveness_deadline:
+                self._enter_fallback(f"no ack within {self.ack_timeout():.1f}s and no answer to a ping")
+            return
+        if now - self.last_progress > self.ack_timeout():
+            if self.stop_deadline is not None and now >= self.stop_deadline - 0.5:
+                self._enter_fallback("stopping: no time left to wait for acks")
+                return
+            self.liveness_id = self._next_id()
+            self._ping(self.liveness_id)
+            self.liveness_deadline = now + min(self.s.ack_timeout, LIVENESS_TIMEOUT)
+
+    def _next_id(self) -> int:
+        self.probe_id += 1
+        return self.probe_id
+
     def wait_time(self, now: float) -> float:
         """How long the driver may sleep before something is due."""
         due = [now + 0.5]
         if self.batcher.lines and (self.window.has_room or self.stats.state != STATE_DAEMON):
             due.append(self.batcher.first_at + (0 if self.flushing or self.stop_deadline else self.s.linger))
         if len(self.window):
-            due.append((self.window.oldest_sent_at() or now) + self.ack_timeout())
+            due.append(self.liveness_deadline or (self.last_progress + self.ack_timeout()))
             if self.window.refused:
                 due.append(now + 0.02)
         if self.stats.state == STATE_FALLBACK:
@@ -194,6 +229,8 @@ class Delivery:
     # -- daemon path -----------------------------------------------------------
     def _send_batches(self, now: float) -> None:
         window, batcher = self.window, self.batcher
+        if not window.batches:
+            self.last_progress = now  # the ack clock starts with the first batch out
         for seq, batch in window.ready_to_resend():
             if not self._send(batch.payload):
                 window.refuse(seq)
@@ -222,9 +259,16 @@ class Delivery:
             return False
 
     def on_readable(self) -> None:
-        """Drain replies and connection events without blocking."""
+        """Drain replies, then connection events, without blocking.
+
+        Replies first: acks the daemon sent before it went away are already
+        queued when the disconnect event arrives, and must retire their
+        batches before the fallback decides what to write again."""
+        self._replies()
         if self.monitor is not None:
             self._monitor_events()
+
+    def _replies(self) -> None:
         if self.dealer is None:
             return
         while True:
@@ -241,8 +285,12 @@ class Delivery:
                 batch = self.window.ack(reply.seq)
                 if batch is not None:
                     self.stats.acked += len(batch.lines)  # type: ignore[attr-defined]
+                    self.last_progress = time.monotonic()
             elif isinstance(reply, protocol.Ok):
-                if reply.id == self.probe_id and self.stats.state != STATE_DAEMON:
+                if reply.id == self.liveness_id and self.liveness_deadline is not None:
+                    self.last_progress = time.monotonic()  # slow, not gone: keep waiting
+                    self.liveness_deadline = None
+                elif reply.id == self.probe_id and self.stats.state != STATE_DAEMON:
                     self._enter_daemon(reply.data)
             elif isinstance(reply, protocol.Error):
                 self._error(reply)
@@ -251,6 +299,12 @@ class Delivery:
         if reply.code == protocol.E_BUSY and reply.seq is not None:
             self.stats.busy += 1  # type: ignore[attr-defined]
             self.window.refuse(reply.seq)
+            return
+        if reply.code == protocol.E_SHUTTING_DOWN and reply.seq is not None:
+            # It refuses this batch and every later one, but writes and acks
+            # the earlier ones while draining: wait for those, then fall back.
+            self.window.refuse(reply.seq)
+            self.daemon_stopping = True
             return
         self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
         if reply.seq is None:
@@ -276,25 +330,32 @@ class Delivery:
             elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.stats.state != STATE_DAEMON:
                 self.probe_at = 0.0  # a daemon is there: probe now
 
-    def _probe(self, now: float) -> None:
+    def _ping(self, id: int) -> None:
         assert self.dealer is not None
-        self.probe_id += 1
         try:
-            self.dealer.send(protocol.encode_ping(self.probe_id), zmq.NOBLOCK)
+            self.dealer.send(protocol.encode_ping(id), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    def _probe(self, now: float) -> None:
+        self._ping(self._next_id())
         self.probe_at = now + self.probe_interval
         self.probe_interval = min(self.s.max_probe_interval, self.probe_interval * 2)
 
     def _enter_daemon(self, info: Dict[str, Any]) -> None:
         self.stats.state = STATE_DAEMON
         self.probe_interval = 0.1
+        self.daemon_stopping = False
+        self.liveness_deadline = None
+        self.last_progress = time.monotonic()
         limit = info.get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             # Stay well under the daemon's frame limit (msgpack overhead).
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
+        self.liveness_deadline = None
+        self.daemon_stopping = False
         if self.stats.state != STATE_FALLBACK:
             self.stats.last_error = reason
         self.stats.state = STATE_FALLBACK

@@ -1,11 +1,11 @@
 """NonBlockingConcurrentHandler: a thread-based client of clh-writerd.
 
 Caller's thread: ``prepare`` (freeze the message) and ``enqueue`` (append to
-a bounded deque). Sender thread: render, batch, ``send`` over a DEALER socket,
-retire batches on ack. When the daemon is unreachable the sender writes
-through the wrapped CLH handler instead (the fallback) and goes back to the
-daemon once it answers a ping. Records at or above ``sync_level`` go through
-a REQ socket (or the fallback) before ``emit()`` returns.
+a bounded deque). Sender thread: render, then drive the shared ``Delivery``
+state machine (batch, ``send`` over a DEALER socket, retire batches on ack,
+switch to the fallback when the daemon is unreachable) and write what it hands
+back through the wrapped CLH handler. Records at or above ``sync_level`` go
+through a REQ socket (or the fallback) before ``emit()`` returns.
 """
 
 import atexit
@@ -25,18 +25,17 @@ from .._batchwrite import CLHHandler
 from ._core import (
     DROP_WARNING_EVERY,
     STATE_CONNECTING,
-    STATE_DAEMON,
     STATE_EMBEDDED,
-    STATE_FALLBACK,
     STATE_STOPPED,
-    Batcher,
     ClientStats,
     Fallback,
     Renderer,
-    Window,
+    build_clh,
     file_spec,
+    split_kwargs,
     too_large,
 )
+from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 
 log = logging.getLogger("clh_writerd.client")
 
@@ -54,8 +53,9 @@ _live_handlers: "weakref.WeakSet[NonBlockingConcurrentHandler]" = weakref.WeakSe
 class _Marker:
     """Goes through the queue like a record: flush() and stop() wait on it."""
 
-    def __init__(self, stop: bool = False) -> None:
+    def __init__(self, stop: bool = False, deadline: float = 0.0) -> None:
         self.stop = stop
+        self.deadline = deadline
         self.done = threading.Event()
 
 
@@ -90,25 +90,19 @@ class NonBlockingConcurrentHandler(logging.Handler):
         autostart: bool = True,
     ) -> None:
         super().__init__(level)
-        if queue_size < 1 or window < 1 or batch_size < 1:
-            raise ValueError("queue_size, window and batch_size must be positive")
-        if not 1024 <= batch_bytes <= protocol.MAX_FRAME_BYTES // 2:
-            raise ValueError(f"batch_bytes must be in [1024, {protocol.MAX_FRAME_BYTES // 2}]")
+        if queue_size < 1:
+            raise ValueError("queue_size must be positive")
+        self.settings = Settings(
+            batch_size=batch_size, batch_bytes=batch_bytes, linger=linger, window=window,
+            ack_timeout=ack_timeout, sync_timeout=sync_timeout, connect_timeout=connect_timeout,
+            max_probe_interval=max_probe_interval, drain_timeout=drain_timeout,
+            report_interval=report_interval)
         self.handler = handler
         self.endpoint: Optional[str] = protocol.default_endpoint() if endpoint is DEFAULT_ENDPOINT else endpoint
         self.queue_size = queue_size
         self.sync_level = sync_level
         self.fallback_on_full = fallback_on_full
-        self.batch_size = batch_size
-        self.batch_bytes = batch_bytes
-        self.linger = linger
-        self.window_size = window
-        self.ack_timeout = ack_timeout
-        self.sync_timeout = sync_timeout
-        self.connect_timeout = connect_timeout
-        self.max_probe_interval = max_probe_interval
         self.drain_timeout = drain_timeout
-        self.report_interval = report_interval
         if handler.formatter is not None and self.formatter is None:
             super().setFormatter(handler.formatter)
         self.path, self.options = file_spec(handler)
@@ -132,11 +126,11 @@ class NonBlockingConcurrentHandler(logging.Handler):
         os.set_blocking(self._wake_r, False)
         self._thread: Optional[threading.Thread] = None
         self._context: Optional[zmq.Context] = None
-        self._req: Optional[zmq.Socket] = None
-        self._req_lock = threading.Lock()
         self._client_id = protocol.new_client_id()
         self._fallback = Fallback(self.handler, self.stats)
-        self._sync_ids = 0
+        self._sync: Optional[SyncChannel] = None
+        self._confirmed = Confirmed(None, self._fallback, self.stats)
+        self._delivery: Optional[Delivery] = None
         self._stop_marker: Optional[_Marker] = None
 
     def _after_fork_in_child(self) -> None:
@@ -165,6 +159,11 @@ class NonBlockingConcurrentHandler(logging.Handler):
         _drain_at_multiprocessing_exit()
         if self.endpoint is not None:
             self._context = zmq.Context()
+            self._sync = SyncChannel(self._context, self.endpoint, self.settings, self.stats, self._client_id,
+                                     self.path, self.options)
+            self._confirmed.sync = self._sync
+        self._delivery = Delivery(self.settings, self.stats, self.path, self.options, self._client_id,
+                                  self._context, self.endpoint)
         # A daemon thread: interpreter exit joins non-daemon threads *before*
         # atexit runs, and our atexit hook is what drains the queue.
         self._thread = threading.Thread(target=self._run, name="clh-writerd-sender", daemon=True)
@@ -185,8 +184,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
             return not self._queue
         timeout = self.drain_timeout if timeout is None else timeout
         if self._stop_marker is None:
-            self._stop_marker = _Marker(stop=True)
-            self._stop_deadline = time.monotonic() + timeout
+            self._stop_marker = _Marker(stop=True, deadline=time.monotonic() + timeout)
             self._queue.append(self._stop_marker)
             self._wake()
         done = self._stop_marker.done.wait(timeout + 1.0)
@@ -230,11 +228,8 @@ class NonBlockingConcurrentHandler(logging.Handler):
 
     def get_stats(self) -> Dict[str, Any]:
         """Queue and delivery counters (see docs/client.md for each key)."""
-        return self.stats.snapshot(len(self._queue), self.queue_size, self._in_flight())
-
-    def _in_flight(self) -> int:
-        window = getattr(self, "_window", None)
-        return len(window) if window is not None else 0
+        in_flight = len(self._delivery.window) if self._delivery is not None else 0
+        return self.stats.snapshot(len(self._queue), self.queue_size, in_flight)
 
     def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
         # The wrapped handler renders every line (daemon and fallback paths
@@ -257,7 +252,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
             if self._pid != os.getpid():
                 self._after_fork_in_child()
             if record.levelno >= self.sync_level:
-                self._write_now(record)
+                self._confirmed.write(self._renderer.render_now(record))
                 self.stats.sync_count += 1  # type: ignore[attr-defined]
                 return
             self.enqueue(self._renderer.prepare(record))
@@ -281,7 +276,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         record = item[0]
         if self.fallback_on_full or not self._accepting():
             self.stats.fallback_count += 1  # type: ignore[attr-defined]
-            self._write_line_now(self._renderer.render(item))
+            self._confirmed.write(self._renderer.render(item))
             return
         self.stats.dropped_count += 1  # type: ignore[attr-defined]
         dropped = self.stats.dropped_count  # type: ignore[attr-defined]
@@ -291,7 +286,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
                 "msg": "clh-writerd: queue full, %d records dropped so far (fallback_on_full=False)",
                 "args": (dropped,), "created": record.created, "msecs": record.msecs,
             })
-            self._write_line_now(self._renderer.render_now(warning))
+            self._confirmed.write(self._renderer.render_now(warning))
 
     def _wake(self) -> None:
         fd = self._wake_w
@@ -302,65 +297,9 @@ class NonBlockingConcurrentHandler(logging.Handler):
         except OSError:
             pass  # a wake-up is already pending (pipe full) or we are stopped
 
-    # -- synchronous path (caller's thread) ---------------------------------
-    def _write_now(self, record: logging.LogRecord) -> None:
-        self._write_line_now(self._renderer.render_now(record))
-
-    def _write_line_now(self, line: str) -> None:
-        """Written when this returns: confirmed by the daemon, or by the fallback."""
-        if self.endpoint is not None and self.stats.state != STATE_FALLBACK and not too_large(line):
-            if self._sync_via_daemon(line):
-                return
-        if not self._fallback.write([line]):
-            raise OSError(self.stats.last_error)
-
-    def _sync_via_daemon(self, line: str) -> bool:
-        """REQ round trip; Lazy Pirate: a timed-out socket is discarded."""
-        with self._req_lock:
-            context = self._context
-            if context is None:
-                return False
-            req = self._req
-            if req is None:
-                req = self._req = context.socket(zmq.REQ)
-                req.setsockopt(zmq.LINGER, 0)
-                req.setsockopt(zmq.IMMEDIATE, 1)
-                req.connect(self.endpoint)
-                if not req.poll(int(self.connect_timeout * 1000), zmq.POLLOUT):
-                    self._drop_req()
-                    return False
-            self._sync_ids += 1
-            payload = protocol.encode_sync(self._client_id, self._sync_ids, self.path, self.options, line)
-            try:
-                req.send(payload, zmq.NOBLOCK)
-            except zmq.Again:
-                self._drop_req()
-                return False
-            if not req.poll(int(self.sync_timeout * 1000)):
-                self.stats.sync_timeouts += 1  # type: ignore[attr-defined]
-                self.stats.last_error = f"sync record not confirmed within {self.sync_timeout}s"
-                self._drop_req()
-                return False
-            try:
-                reply = protocol.decode_reply(req.recv())
-            except protocol.ProtocolError:
-                self._drop_req()
-                return False
-            if isinstance(reply, protocol.Ok):
-                return True
-            if isinstance(reply, protocol.Error):
-                self.stats.last_error = f"daemon refused a sync record: {reply.code}: {reply.message}"
-            return False
-
-    def _drop_req(self) -> None:
-        if self._req is not None:
-            self._req.close(linger=0)
-            self._req = None
-
     # -- sender thread ---------------------------------------------------------
     def _run(self) -> None:
         sender = _Sender(self)
-        self._window = sender.window
         try:
             sender.run()
         except Exception as exc:  # never die silently: write what we hold
@@ -371,11 +310,11 @@ class NonBlockingConcurrentHandler(logging.Handler):
             sender.close()
 
     def _release_sockets(self) -> None:
-        with self._req_lock:
-            self._drop_req()
-            if self._context is not None:
-                self._context.term()
-                self._context = None
+        if self._sync is not None:
+            self._sync.close()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
         fds = (self._wake_r, self._wake_w)
         self._wake_r = self._wake_w = -1  # before closing: a late _wake() must not hit a reused fd
         for fd in fds:
@@ -386,123 +325,68 @@ class NonBlockingConcurrentHandler(logging.Handler):
 
 
 class _Sender:
-    """The sender thread's state machine: collect -> batch -> send / fallback."""
+    """The sender thread: collect from the deque, drive Delivery, write what
+    it hands back through the fallback (blocking is fine on this thread)."""
 
     def __init__(self, owner: NonBlockingConcurrentHandler) -> None:
+        assert owner._delivery is not None
         self.o = owner
         self.stats = owner.stats
-        self.window = Window(owner.window_size)
-        self.batcher = Batcher(owner.batch_size, owner.batch_bytes)
+        self.delivery = owner._delivery
         self.flush_waiters: List[_Marker] = []
         self.stopping: Optional[_Marker] = None
-        self.dealer: Optional[zmq.Socket] = None
-        self.monitor: Optional[zmq.Socket] = None
         self.poller = zmq.Poller()
         self.poller.register(owner._wake_r, zmq.POLLIN)
-        self.connect_started = time.monotonic()
-        self.probe_at = 0.0
-        self.probe_interval = 0.1
-        self.probe_id = 0
-        self.report_at = time.monotonic() + owner.report_interval
-        self.reported: Dict[str, int] = {}
-        self.max_payload = protocol.MAX_FRAME_BYTES
-        if owner.endpoint is not None:
-            self._open_dealer()
-
-    # -- sockets -------------------------------------------------------------
-    def _open_dealer(self) -> None:
-        context = self.o._context
-        assert context is not None
-        dealer = context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        # Queue only on completed connections: with no daemon, send() fails
-        # at once instead of parking records in a zmq queue nobody drains.
-        dealer.setsockopt(zmq.IMMEDIATE, 1)
-        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        dealer.connect(self.o.endpoint)
-        self.dealer = dealer
-        self.poller.register(dealer, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
+        for sock in self.delivery.sockets():
+            self.poller.register(sock, zmq.POLLIN)
 
     def close(self) -> None:
-        if self.dealer is not None:
-            try:
-                self.dealer.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            if self.monitor is not None:
-                self.monitor.close(linger=0)
-            self.dealer.close(linger=0)
-            self.dealer = self.monitor = None
+        self.delivery.close()
 
-    # -- main loop -------------------------------------------------------------
     def run(self) -> None:
+        delivery = self.delivery
         while True:
             self._collect()
-            if self.o.endpoint is None:
-                self._to_fallback(self.batcher.take_all())
-            else:
-                self._service()
-            self._settle_markers()
-            if self.stopping is not None and self._drained():
+            delivery.flushing = bool(self.flush_waiters)
+            direct = delivery.service(time.monotonic())
+            if direct:
+                self._write_direct(direct)
+            if self.flush_waiters and delivery.drained():
+                for marker in self.flush_waiters:
+                    marker.done.set()
+                self.flush_waiters.clear()
+            if self.stopping is not None and delivery.drained() and not self.o._queue:
                 self.stopping.done.set()
                 return
 
-    def _drained(self) -> bool:
-        return not self.batcher.lines and not len(self.window) and not self.o._queue
-
-    def _wait_time(self, blocked: bool = False) -> float:
-        """How long poll() may sleep before something is due."""
-        if self.o._queue and not blocked:
-            return 0.0
-        now = time.monotonic()
-        due = [now + 0.5]
-        if self.batcher.lines:
-            if self.window.has_room or self.stats.state != STATE_DAEMON:
-                due.append(self.batcher.first_at + self.o.linger)
-        if len(self.window):
-            oldest = self.window.oldest_sent_at()
-            due.append((oldest or now) + self._ack_timeout())
-            if self.window.refused:
-                due.append(now + 0.02)
-        if self.stats.state == STATE_FALLBACK:
-            due.append(self.probe_at)
-        if self.stats.state == STATE_CONNECTING:
-            due.append(self.connect_started + self.o.connect_timeout)
-        return max(0.0, min(due) - now)
-
     def _collect(self) -> None:
-        """Move queued records into the batcher (rendering them).
+        """Move queued records into the delivery's batcher (rendering them).
 
-        While a flush() is pending nothing more is taken, so the batcher holds
-        only records queued before it; they are sent at once.
+        Sleeps when there is nothing to take, or no room to take it (the
+        window is full: an ack wakes the poll). While a flush() is pending
+        nothing more is taken, so only records queued before it are pending.
         """
-        o = self.o
+        o, delivery = self.o, self.delivery
         queue = o._queue
-        blocked = bool(self.flush_waiters)
+        blocked = bool(self.flush_waiters) or not delivery.has_room
         if blocked or not queue:
             o._idle = not blocked
             if blocked or not queue:  # re-check: a producer may have appended meanwhile
-                self._poll(self._wait_time(blocked))
+                self.poller.poll(int(delivery.wait_time(time.monotonic()) * 1000))
             o._idle = False
             try:
                 os.read(o._wake_r, 4096)
-            except (BlockingIOError, OSError):
+            except OSError:
                 pass
-        if blocked:
+        if self.flush_waiters:
             return
         render = o._renderer.render
-        batcher = self.batcher
-        limit = o.batch_size * max(1, o.window_size)
-        while queue and len(batcher.lines) < limit:
+        while queue and delivery.has_room:
             item = queue.popleft()
             if isinstance(item, _Marker):
                 if item.stop:
                     self.stopping = item
+                    delivery.stop_deadline = item.deadline
                     continue
                 self.flush_waiters.append(item)
                 return
@@ -513,178 +397,24 @@ class _Sender:
                 continue
             if too_large(line):
                 self.stats.oversize += 1  # type: ignore[attr-defined]
-                self._to_fallback(batcher.take_all() + [line])
+                self._write_direct(delivery.batcher.take_all() + [line])
                 continue
-            batcher.add(line)
+            delivery.add(line)
 
-    def _poll(self, timeout: float) -> None:
-        events = dict(self.poller.poll(int(timeout * 1000)))
-        if self.monitor is not None and self.monitor in events:
-            self._monitor_events()
-        if self.dealer is not None and self.dealer in events:
-            self._replies()
-
-    def _settle_markers(self) -> None:
-        # Collection stopped at the marker: everything before it is written
-        # once the batcher and the window are empty.
-        if self.flush_waiters and not self.batcher.lines and not len(self.window):
-            for marker in self.flush_waiters:
-                marker.done.set()
-            self.flush_waiters.clear()
-
-    # -- daemon path -----------------------------------------------------------
-    def _service(self) -> None:
-        now = time.monotonic()
-        if self.dealer is not None:
-            self._poll(0)
-        state = self.stats.state
-        if state == STATE_CONNECTING:
-            if now >= self.probe_at:
-                self._probe(now)
-            if now - self.connect_started > self.o.connect_timeout:
-                self._enter_fallback("no daemon answered within connect_timeout")
-        elif state == STATE_DAEMON:
-            self._send_batches(now)
-            oldest = self.window.oldest_sent_at()
-            if oldest is not None and now - oldest > self._ack_timeout():
-                self._enter_fallback(f"no ack within {self._ack_timeout():.1f}s")
-        if self.stats.state == STATE_FALLBACK:
-            replayed = self.window.take_all()
-            self.stats.resent += len(replayed)  # type: ignore[attr-defined]
-            self._to_fallback(replayed + self.batcher.take_all())
-            if now >= self.probe_at:
-                self._probe(now)
-        if now >= self.report_at:
-            self._report(now)
-
-    def _ack_timeout(self) -> float:
-        if self.stopping is not None:
-            # Leave time to write the window through the fallback.
-            remaining = self.o._stop_deadline - time.monotonic() - 0.5
-            return max(0.0, min(self.o.ack_timeout, remaining))
-        return self.o.ack_timeout
-
-    def _send_batches(self, now: float) -> None:
-        window, batcher = self.window, self.batcher
-        for seq, batch in window.ready_to_resend():
-            if not self._send(batch.payload):
-                window.refuse(seq)
-                return
-            window.resend(seq, batch, now)
-            self.stats.resent += len(batch.lines)  # type: ignore[attr-defined]
-        while batcher.lines and window.has_room:
-            if not batcher.full and now - batcher.first_at < self.o.linger and self.stopping is None \
-                    and not self.flush_waiters:
-                return
-            lines = batcher.take()
-            seq = window.next_seq
-            payload = protocol.encode_batch(self.o._client_id, seq, self.o.path, self.o.options, lines)
-            if not self._send(payload):
-                batcher.put_back(lines)  # written by the fallback, in order
-                return
-            window.add(lines, payload, now)
-            self.stats.sent += len(lines)  # type: ignore[attr-defined]
-
-    def _send(self, payload: bytes) -> bool:
-        assert self.dealer is not None
-        try:
-            self.dealer.send(payload, zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            self._enter_fallback("daemon not connected")
-            return False
-
-    def _replies(self) -> None:
-        assert self.dealer is not None
-        while True:
-            try:
-                data = self.dealer.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = protocol.decode_reply(data)
-            except protocol.ProtocolError as exc:
-                self.stats.last_error = f"bad reply from daemon: {exc}"
-                continue
-            if isinstance(reply, protocol.Ack):
-                batch = self.window.ack(reply.seq)
-                if batch is not None:
-                    self.stats.acked += len(batch.lines)  # type: ignore[attr-defined]
-            elif isinstance(reply, protocol.Ok):
-                if reply.id == self.probe_id and self.stats.state != STATE_DAEMON:
-                    self._enter_daemon(reply.data)
-            elif isinstance(reply, protocol.Error):
-                self._error(reply)
-
-    def _error(self, reply: protocol.Error) -> None:
-        if reply.code == protocol.E_BUSY and reply.seq is not None:
-            self.stats.busy += 1  # type: ignore[attr-defined]
-            self.window.refuse(reply.seq)
-            return
-        self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
-        if reply.seq is None and reply.id is not None:
-            return  # a refused report/ping: nothing to write
-        if reply.code in protocol.RETRYABLE_ERRORS:
-            self._enter_fallback(self.stats.last_error)
-        else:
-            # The daemon will never take this file: stay in fallback and ask
-            # again rarely (a config reload may allow it later).
-            self._enter_fallback(self.stats.last_error, probe_after=60.0)
-            log.warning("clh-writerd refused %s (%s); writing it directly", self.o.path, reply.message)
-
-    def _monitor_events(self) -> None:
-        from zmq.utils.monitor import recv_monitor_message
-
-        assert self.monitor is not None
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_DISCONNECTED and self.stats.state == STATE_DAEMON:
-                self._enter_fallback("daemon disconnected")
-            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED and self.stats.state != STATE_DAEMON:
-                self.probe_at = 0.0  # probe now
-
-    def _probe(self, now: float) -> None:
-        assert self.dealer is not None
-        self.probe_id += 1
-        try:
-            self.dealer.send(protocol.encode_ping(self.probe_id), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        self.probe_at = now + self.probe_interval
-        self.probe_interval = min(self.o.max_probe_interval, self.probe_interval * 2)
-
-    def _enter_daemon(self, info: Dict[str, Any]) -> None:
-        self.stats.state = STATE_DAEMON
-        self.probe_interval = 0.1
-        limit = info.get("max_message_bytes")
-        if isinstance(limit, int) and limit > 0:
-            self.max_payload = limit
-            self.batcher.max_bytes = min(self.o.batch_bytes, max(1024, limit // 2))
-
-    def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
-        if self.stats.state != STATE_FALLBACK:
-            self.stats.last_error = reason
-        self.stats.state = STATE_FALLBACK
-        self.probe_at = time.monotonic() + (probe_after if probe_after is not None else self.probe_interval)
-
-    # -- fallback ----------------------------------------------------------
-    def _to_fallback(self, lines: List[str]) -> None:
-        if not lines:
-            return
+    def _write_direct(self, lines: List[str]) -> None:
         while not self.o._fallback.write(lines):
-            # Disk full or similar: keep the lines, stop taking new ones (the
-            # queue fills up and the caller's policy applies), retry.
-            if self.stopping is not None and time.monotonic() > self.o._stop_deadline:
+            # Disk full or similar: keep the lines and stop taking new ones
+            # (the queue fills up and the caller's policy applies), retry.
+            deadline = self.delivery.stop_deadline
+            if deadline is not None and time.monotonic() > deadline:
                 log.error("clh-writerd: %d records could not be written: %s", len(lines), self.stats.last_error)
                 return
             time.sleep(0.1)  # back off before retrying a failed disk write
 
     def emergency_flush(self) -> None:
         """The sender failed: write everything it holds, release every waiter."""
-        lines = self.window.take_all() + self.batcher.take_all()
+        delivery = self.delivery
+        lines = delivery.window.take_all() + delivery.batcher.take_all()
         queue = self.o._queue
         while queue:
             item = queue.popleft()
@@ -698,17 +428,6 @@ class _Sender:
         self.o._fallback.write(lines)
         for marker in self.flush_waiters + ([self.stopping] if self.stopping else []):
             marker.done.set()
-
-    def _report(self, now: float) -> None:
-        self.report_at = now + self.o.report_interval
-        counters = self.stats.report()
-        if counters == self.reported or self.stats.state != STATE_DAEMON or self.dealer is None:
-            return
-        try:
-            self.dealer.send(protocol.encode_report(self.o._client_id, counters, id=0), zmq.NOBLOCK)
-            self.reported = counters
-        except zmq.Again:
-            pass
 
 
 # Wrapped handlers' write locks held across fork() (see _before_fork).
@@ -777,9 +496,14 @@ def _drain_at_multiprocessing_exit() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=lambda: None, after_in_parent=_release_fork_locks,
+    os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks,
                         after_in_child=_after_fork_in_child)
 atexit.register(_stop_all_at_exit)
+
+
+
+
+OWN_NAMES = ("endpoint", "queue_size", "sync_level", "fallback_on_full", "level", "autostart") + SETTING_NAMES
 
 
 def create_nonblocking_handler(
@@ -793,33 +517,5 @@ def create_nonblocking_handler(
     ConcurrentTimedRotatingFileHandler when ``use_timed`` is true. This is what
     dictConfig/fileConfig/YAML configurations point at.
     """
-    return NonBlockingConcurrentHandler(_build_clh(filename, use_timed, kwargs), **_own_kwargs(kwargs))
-
-
-_OWN = (
-    "endpoint", "queue_size", "sync_level", "fallback_on_full", "batch_size", "batch_bytes", "linger",
-    "window", "ack_timeout", "sync_timeout", "connect_timeout", "max_probe_interval", "drain_timeout",
-    "report_interval", "level", "autostart",
-)
-
-
-def _own_kwargs(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    own = {k: kwargs.pop(k) for k in list(kwargs) if k in _OWN}
-    if isinstance(own.get("sync_level"), str):
-        own["sync_level"] = logging.getLevelName(own["sync_level"].upper())
-    if isinstance(own.get("level"), str):
-        own["level"] = logging.getLevelName(own["level"].upper())
-    return own
-
-
-def _build_clh(filename: Any, use_timed: bool, kwargs: Dict[str, Any]) -> CLHHandler:
-    from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
-
-    own = {k: kwargs[k] for k in _OWN if k in kwargs}
-    clh_kwargs = {k: v for k, v in kwargs.items() if k not in own}
-    path = os.path.abspath(os.fspath(filename))
-    kwargs.clear()
-    kwargs.update(own)
-    if use_timed:
-        return ConcurrentTimedRotatingFileHandler(path, **clh_kwargs)
-    return ConcurrentRotatingFileHandler(path, **clh_kwargs)
+    clh_kwargs, own = split_kwargs(kwargs, OWN_NAMES)
+    return NonBlockingConcurrentHandler(build_clh(filename, use_timed, clh_kwargs), **own)
