@@ -10,13 +10,11 @@ executor. The loop is blocked only when the user opts in with
 """
 
 import asyncio
-import atexit
 import logging
 import os
 import sys
 import threading
 import time
-import weakref
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Set, Union
 
@@ -37,13 +35,13 @@ from ._core import (
     split_kwargs,
     too_large,
 )
+from . import _process
 from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 
 FALLBACK_MODES = ("drop", "block", "nowait")
+# Records the sender renders before it lets the loop run again (~0.1-1 ms).
+TAKE_PER_TURN = 100
 DEFAULT_ENDPOINT: Any = object()
-
-_live: "weakref.WeakSet[AsyncConcurrentHandler]" = weakref.WeakSet()
-
 
 class _Flush:
     """A queue marker: the sender settles it once everything before it is written."""
@@ -99,7 +97,7 @@ class AsyncConcurrentHandler(logging.Handler):
         self._given_executor = executor
         self._closed = False
         self._reset()
-        _live.add(self)
+        _process.register(self)
 
     def _reset(self) -> None:
         """Per-process, per-loop state (rebuilt after fork)."""
@@ -134,6 +132,7 @@ class AsyncConcurrentHandler(logging.Handler):
         if self._closed:
             raise RuntimeError("handler is closed")
         loop = asyncio.get_running_loop()
+        _process.register(self)  # again in a forked child: its exit hooks
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._executor = self._given_executor or ThreadPoolExecutor(
@@ -214,7 +213,7 @@ class AsyncConcurrentHandler(logging.Handler):
         if self._closed:
             return
         self._closed = True
-        _live.discard(self)
+        _process.unregister(self)
         if self._sync is not None:
             self._sync.close()
         if self._executor is not None and self._given_executor is None:
@@ -432,10 +431,22 @@ class AsyncConcurrentHandler(logging.Handler):
                     flushes: List[_Flush], getter: Optional["asyncio.Future[Any]"]) -> Optional["asyncio.Future[Any]"]:
         """One round: collect, service, write directly, then wait for work."""
         if getter is not None and getter.done():
-            self._take(getter.result(), delivery, flushes)
+            if not getter.cancelled():  # cancelled below, then this step was interrupted
+                self._take(getter.result(), delivery, flushes)
             getter = None
+        if getter is not None and not queue.empty():
+            # The yields below would let a pending getter take a record out of
+            # turn; records are here anyway, so retire it.
+            getter.cancel()
+            getter = None
+        taken = 0
         while not flushes and delivery.has_room and not queue.empty():
             self._take(queue.get_nowait(), delivery, flushes)
+            taken += 1
+            if taken % TAKE_PER_TURN == 0:
+                # Rendering is CPU work on the loop; after a slow write the
+                # queue holds thousands of records: let the loop run between chunks.
+                await asyncio.sleep(0)
         delivery.flushing = bool(flushes)
         direct = delivery.service(time.monotonic())
         if direct:
@@ -589,24 +600,6 @@ def _handlers_of(logger: logging.Logger) -> List[logging.Handler]:
         current = current.parent  # type: ignore[assignment]
     return out
 
-
-def _after_fork_in_child() -> None:
-    for handler in list(_live):
-        handler._pid = -1  # rebuilt by the next emit() in the child
-
-
-def _salvage_at_exit() -> None:
-    for handler in list(_live):
-        try:
-            if handler._pid == os.getpid():
-                handler.stop(timeout=handler.settings.drain_timeout)
-        except Exception:
-            pass
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_salvage_at_exit)
 
 OWN_NAMES = ("endpoint", "queue_size", "sync_level", "fallback_mode", "executor", "block_warning",
              "max_nowait", "level") + SETTING_NAMES

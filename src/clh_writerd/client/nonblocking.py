@@ -8,13 +8,10 @@ back through the wrapped CLH handler. Records at or above ``sync_level`` go
 through a REQ socket (or the fallback) before ``emit()`` returns.
 """
 
-import atexit
 import logging
 import os
-import sys
 import threading
 import time
-import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Union
 
@@ -35,6 +32,7 @@ from ._core import (
     split_kwargs,
     too_large,
 )
+from . import _process
 from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 
 log = logging.getLogger("clh_writerd.client")
@@ -46,9 +44,6 @@ class _Default:
 
 
 DEFAULT_ENDPOINT: Any = _Default()
-
-_live_handlers: "weakref.WeakSet[NonBlockingConcurrentHandler]" = weakref.WeakSet()
-
 
 class _Marker:
     """Goes through the queue like a record: flush() and stop() wait on it."""
@@ -110,7 +105,6 @@ class NonBlockingConcurrentHandler(logging.Handler):
         self._started = False
         self._closed = False
         self._reset_process_state()
-        _live_handlers.add(self)
         if autostart:
             self.start()
 
@@ -156,7 +150,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         if self._closed:
             raise RuntimeError("handler is closed")
         self._started = True
-        _drain_at_multiprocessing_exit()
+        _process.register(self)
         if self.endpoint is not None:
             self._context = zmq.Context()
             self._sync = SyncChannel(self._context, self.endpoint, self.settings, self.stats, self._client_id,
@@ -200,7 +194,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
             return
         self.stop()
         self._closed = True
-        _live_handlers.discard(self)
+        _process.unregister(self)
         try:
             self.handler.close()
         finally:
@@ -428,79 +422,6 @@ class _Sender:
         self.o._fallback.write(lines)
         for marker in self.flush_waiters + ([self.stopping] if self.stopping else []):
             marker.done.set()
-
-
-# Wrapped handlers' write locks held across fork() (see _before_fork).
-_FORK_LOCK_TIMEOUT = 5.0
-_fork_held: List[Any] = []
-
-
-def _before_fork() -> None:
-    """Let no thread be inside a write of a wrapped CLH handler when we fork.
-
-    The child inherits the handler's open file object; forked in the middle of
-    a write, it holds the parent's half-written buffer and its internal lock in
-    the held state: the child's first write then fails ("reentrant call") or
-    blocks forever. Every write (sender and synchronous paths) holds CLH's
-    thread lock, so holding it across fork() (as logging did before 3.9) means
-    the child gets a clean stream. Bounded: a write stuck on another process's
-    file lock must not hang fork() forever.
-    """
-    for handler in list(_live_handlers):
-        clh = getattr(handler.handler, "clh", handler.handler)  # timed handlers wrap one
-        lock = getattr(clh, "_thread_lock", None)
-        if lock is not None and lock.acquire(timeout=_FORK_LOCK_TIMEOUT):
-            _fork_held.append(lock)
-
-
-def _release_fork_locks() -> None:
-    while _fork_held:
-        lock = _fork_held.pop()
-        try:
-            lock.release()
-        except RuntimeError:
-            pass
-
-
-def _after_fork_in_child() -> None:
-    _release_fork_locks()
-    for handler in list(_live_handlers):
-        handler._pid = -1  # emit() rebuilds it lazily in the child
-
-
-def _stop_all_at_exit() -> None:
-    for handler in list(_live_handlers):
-        try:
-            handler.stop()
-        except Exception:
-            pass
-
-
-_mp_finalizer: Any = None
-
-
-def _drain_at_multiprocessing_exit() -> None:
-    """Also drain when a multiprocessing child exits.
-
-    A child started with the 'fork' method (Process or Pool worker) leaves
-    through os._exit(): atexit hooks do not run there, multiprocessing's
-    finalizers do. The child's registry is cleared when it starts, so this is
-    (re)registered by the first start() in each process that needs it.
-    """
-    global _mp_finalizer
-    mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is None or (_mp_finalizer is not None and _mp_finalizer.still_active()):
-        return
-    # Lowest priority: runs after other finalizers, which may still log.
-    _mp_finalizer = mp_util.Finalize(None, _stop_all_at_exit, exitpriority=-100)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks,
-                        after_in_child=_after_fork_in_child)
-atexit.register(_stop_all_at_exit)
-
-
 
 
 OWN_NAMES = ("endpoint", "queue_size", "sync_level", "fallback_on_full", "level", "autostart") + SETTING_NAMES
