@@ -396,6 +396,8 @@ class SyncChannel:
     def write(self, line: str) -> bool:
         """True once the daemon confirmed the line is written; False: use the fallback."""
         with self._lock:
+            if self.stats.state == STATE_FALLBACK:
+                return False  # became unreachable while we waited for the lock
             req = self._req or self._connect()
             if req is None:
                 return False

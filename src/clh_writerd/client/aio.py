@@ -121,6 +121,8 @@ class AsyncConcurrentHandler(logging.Handler):
         self._wakeup: Optional[asyncio.Event] = None
         self._stopping = False
         self._direct: Set["asyncio.Future[Any]"] = set()
+        self._overflow: List[str] = []  # 'nowait' records waiting for their write
+        self._overflow_job: Optional["asyncio.Future[Any]"] = None
         self._blocked_warnings = 0
 
     # -- lifecycle -------------------------------------------------------------
@@ -334,9 +336,11 @@ class AsyncConcurrentHandler(logging.Handler):
                                               self._blocked_warnings))
             self._write_now(self._renderer.render(item))
             return
-        if mode == "nowait" and len(self._direct) < self.max_nowait:
+        if mode == "nowait" and len(self._overflow) < self.max_nowait:
             self.stats.fallback_count += 1  # type: ignore[attr-defined]
-            self._submit(self._renderer.render(item))
+            self._overflow.append(self._renderer.render(item))
+            if self._overflow_job is None:
+                self._flush_overflow()
             return
         self.stats.dropped_count += 1  # type: ignore[attr-defined]
         dropped = self.stats.dropped_count  # type: ignore[attr-defined]
@@ -479,20 +483,51 @@ class AsyncConcurrentHandler(logging.Handler):
             return
         delivery.add(line)
 
-    def _submit_lines(self, lines: List[str]) -> None:
+    def _submit_lines(self, lines: List[str]) -> "asyncio.Future[Any]":
+        """Write lines directly (the fallback) in the executor, tracked."""
         assert self._loop is not None
         future = self._loop.run_in_executor(self._executor, self._fallback.write, lines)
         self._direct.add(future)
         future.add_done_callback(self._direct_done)
+        return future
+
+    def _flush_overflow(self) -> None:
+        """'nowait' overflow: one job at a time writes everything gathered so
+        far in one write (one lock), straight through the fallback, so a
+        daemon that is not keeping up is not asked once per record and the
+        executor keeps room for the sender's own writes. Loop thread only."""
+        lines, self._overflow = self._overflow, []
+        self._overflow_job = self._submit_lines(lines)
+        self._overflow_job.add_done_callback(self._overflow_written)
+
+    def _overflow_written(self, future: "asyncio.Future[Any]") -> None:
+        self._overflow_job = None
+        if self._overflow:  # gathered while that write ran
+            self._flush_overflow()
 
     async def _write_direct(self, lines: List[str], delivery: Delivery) -> None:
-        assert self._loop is not None
-        while not await self._loop.run_in_executor(self._executor, self._fallback.write, lines):
+        assert self._loop is not None and self._executor is not None
+        while not await self._write_or_put_back(lines, delivery):
             # Disk full or similar: keep the lines (the queue fills up and the
             # policy applies) and retry, unless the stop deadline passed.
             if delivery.stop_deadline is not None and time.monotonic() > delivery.stop_deadline:
                 return
             await asyncio.sleep(0.1)
+
+    async def _write_or_put_back(self, lines: List[str], delivery: Delivery) -> bool:
+        """One fallback write in the executor. If the sender is cancelled
+        meanwhile (asyncio.run ending), the lines are not lost: a write not yet
+        started is called off and the lines go back to the batcher (the drain
+        writes them, in order); a started one is waited for."""
+        assert self._executor is not None
+        job = self._executor.submit(self._fallback.write, lines)
+        done = asyncio.wrap_future(job)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if job.cancel() or not await asyncio.shield(done):
+                delivery.batcher.put_back(lines)
+            raise
 
     async def _wait(self, queue: asyncio.Queue, poller: Optional[Any], wait: float,
                     getter: Optional["asyncio.Future[Any]"], blocked: bool) -> Optional["asyncio.Future[Any]"]:
@@ -519,7 +554,8 @@ class AsyncConcurrentHandler(logging.Handler):
 
     def _salvage(self) -> bool:
         """The loop is gone: write what the queue and the sender still hold."""
-        lines: List[str] = []
+        lines: List[str] = list(self._overflow)
+        self._overflow = []
         if self._delivery is not None:
             lines += self._delivery.window.take_all() + self._delivery.batcher.take_all()
         queue = self._queue
