@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-matrix bench lint clean
+.PHONY: venv demo test test-matrix bench guarantees soak lint clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ test: venv
 
 test-matrix:
 	$(PYTHON) scripts/test_matrix.py
+
+guarantees: venv
+	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -37,3 +37,14 @@ def raw_client() -> Callable[[str], RawClient]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def guarantee(request):
+    """guarantee(scenario, what, records, missing, duplicates[, note]): a row of docs/guarantees.md."""
+    from support import record_guarantee
+
+    def record(scenario: str, what: str, records: int, missing: int, duplicates: int, note: str = "") -> None:
+        record_guarantee(request.node.nodeid, scenario, what, records, missing, duplicates, note)
+
+    return record

@@ -370,3 +370,24 @@ def ordered_family(path: str) -> List[str]:
         with opener(name, "rb") as f:  # type: ignore[operator]
             lines.extend(f.read().decode("utf-8", "replace").splitlines())
     return lines
+
+
+# -- docs/guarantees.md -------------------------------------------------------
+# Tests that prove a guarantee record what they did; `make guarantees` runs them
+# with CLH_GUARANTEES_OUT set and renders the table from these rows. Without
+# the variable nothing is written.
+GUARANTEES_ENV = "CLH_GUARANTEES_OUT"
+
+
+def record_guarantee(nodeid: str, scenario: str, what: str, records: int, missing: int,
+                     duplicates: int, note: str = "") -> None:
+    """Append one row (JSON line) for docs/guarantees.md."""
+    out = os.environ.get(GUARANTEES_ENV)
+    if not out:
+        return
+    import json
+
+    row = {"nodeid": nodeid, "scenario": scenario, "what": what, "records": records,
+           "missing": missing, "duplicates": duplicates, "note": note}
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
