@@ -6,7 +6,7 @@ import sys
 from .harness import main
 
 # Each module registers its scenarios on import; add new ones here.
-SCENARIO_MODULES = ("benchmarks.ingest",)
+SCENARIO_MODULES = ("benchmarks.ingest", "benchmarks.latency", "benchmarks.e2e", "benchmarks.aioloop")
 
 for _module in SCENARIO_MODULES:
     importlib.import_module(_module)

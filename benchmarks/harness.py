@@ -1,4 +1,11 @@
-"""Scenario registry, repetition with medians, the table and the JSON record."""
+"""Scenario registry, repetition with medians, the table and the JSON record.
+
+Two kinds of rows: throughput rows (records, seconds: a rate, higher is
+better) and measurement rows carrying named metrics such as latency
+percentiles in µs (lower is better). A scenario that declares ``metrics``
+gets one column per metric and one ratio column per ``ratio_metrics`` entry
+(row / the row it is compared with), instead of the records/s columns.
+"""
 
 import argparse
 import datetime
@@ -9,8 +16,8 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -30,21 +37,37 @@ class Params:
     window: int = 16  # unacknowledged batches in flight
     max_bytes: int = 16 * 1024 * 1024  # CLH maxBytes of every file written
     workdir: Optional[str] = None  # parent of each run's scratch directory
+    # Caller-side scenarios (latency, asyncio, e2e):
+    calls: int = 200_000  # timed logger.info calls per latency row
+    warmup: int = 20_000  # untimed calls before them
+    processes: int = 4  # e2e: processes writing one file
+    per_process: int = 100_000  # e2e: records each
+    lag_seconds: float = 3.0  # asyncio: how long the loop lag is measured
+    lag_rate: int = 20_000  # asyncio: records/s logged meanwhile
     quick: bool = False
+    run: int = 0  # which repetition this is (set by the harness)
 
     @classmethod
     def quick_size(cls) -> "Params":
-        return cls(records=10_000, baseline_records=5_000, quick=True)
+        return cls(records=10_000, baseline_records=5_000, calls=5_000, warmup=1_000, per_process=2_000,
+                   lag_seconds=1.0, quick=True)
 
 
 @dataclass
 class Row:
-    """One measured thing in one run of a scenario."""
+    """One measured thing in one run of a scenario.
+
+    ``metrics`` holds the measured values of a metrics scenario (for example
+    ``{"p50": 4.6, "p99": 8.1}`` in µs). ``baseline`` names the row this one
+    is compared with when it is not the scenario's baseline ("" for none).
+    """
 
     name: str
     records: int
     seconds: float
     note: str = ""
+    metrics: Dict[str, float] = field(default_factory=dict)
+    baseline: Optional[str] = None
 
     @property
     def rate(self) -> float:
@@ -53,11 +76,19 @@ class Row:
 
 @dataclass
 class Goal:
-    """What a row must reach: a rate, and/or a multiple of the baseline's rate."""
+    """What a row must reach.
+
+    Throughput: a rate, and/or a multiple of the baseline's rate. With
+    ``metric``: that metric at most ``max_value`` and/or at most
+    ``max_ratio`` times the same metric of the row it is compared with.
+    """
 
     row: str
     min_rate: Optional[float] = None
     min_ratio: Optional[float] = None
+    metric: Optional[str] = None
+    max_value: Optional[float] = None
+    max_ratio: Optional[float] = None
 
     def describe(self) -> str:
         parts = []
@@ -65,6 +96,10 @@ class Goal:
             parts.append(f">= {self.min_rate:,.0f} records/s")
         if self.min_ratio is not None:
             parts.append(f">= {self.min_ratio:g}x baseline")
+        if self.max_value is not None:
+            parts.append(f"{self.metric} <= {self.max_value:g}")
+        if self.max_ratio is not None:
+            parts.append(f"{self.metric} <= {self.max_ratio:g}x its baseline")
         return f"{self.row}: " + " and ".join(parts)
 
 
@@ -78,20 +113,36 @@ class Scenario:
     baseline: Optional[str] = None  # the row every ratio is taken against
     goals: List[Goal] = field(default_factory=list)
     doc: str = ""
+    metrics: Tuple[str, ...] = ()  # metric columns, in order (empty: a throughput scenario)
+    ratio_metrics: Tuple[str, ...] = ()  # metrics also shown as a ratio to the row's baseline
+    unit: str = "µs"
 
 
 SCENARIOS: Dict[str, Scenario] = {}
 
 
-def scenario(name: str, baseline: Optional[str] = None,
-             goals: Sequence[Goal] = ()) -> Callable[[ScenarioFn], ScenarioFn]:
+def rotated(rows: Sequence[Any], run: int) -> List[Any]:
+    """``rows`` starting at a different one each run.
+
+    The shared machine's speed drifts over seconds; rows measured one after
+    the other in a fixed order would carry that drift into their ratios.
+    Rotating the order spreads it over the rows, and the median absorbs it.
+    """
+    k = run % len(rows) if rows else 0
+    return list(rows[k:]) + list(rows[:k])
+
+
+def scenario(name: str, baseline: Optional[str] = None, goals: Sequence[Goal] = (),
+             metrics: Sequence[str] = (), ratio_metrics: Sequence[str] = (),
+             unit: str = "µs") -> Callable[[ScenarioFn], ScenarioFn]:
     """Register ``fn(params) -> rows`` under ``name``."""
 
     def register(fn: ScenarioFn) -> ScenarioFn:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        SCENARIOS[name] = Scenario(name, fn, baseline, list(goals), doc[0] if doc else "")
+        SCENARIOS[name] = Scenario(name, fn, baseline, list(goals), doc[0] if doc else "",
+                                   tuple(metrics), tuple(ratio_metrics), unit)
         return fn
 
     return register
@@ -109,6 +160,10 @@ class Summary:
     ratio: Optional[float]
     note: str
     runs: List[float]  # seconds of each run
+    metrics: Dict[str, float] = field(default_factory=dict)  # median of each metric
+    ratios: Dict[str, float] = field(default_factory=dict)  # metric / the compared row's
+    compared_with: Optional[str] = None
+    metric_runs: Dict[str, List[float]] = field(default_factory=dict)
 
 
 def summarize(spec: Scenario, runs: List[List[Row]]) -> List[Summary]:
@@ -125,12 +180,22 @@ def summarize(spec: Scenario, runs: List[List[Row]]) -> List[Summary]:
         rows = by_name[name]
         rate = statistics.median(r.rate for r in rows)
         records = rows[0].records
+        metric_runs = {m: [r.metrics[m] for r in rows if m in r.metrics]
+                       for m in dict.fromkeys(k for r in rows for k in r.metrics)}
+        compared = rows[0].baseline if rows[0].baseline is not None else spec.baseline
         medians[name] = Summary(name, records, records / rate if rate else 0.0, rate, None,
-                                rows[0].note, [r.seconds for r in rows])
+                                rows[0].note, [r.seconds for r in rows],
+                                {m: statistics.median(v) for m, v in metric_runs.items()}, {},
+                                compared or None, metric_runs)
     base = medians.get(spec.baseline or "")
     for summary in medians.values():
         if base is not None and base.rate > 0:
             summary.ratio = summary.rate / base.rate
+        other = medians.get(summary.compared_with or "")
+        if other is not None:
+            for m in spec.ratio_metrics:
+                if m in summary.metrics and other.metrics.get(m):
+                    summary.ratios[m] = summary.metrics[m] / other.metrics[m]
     return [medians[name] for name in order]
 
 
@@ -144,19 +209,54 @@ def check_goals(spec: Scenario, summaries: List[Summary]) -> List[Dict[str, Any]
             met = met and s.rate >= goal.min_rate
         if s is not None and goal.min_ratio is not None:
             met = met and s.ratio is not None and s.ratio >= goal.min_ratio
-        out.append({"goal": goal.describe(), "met": bool(met),
-                    "rate": s.rate if s else None, "ratio": s.ratio if s else None})
+        value = s.metrics.get(goal.metric) if s is not None and goal.metric else None
+        metric_ratio = s.ratios.get(goal.metric) if s is not None and goal.metric else None
+        if goal.max_value is not None:
+            met = met and value is not None and value <= goal.max_value
+        if goal.max_ratio is not None:
+            met = met and metric_ratio is not None and metric_ratio <= goal.max_ratio
+        entry: Dict[str, Any] = {"goal": goal.describe(), "met": bool(met),
+                                 "rate": s.rate if s else None, "ratio": s.ratio if s else None}
+        if goal.metric:
+            entry.update(metric=goal.metric, value=value, metric_ratio=metric_ratio)
+        out.append(entry)
     return out
 
 
+def _measured(goal: Dict[str, Any]) -> str:
+    """What a goal's row measured, for the goal line under the table."""
+    if goal.get("metric"):
+        parts = []
+        if goal.get("value") is not None:
+            parts.append(f"{goal['metric']} {goal['value']:,.1f}")
+        if goal.get("metric_ratio") is not None:
+            parts.append(f"{goal['metric_ratio']:.2f}x")
+        return ", ".join(parts)
+    if goal.get("ratio") is not None:
+        return f"{goal['rate']:,.0f}/s, {goal['ratio']:.2f}x"
+    return f"{goal['rate']:,.0f}/s" if goal.get("rate") is not None else ""
+
+
 def render_table(spec: Scenario, summaries: List[Summary], runs: int) -> str:
-    header = ("scenario", "records", "seconds", "records/s", f"vs {spec.baseline or 'baseline'}", "note")
-    body = []
-    for s in summaries:
-        ratio = f"{s.ratio:.2f}x" if s.ratio is not None else "-"
-        body.append((f"{spec.name}: {s.name}", f"{s.records:,}", f"{s.seconds:.3f}", f"{s.rate:,.0f}", ratio, s.note))
+    if spec.metrics:
+        header: Tuple[str, ...] = ("scenario", "records", *(f"{m} {spec.unit}" for m in spec.metrics),
+                                   *(f"{m} vs base" for m in spec.ratio_metrics), "compared with", "note")
+        body = []
+        for s in summaries:
+            values = [f"{s.metrics[m]:,.1f}" if m in s.metrics else "-" for m in spec.metrics]
+            ratios = [f"{s.ratios[m]:.2f}x" if m in s.ratios else "-" for m in spec.ratio_metrics]
+            compared = s.compared_with if s.compared_with and s.compared_with != s.name else "-"
+            body.append((f"{spec.name}: {s.name}", f"{s.records:,}", *values, *ratios, compared, s.note))
+        right = set(range(1, 2 + len(spec.metrics) + len(spec.ratio_metrics)))
+    else:
+        header = ("scenario", "records", "seconds", "records/s", f"vs {spec.baseline or 'baseline'}", "note")
+        body = []
+        for s in summaries:
+            ratio = f"{s.ratio:.2f}x" if s.ratio is not None else "-"
+            body.append((f"{spec.name}: {s.name}", f"{s.records:,}", f"{s.seconds:.3f}", f"{s.rate:,.0f}", ratio,
+                         s.note))
+        right = {1, 2, 3, 4}
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    right = {1, 2, 3, 4}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
@@ -181,13 +281,18 @@ def machine_info() -> Dict[str, Any]:
     }
 
 
+def _loadavg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
 def run_scenario(spec: Scenario, params: Params, runs: int) -> Dict[str, Any]:
     raw: List[List[Row]] = []
     for i in range(runs):
         started = time.monotonic()
-        rows = spec.fn(params)
+        rows = spec.fn(replace(params, run=i))
         raw.append(rows)
-        rates = ", ".join(f"{r.name} {r.rate:,.0f}/s" for r in rows)
+        rates = ", ".join(f"{r.name} " + (" ".join(f"{m} {v:,.1f}" for m, v in r.metrics.items())
+                                            if r.metrics else f"{r.rate:,.0f}/s") for r in rows)
         print(f"  {spec.name} run {i + 1}/{runs} ({time.monotonic() - started:.1f}s): {rates}", file=sys.stderr)
     summaries = summarize(spec, raw)
     return {
@@ -200,12 +305,15 @@ def run_scenario(spec: Scenario, params: Params, runs: int) -> Dict[str, Any]:
     }
 
 
-def write_results(results: List[Dict[str, Any]], params: Params, runs: int, out_dir: str) -> str:
+def write_results(results: List[Dict[str, Any]], params: Params, runs: int, out_dir: str,
+                  loadavg_before: Optional[List[float]] = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     names = "+".join(r["scenario"] for r in results)
     path = os.path.join(out_dir, f"{stamp}-{names}{'-quick' if params.quick else ''}.json")
-    doc = {"started": stamp, "machine": machine_info(), "params": asdict(params), "runs": runs,
+    machine = machine_info()
+    machine["loadavg_before"] = loadavg_before
+    doc = {"started": stamp, "machine": machine, "params": asdict(params), "runs": runs,
            "scenarios": results}
     with open(path, "w") as f:
         json.dump(doc, f, indent=2)
@@ -225,6 +333,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--record-bytes", type=int, help="bytes per rendered record")
     p.add_argument("--window", type=int, help="unacknowledged batches in flight")
     p.add_argument("--max-bytes", type=int, help="CLH maxBytes of the files written")
+    p.add_argument("--calls", type=int, help="timed calls per latency row (default 200,000)")
+    p.add_argument("--per-process", type=int, help="e2e: records per process (default 100,000)")
+    p.add_argument("--processes", type=int, help="e2e: processes (default 4)")
+    p.add_argument("--lag-seconds", type=float, help="asyncio: seconds of loop-lag measurement (default 3)")
     p.add_argument("--output", default=RESULTS_DIR, help="directory for the JSON results")
     p.add_argument("--dir", help="where the benchmark files are written (default: the system temp dir)")
     p.add_argument("--check", action="store_true", help="exit 1 when a scenario misses a goal")
@@ -248,21 +360,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     params = Params.quick_size() if args.quick else Params()
     params.workdir = args.dir
-    for knob in ("records", "baseline_records", "batch", "record_bytes", "window", "max_bytes"):
+    for knob in ("records", "baseline_records", "batch", "record_bytes", "window", "max_bytes",
+                 "calls", "per_process", "processes", "lag_seconds"):
         value = getattr(args, knob)
         if value is not None:
             setattr(params, knob, value)
+    load_before = _loadavg()
+    loadavg_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     results = []
     for name in names:
         results.append(run_scenario(SCENARIOS[name], params, args.runs))
     sys.stderr.flush()
+    print(f"\nload average (1, 5, 15 min) on {os.cpu_count()} cpus: before {load_before}, after {_loadavg()}")
     missed = 0
     for result in results:
         print()
         print(result["table"])
         for goal in result["goals"]:
             missed += not goal["met"]
-            print(f"  goal {'met    ' if goal['met'] else 'MISSED '} {goal['goal']}")
-    path = write_results(results, params, args.runs, args.output)
+            print(f"  goal {'met    ' if goal['met'] else 'MISSED '} {goal['goal']}  (measured: {_measured(goal)})")
+    path = write_results(results, params, args.runs, args.output, loadavg_before)
     print(f"\nresults: {os.path.relpath(path)}")
     return 1 if (args.check and missed) else 0

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,12 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 from clh_writerd import protocol
 from clh_writerd._batchwrite import DEFAULT_CHUNK_CHARS, BatchWriter, build_handler
-from clh_writerd.client.control import DaemonUnavailable, request
 
+from .daemon import bench_env, running_daemon
 from .harness import ROOT, Goal, Params, Row, scenario
 from .workload import PROGRAM, count_lines, file_options, make_batches
 
 BASELINE = "CLH per record"
-START_TIMEOUT = 30.0
 FEED_TIMEOUT = 300.0
 
 
@@ -64,63 +62,18 @@ def _expect_lines(path: str, expected: int, what: str) -> None:
 
 def daemon_ingest(params: Params, workdir: str) -> Row:
     log_dir = os.path.join(workdir, "daemon-logs")
-    # Unix socket paths are limited to 107 bytes: keep the socket dir short.
-    socket_dir = tempfile.mkdtemp(prefix="cwb-", dir="/tmp")
-    endpoint = f"ipc://{socket_dir}/w.sock"
-    config = os.path.join(workdir, "clh-writerd.toml")
-    with open(config, "w") as f:
-        f.write("[daemon]\n"
-                f"endpoint = {json.dumps(endpoint)}\n"
-                f"allowed_dirs = [{json.dumps(log_dir)}]\n"
-                'log_level = "warning"\n')
-    stderr_path = os.path.join(workdir, "daemon.stderr")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
-    with open(stderr_path, "wb") as stderr:
-        daemon = subprocess.Popen([sys.executable, "-m", "clh_writerd", "--config", config],
-                                  cwd=workdir, stdout=stderr, stderr=stderr, env=env)
-    try:
-        _wait_ready(daemon, endpoint, stderr_path)
-        path = os.path.join(log_dir, "ingest.log")
+    path = os.path.join(log_dir, "ingest.log")
+    with running_daemon(workdir, [log_dir]) as endpoint:
         feeder = subprocess.run(
             [sys.executable, "-m", "benchmarks.feeder", endpoint, path, json.dumps(vars(params))],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=FEED_TIMEOUT,
+            cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=FEED_TIMEOUT,
         )
         if feeder.returncode != 0:
             raise RuntimeError(f"feeder exited with {feeder.returncode}:\n{feeder.stderr}")
         result = json.loads(feeder.stdout.strip().splitlines()[-1])
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(START_TIMEOUT)
-        if code != 0:
-            raise RuntimeError(f"daemon exited with {code}:\n{_read(stderr_path)}")
-        _expect_lines(path, params.records + result["warmup_records"], "daemon ingest")
-        return Row("daemon ingest", result["records"], result["seconds"],
-                   f"ipc, {params.batch}/batch, window {params.window}")
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
-        shutil.rmtree(socket_dir, ignore_errors=True)
-
-
-def _wait_ready(daemon: "subprocess.Popen[bytes]", endpoint: str, stderr_path: str) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if daemon.poll() is not None:
-            raise RuntimeError(f"daemon exited with {daemon.returncode}:\n{_read(stderr_path)}")
-        try:
-            if isinstance(request(endpoint, protocol.encode_ping(), 0.5), protocol.Ok):
-                return
-        except DaemonUnavailable:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"daemon did not answer within {START_TIMEOUT}s:\n{_read(stderr_path)}")
-        time.sleep(0.02)
-
-
-def _read(path: str) -> str:
-    with open(path, errors="replace") as f:
-        return f.read()
+    _expect_lines(path, params.records + result["warmup_records"], "daemon ingest")
+    return Row("daemon ingest", result["records"], result["seconds"],
+               f"ipc, {params.batch}/batch, window {params.window}")
 
 
 def decode_only(params: Params, batches: List[List[str]]) -> Row:

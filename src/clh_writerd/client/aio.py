@@ -33,14 +33,13 @@ from ._core import (
     build_clh,
     file_spec,
     split_kwargs,
-    too_large,
 )
 from . import _process
 from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 
 FALLBACK_MODES = ("drop", "block", "nowait")
-# Records the sender renders before it lets the loop run again (~0.1-1 ms).
-TAKE_PER_TURN = 100
+# Seconds of rendering the sender does before it lets the loop run again.
+TURN_BUDGET = 0.0002
 DEFAULT_ENDPOINT: Any = object()
 
 class _Flush:
@@ -443,14 +442,16 @@ class AsyncConcurrentHandler(logging.Handler):
             # turn; records are here anyway, so retire it.
             getter.cancel()
             getter = None
-        taken = 0
+        taken, turn_started = 0, time.perf_counter()
         while not flushes and delivery.has_room and not queue.empty():
             self._take(queue.get_nowait(), delivery, flushes)
             taken += 1
-            if taken % TAKE_PER_TURN == 0:
+            if taken % 16 == 0 and time.perf_counter() - turn_started > TURN_BUDGET:
                 # Rendering is CPU work on the loop; after a slow write the
-                # queue holds thousands of records: let the loop run between chunks.
+                # queue holds thousands of records: let the loop run between
+                # slices (a time budget, since a render's cost varies 10x).
                 await asyncio.sleep(0)
+                turn_started = time.perf_counter()
         delivery.flushing = bool(flushes)
         direct = delivery.service(time.monotonic())
         if direct:
@@ -477,7 +478,7 @@ class AsyncConcurrentHandler(logging.Handler):
         except Exception:
             self.handleError(item[0])
             return
-        if too_large(line):
+        if delivery.too_large(line):
             self.stats.oversize += 1  # type: ignore[attr-defined]
             self._submit_lines(delivery.batcher.take_all() + [line])
             return

@@ -30,7 +30,6 @@ from ._core import (
     build_clh,
     file_spec,
     split_kwargs,
-    too_large,
 )
 from . import _process
 from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
@@ -243,7 +242,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if self._pid != os.getpid():
+            if self._pid < 0:  # set by the fork hook in a child (no getpid() syscall per call)
                 self._after_fork_in_child()
             if record.levelno >= self.sync_level:
                 self._confirmed.write(self._renderer.render_now(record))
@@ -261,6 +260,9 @@ class NonBlockingConcurrentHandler(logging.Handler):
         queue.append(item)
         self.stats.enqueued += 1  # type: ignore[attr-defined]
         if self._idle:
+            # One wake-up per idle period: a pipe write per record would cost
+            # a syscall and hand the GIL to the sender on every call.
+            self._idle = False
             self._wake()
 
     def _accepting(self) -> bool:
@@ -389,7 +391,7 @@ class _Sender:
             except Exception:
                 o.handleError(item[0])
                 continue
-            if too_large(line):
+            if delivery.too_large(line):
                 self.stats.oversize += 1  # type: ignore[attr-defined]
                 self._write_direct(delivery.batcher.take_all() + [line])
                 continue
