@@ -26,8 +26,10 @@ STATE_EMBEDDED = "embedded"  # endpoint=None: the in-process writer is the only 
 STATE_STOPPED = "stopped"
 
 DROP_WARNING_EVERY = 1000
-# Records longer than this (characters) are checked for their UTF-8 size.
-_SAFE_CHARS = protocol.MAX_RECORD_BYTES // 4
+# The largest record a client sends to a daemon it knows nothing about: half
+# the protocol's record limit, so one record plus the batch around it always
+# fits a frame. A daemon with a smaller max_message_bytes lowers it.
+RECORD_LIMIT = protocol.MAX_RECORD_BYTES // 2
 
 
 class ClientStats:
@@ -104,13 +106,20 @@ class Renderer:
         return self.handler.formatter or logging.Formatter()
 
 
-def too_large(line: str) -> bool:
-    """Whether a rendered line cannot travel in one frame."""
-    return len(line) > _SAFE_CHARS and len(line.encode("utf-8", "surrogatepass")) > protocol.MAX_RECORD_BYTES // 2
+def utf8_size(line: str) -> int:
+    """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
+    return len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
+
+
+def too_large(line: str, limit: int = RECORD_LIMIT) -> bool:
+    """Whether a rendered line is over ``limit`` bytes: it cannot travel in one frame."""
+    # At most 4 bytes per character: short lines need no encoding to tell.
+    return len(line) * 4 > limit and utf8_size(line) > limit
 
 
 class Batcher:
-    """Collects lines until a batch is full by count or bytes."""
+    """Collects lines until a batch is full by count or bytes (UTF-8, as
+    on the wire: a daemon's max_message_bytes counts bytes, not characters)."""
 
     def __init__(self, max_records: int, max_bytes: int) -> None:
         self.max_records = max_records
@@ -123,7 +132,7 @@ class Batcher:
         if not self.lines:
             self.first_at = time.monotonic()
         self.lines.append(line)
-        self.size += len(line) + 16
+        self.size += utf8_size(line) + 16
 
     @property
     def full(self) -> bool:
@@ -136,10 +145,11 @@ class Batcher:
             return lines
         count = size = 0
         for line in self.lines:
-            if count and (count >= self.max_records or size + len(line) + 16 > self.max_bytes):
+            cost = utf8_size(line) + 16
+            if count and (count >= self.max_records or size + cost > self.max_bytes):
                 break
             count += 1
-            size += len(line) + 16
+            size += cost
         lines, self.lines = self.lines[:count], self.lines[count:]
         self.size -= size
         return lines
@@ -153,7 +163,7 @@ class Batcher:
         if lines:
             self.first_at = time.monotonic() if not self.lines else self.first_at
             self.lines = lines + self.lines
-            self.size += sum(len(line) + 16 for line in lines)
+            self.size += sum(utf8_size(line) + 16 for line in lines)
 
 
 class InFlight(NamedTuple):

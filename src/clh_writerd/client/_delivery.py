@@ -18,6 +18,7 @@ import zmq
 
 from .. import protocol
 from ._core import (
+    RECORD_LIMIT,
     STATE_CONNECTING,
     STATE_DAEMON,
     STATE_EMBEDDED,
@@ -80,6 +81,8 @@ class Delivery:
         self.client_id = client_id
         self.window = Window(settings.window)
         self.batcher = Batcher(settings.batch_size, settings.batch_bytes)
+        # Records over this many bytes go to the fallback (see too_large()).
+        self.record_limit = RECORD_LIMIT
         self.stop_deadline: Optional[float] = None
         self.flushing = False  # a flush() waits: send without lingering
         self.dealer: Optional[zmq.Socket] = None
@@ -148,6 +151,11 @@ class Delivery:
 
     def add(self, line: str) -> None:
         self.batcher.add(line)
+
+    def too_large(self, line: str) -> bool:
+        """Whether ``line`` cannot travel to this daemon: the driver writes it
+        through the fallback instead (counted as ``oversize``)."""
+        return too_large(line, self.record_limit)
 
     def drained(self) -> bool:
         return not self.batcher.lines and not len(self.window)
@@ -352,6 +360,8 @@ class Delivery:
         if isinstance(limit, int) and limit > 0:
             # Stay well under the daemon's frame limit (msgpack overhead).
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
+            # A record the daemon would refuse (or libzmq cut off) is never sent.
+            self.record_limit = min(RECORD_LIMIT, limit // 2)
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
         self.liveness_deadline = None
