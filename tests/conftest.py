@@ -1,6 +1,5 @@
 """Shared fixtures: real daemon subprocesses that are always cleaned up."""
 
-import os
 from typing import Any, Callable, List
 
 import pytest

@@ -40,6 +40,15 @@ class WriteResult(NamedTuple):
     skipped: int = 0  # lines the encoding refused (unicode_error_policy="strict")
 
 
+def rotating_part(handler: CLHHandler) -> ConcurrentRotatingFileHandler:
+    """The ConcurrentRotatingFileHandler that holds the stream and the lock
+    (a timed handler keeps one as ``.clh``)."""
+    clh = handler.clh if isinstance(handler, ConcurrentTimedRotatingFileHandler) else handler
+    if not isinstance(clh, ConcurrentRotatingFileHandler):
+        raise TypeError(f"expected a concurrent-log-handler handler, got {type(handler).__name__}")
+    return clh
+
+
 def build_handler(path: str, options: Dict[str, Any]) -> CLHHandler:
     """Build the CLH handler that ``options`` (validated by the protocol) describe."""
     kwargs = dict(options)
@@ -58,9 +67,7 @@ def describe_handler(handler: CLHHandler) -> Tuple[str, Dict[str, Any]]:
     always explicit, so the daemon's locale cannot change the bytes.
     """
     timed = isinstance(handler, ConcurrentTimedRotatingFileHandler)
-    clh: ConcurrentRotatingFileHandler = handler.clh if timed else handler  # type: ignore[union-attr]
-    if not isinstance(clh, ConcurrentRotatingFileHandler):
-        raise TypeError(f"expected a concurrent-log-handler handler, got {type(handler).__name__}")
+    clh = rotating_part(handler)
     encoding = clh.encoding or locale.getpreferredencoding(False)
     options: Dict[str, Any] = {
         "maxBytes": int(clh.maxBytes),
@@ -102,8 +109,7 @@ class BatchWriter:
 
     def __init__(self, handler: CLHHandler, chunk_chars: int = DEFAULT_CHUNK_CHARS) -> None:
         self.handler = handler
-        timed = isinstance(handler, ConcurrentTimedRotatingFileHandler)
-        self._clh: ConcurrentRotatingFileHandler = handler.clh if timed else handler  # type: ignore[union-attr]
+        self._clh = rotating_part(handler)
         max_bytes = self._clh.maxBytes
         # Several rollover checks per maxBytes keep rotated files near their size.
         self.chunk_chars = min(chunk_chars, max(256, max_bytes // 8)) if max_bytes > 0 else chunk_chars

@@ -13,6 +13,8 @@ import sys
 import weakref
 from typing import Any, List
 
+from .._batchwrite import rotating_part
+
 # Anything with .handler (the wrapped CLH handler), ._pid and .stop().
 _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
@@ -43,8 +45,7 @@ def _before_fork() -> None:
     file lock must not hang fork() forever.
     """
     for handler in list(_live):
-        clh = getattr(handler.handler, "clh", handler.handler)  # timed handlers wrap one
-        lock = getattr(clh, "_thread_lock", None)
+        lock = getattr(rotating_part(handler.handler), "_thread_lock", None)
         if lock is not None and lock.acquire(timeout=_FORK_LOCK_TIMEOUT):
             _fork_held.append(lock)
 

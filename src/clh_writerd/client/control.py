@@ -18,7 +18,7 @@ def request(endpoint: Optional[str], payload: bytes, timeout: float = 2.0) -> pr
     The socket never lingers, so a missing daemon cannot hang the caller.
     """
     endpoint = endpoint or protocol.default_endpoint()
-    context = zmq.Context.instance()
+    context: zmq.Context = zmq.Context.instance()
     sock = context.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:

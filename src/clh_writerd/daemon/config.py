@@ -30,7 +30,7 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with a message naming the key."""
 
 
-def _positive(kind: type, low: float, high: float) -> Callable[[str, Any], Any]:
+def _positive(kind: type, low: Any, high: Any) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if type(value) is int and kind is float:
             value = float(value)

@@ -68,10 +68,10 @@ class StatsCollector:
                 family.add_metric([f["path"]], f[key])
             yield family
         for key, doc in FILE_GAUGES:
-            family = GaugeMetricFamily(PREFIX + "file_" + key, doc, labels=["path"])
+            gauge = GaugeMetricFamily(PREFIX + "file_" + key, doc, labels=["path"])
             for f in files:
-                family.add_metric([f["path"]], f[key])
-            yield family
+                gauge.add_metric([f["path"]], f[key])
+            yield gauge
         latency = GaugeMetricFamily(PREFIX + "file_write_latency_seconds",
                                     "write latency over the last 2048 writes", labels=["path", "quantile"])
         for f in files:
