@@ -273,6 +273,10 @@ def read_lines(path: str) -> List[str]:
     """Every line of the file family, decoded, in no particular file order."""
     lines: List[str] = []
     for name in family_files(path):
+        if ".rotate." in name and name.endswith(".gz") and os.path.exists(name[:-3]):
+            # A writer killed while compressing: the source still holds every
+            # line and the .gz is a partial copy (see set_aside_interrupted_gzips).
+            continue
         opener = gzip.open if name.endswith(".gz") else open
         with opener(name, "rb") as f:  # type: ignore[operator]
             data = f.read()
@@ -372,6 +376,29 @@ def ordered_family(path: str) -> List[str]:
     return lines
 
 
+def set_aside_interrupted_gzips(path: str, aside: str) -> List[str]:
+    """Move out of the family each ``.rotate.*.gz`` whose source ``.rotate.*``
+    is still there: a writer was killed while compressing it (CLH removes the
+    source only after the .gz is complete). The source holds every line; the
+    .gz is a truncated copy (or a complete one, killed before the removal),
+    checked here to hold nothing the source does not. Returns the names moved."""
+    import zlib
+
+    moved = []
+    for name in family_files(path):
+        source = name[:-len(".gz")]
+        if ".rotate." not in name or not name.endswith(".gz") or not os.path.exists(source):
+            continue
+        with open(name, "rb") as f:
+            partial = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(f.read())
+        with open(source, "rb") as f:
+            assert f.read().startswith(partial), f"{name} holds bytes its source {source} does not"
+        os.makedirs(aside, exist_ok=True)
+        shutil.move(name, os.path.join(aside, os.path.basename(name)))
+        moved.append(name)
+    return moved
+
+
 # -- docs/guarantees.md -------------------------------------------------------
 # Tests that prove a guarantee record what they did; `make guarantees` runs them
 # with CLH_GUARANTEES_OUT set and renders the table from these rows. Without
@@ -391,3 +418,113 @@ def record_guarantee(nodeid: str, scenario: str, what: str, records: int, missin
            "missing": missing, "duplicates": duplicates, "note": note}
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+# -- resources of a running process -------------------------------------------
+def rss_kib(pid: int) -> Optional[int]:
+    """VmRSS of ``pid`` in KiB, or None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def fd_count(pid: int) -> Optional[int]:
+    """Open file descriptors of ``pid``, or None if the process is gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+@dataclass
+class Sample:
+    at: float  # seconds since the sampler started
+    name: str
+    pid: int
+    rss_kib: int
+    fds: int
+
+
+class ResourceSampler:
+    """Samples RSS and fd count of named processes on a background thread.
+
+    ``pids`` is called at each tick and returns {name: pid}, so processes may
+    come and go (a restarted daemon, replaced clients). Sampling is not
+    synchronisation: the interval only sets the resolution.
+    """
+
+    def __init__(self, pids: Callable[[], Dict[str, int]], interval: float = 0.2) -> None:
+        import threading
+
+        self._pids = pids
+        self.interval = interval
+        self.samples: List[Sample] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
+        self.started = 0.0
+
+    def __enter__(self) -> "ResourceSampler":
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def sample_now(self) -> None:
+        now = time.monotonic() - self.started
+        for name, pid in list(self._pids().items()):
+            rss, fds = rss_kib(pid), fd_count(pid)
+            if rss is not None and fds is not None:
+                self.samples.append(Sample(now, name, pid, rss, fds))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample_now()
+            self._stop.wait(self.interval)
+
+    def select(self, prefix: str, start: float = 0.0, end: float = float("inf")) -> List[Sample]:
+        """Samples of processes whose name starts with ``prefix``, taken in [start, end)."""
+        return [s for s in self.samples if s.name.startswith(prefix) and start <= s.at < end]
+
+
+# -- a slow disk for the daemon -------------------------------------------------
+SLOW_DISK_SITECUSTOMIZE = '''\
+"""Test-only: makes clh-writerd's file writes slow (a slow disk), inside the CLH lock."""
+import os
+import time
+
+_rate = float(os.environ.get("CLH_TEST_SLOW_DISK_BPS", "0") or 0)
+_latency = float(os.environ.get("CLH_TEST_SLOW_DISK_LATENCY", "0") or 0)
+if _rate > 0:
+    from clh_writerd import _batchwrite
+
+    _write_chunk = _batchwrite.BatchWriter._write_chunk
+
+    def _slow_write_chunk(self, chunk):
+        time.sleep(_latency + sum(map(len, chunk)) / _rate)  # the simulated device time
+        return _write_chunk(self, chunk)
+
+    _batchwrite.BatchWriter._write_chunk = _slow_write_chunk
+'''
+
+
+def slow_disk_env(directory: str, bytes_per_second: float, latency: float = 0.0) -> Dict[str, str]:
+    """Environment for a process whose BatchWriter writes take ``latency`` +
+    size / ``bytes_per_second`` seconds per chunk (a ``sitecustomize`` module
+    on PYTHONPATH does it; no LD_PRELOAD). Pass it to DaemonProcess(env=...)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+        f.write(SLOW_DISK_SITECUSTOMIZE)
+    path = os.environ.get("PYTHONPATH")
+    return {"PYTHONPATH": directory + (os.pathsep + path if path else ""),
+            "CLH_TEST_SLOW_DISK_BPS": str(bytes_per_second), "CLH_TEST_SLOW_DISK_LATENCY": str(latency)}

@@ -204,7 +204,8 @@ def dead_endpoint():
 
 
 # -- 1. the normal case -----------------------------------------------------
-def test_fork_and_spawn_processes_every_record_once_in_order_byte_exact(start_daemon, tmp_path):
+@pytest.mark.guarantee
+def test_fork_and_spawn_processes_every_record_once_in_order_byte_exact(start_daemon, tmp_path, guarantee):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "app.log")
     kwargs = {
@@ -242,6 +243,9 @@ def test_fork_and_spawn_processes_every_record_once_in_order_byte_exact(start_da
     stop_daemon(daemon)
 
     report = check_family(path, results)
+    guarantee("A. fork+spawn volume", f"4 fork + 4 spawn processes, {RECORDS_PER_PROCESS:,} records each, "
+              "nothing failing; byte-exact lines, per-process order", report.expected, report.missing_count,
+              report.duplicates)
     report.assert_complete()
     check_order(path, results)
     for writer, result in results.items():
@@ -279,7 +283,8 @@ def test_queue_full_records_are_all_written_and_counted(start_daemon, tmp_path):
 
 
 # -- 2. no daemon at all ------------------------------------------------------
-def test_no_daemon_every_record_lands_through_the_fallback_without_blocking(tmp_path, dead_endpoint):
+@pytest.mark.guarantee
+def test_no_daemon_every_record_lands_through_the_fallback_without_blocking(tmp_path, dead_endpoint, guarantee):
     endpoint = dead_endpoint
     path = str(tmp_path / "logs" / "app.log")
     os.makedirs(os.path.dirname(path))
@@ -298,7 +303,10 @@ def test_no_daemon_every_record_lands_through_the_fallback_without_blocking(tmp_
                   for w in writers])
     results = load_results([str(tmp_path / f"{w}.json") for w in writers])
 
-    check_family(path, results).assert_complete()
+    report = check_family(path, results)
+    guarantee("E. No daemon", "4 processes, no daemon listening: every record through the fallback",
+              report.expected, report.missing_count, report.duplicates)
+    report.assert_complete()
     for writer, result in results.items():
         stats = result["stats"]
         assert stats["fallback_written"] == count and stats["acked"] == 0, (writer, stats)
@@ -307,7 +315,8 @@ def test_no_daemon_every_record_lands_through_the_fallback_without_blocking(tmp_
 
 
 # -- 3. the daemon is killed and comes back -----------------------------------
-def test_sigkill_under_load_then_restart_nothing_missing(start_daemon, tmp_path):
+@pytest.mark.guarantee
+def test_sigkill_under_load_then_restart_nothing_missing(start_daemon, tmp_path, guarantee):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "app.log")
     with Load(tmp_path, path, {"endpoint": daemon.endpoint}) as load:
@@ -324,13 +333,16 @@ def test_sigkill_under_load_then_restart_nothing_missing(start_daemon, tmp_path)
     stop_daemon(daemon)
 
     report = check_family(path, results)
+    guarantee("B. SIGKILL + restart", "daemon SIGKILLed under load from 8 processes, restarted",
+              report.expected, report.missing_count, report.duplicates)
     report_duplicates("sigkill+restart", report, results)
     report.assert_complete(allow_duplicates=True)
     assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
 
 
 # -- 4. the daemon is stopped for good ---------------------------------------
-def test_sigterm_under_load_without_restart_nothing_missing(start_daemon, tmp_path):
+@pytest.mark.guarantee
+def test_sigterm_under_load_without_restart_nothing_missing(start_daemon, tmp_path, guarantee):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "app.log")
     with Load(tmp_path, path, {"endpoint": daemon.endpoint}) as load:
@@ -341,6 +353,8 @@ def test_sigterm_under_load_without_restart_nothing_missing(start_daemon, tmp_pa
         results = load.finish()
 
     report = check_family(path, results)
+    guarantee("C. SIGTERM, not restarted", "daemon stopped under load from 8 processes and not started again",
+              report.expected, report.missing_count, report.duplicates)
     report_duplicates("sigterm", report, results)
     report.assert_complete(allow_duplicates=True)
     assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
@@ -349,7 +363,8 @@ def test_sigterm_under_load_without_restart_nothing_missing(start_daemon, tmp_pa
 
 # -- 5. the daemon freezes for a while ----------------------------------------
 @pytest.mark.parametrize("ack_timeout", [None, 1.0], ids=["default-ack-timeout", "ack-timeout-1s"])
-def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path, ack_timeout):
+@pytest.mark.guarantee
+def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path, ack_timeout, guarantee):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "app.log")
     kwargs: Dict[str, Any] = {"endpoint": daemon.endpoint}
@@ -372,6 +387,9 @@ def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path,
     stop_daemon(daemon)
 
     report = check_family(path, results)
+    guarantee(f"D. SIGSTOP 2 s (ack_timeout {ack_timeout or 'default'})",
+              "daemon frozen (SIGSTOP) for 2 s under load from 8 processes, then SIGCONT",
+              report.expected, report.missing_count, report.duplicates)
     report_duplicates(f"sigstop 2s, ack_timeout={ack_timeout or 'default'}", report, results)
     report.assert_complete(allow_duplicates=True)
     assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"

@@ -42,9 +42,9 @@ def render_line(levelname: str, writer: str, pid: int, n: int) -> str:
 
 
 def make_logger(writer: str, path: str, handler_kwargs: Dict[str, Any]):
-    handler = create_nonblocking_handler(
-        path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, use_gzip=True, **handler_kwargs
-    )
+    # handler_kwargs may override the file's defaults (a test that needs large files).
+    file_options = {"maxBytes": MAX_BYTES, "backupCount": BACKUP_COUNT, "use_gzip": True}
+    handler = create_nonblocking_handler(path, **{**file_options, **handler_kwargs})
     handler.setFormatter(logging.Formatter(FORMAT))
     logger = logging.getLogger(f"{LOGGER_PREFIX}.{writer}")
     logger.propagate = False

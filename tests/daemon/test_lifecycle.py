@@ -37,7 +37,8 @@ def _batch_writers(lines, prefix: str = "b"):
     return {line.split()[1] for line in lines if line.startswith(f"SEQ {prefix}")}
 
 
-def test_sigterm_drains_and_every_acked_batch_is_written(start_daemon, raw_client):
+@pytest.mark.guarantee
+def test_sigterm_drains_and_every_acked_batch_is_written(start_daemon, raw_client, guarantee):
     daemon = start_daemon()
     client = raw_client(daemon.endpoint)
     path = os.path.join(daemon.log_dir, "drain.log")
@@ -70,6 +71,9 @@ def test_sigterm_drains_and_every_acked_batch_is_written(start_daemon, raw_clien
     assert len(acked) >= int(draining.group(1)) > 0, (len(acked), draining.group(0))
     lines = read_lines(path)
     report = check_sequences(lines, {"warmup": 1, **{w: per_batch for w in acked}})
+    guarantee("G. SIGTERM drain", f"SIGTERM with {batches} batches queued behind a held file lock: "
+              "every acknowledged batch written, nothing unacknowledged", report.expected, report.missing_count,
+              report.duplicates)
     report.assert_complete()
     # No batch is in the file without its ack, and none refused as shutting_down is.
     assert _batch_writers(lines) == acked, f"written but not acked: {_batch_writers(lines) - acked}"
