@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-matrix bench guarantees soak lint clean
+.PHONY: venv demo test test-matrix bench bench-chart guarantees soak lint clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,16 @@ test-matrix:
 guarantees: venv
 	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)
 
+soak: venv
+	CLH_SOAK_SECONDS=$${CLH_SOAK_SECONDS:-1800} $(BIN)/python -m pytest -q -s -p no:cacheprovider \
+		tests/test_robustness.py -k soak $(PYTEST_ARGS)
+
 bench: venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# docs/bench.svg from the newest full results in benchmarks/results/ (ingest, latency, e2e, asyncio).
+bench-chart: venv
+	$(BIN)/python -m benchmarks.chart --newest -o docs/bench.svg
 
 lint: venv
 	$(BIN)/python -m pip install --quiet ruff mypy

@@ -340,6 +340,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--output", default=RESULTS_DIR, help="directory for the JSON results")
     p.add_argument("--dir", help="where the benchmark files are written (default: the system temp dir)")
     p.add_argument("--check", action="store_true", help="exit 1 when a scenario misses a goal")
+    p.add_argument("--chart", metavar="PATH", help="also write an SVG bar chart of this run to PATH")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
 
@@ -381,4 +382,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  goal {'met    ' if goal['met'] else 'MISSED '} {goal['goal']}  (measured: {_measured(goal)})")
     path = write_results(results, params, args.runs, args.output, loadavg_before)
     print(f"\nresults: {os.path.relpath(path)}")
+    if args.chart:
+        from .chart import write_chart  # chart imports this module
+
+        print(f"chart: {os.path.relpath(write_chart([path], args.chart))}")
     return 1 if (args.check and missed) else 0

@@ -20,10 +20,11 @@ def test_quick_ingest_run_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--scenario", "ingest", "--runs", "1",
-         "--output", str(out), "--dir", str(tmp_path)],
+         "--output", str(out), "--dir", str(tmp_path), "--chart", str(tmp_path / "chart.svg")],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_chart(tmp_path / "chart.svg", {f"{row} records/s" for row in ROWS})
     table = [line for line in proc.stdout.splitlines() if line.startswith("ingest: ")]
     assert [line.split("  ")[0].strip() for line in table] == [f"ingest: {row}" for row in ROWS], proc.stdout
     assert "records/s" in proc.stdout
@@ -90,3 +91,47 @@ def test_quick_caller_scenario_prints_its_rows(tmp_path, name):
                 assert set(row["ratios"]) == {"p50", "p99"}
     if name == "e2e":
         assert "0 lost" in medians["CLH direct"]["note"]
+
+
+# -- the SVG chart (benchmarks/chart.py) ----------------------------------------
+def _assert_chart(path, bars):
+    """The file is well-formed SVG with exactly ``bars`` ("<row> <series>") as bars."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(str(path)).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == ns + "svg"
+    titles = {r.find(ns + "title").text.rsplit(":", 1)[0] for r in root.iter(ns + "rect")
+              if r.find(ns + "title") is not None}
+    assert titles == bars
+
+
+def test_chart_of_a_metrics_scenario_has_a_bar_per_percentile_and_a_panel_per_group(tmp_path):
+    from benchmarks.chart import build_panels, main
+
+    rows = [{"name": "no-op handler (floor)", "rate": 1.0, "metrics": {"p50": 5.0, "p99": 9.0, "p99.9": 30.0}},
+            {"name": "Async & <daemon>", "rate": 1.0, "metrics": {"p50": 6.0, "p99": 12.0}},
+            {"name": "lag: no-op handler", "rate": 1.0, "metrics": {"p50": 300.0, "p99": 600.0}}]
+    doc = {"runs": 3, "machine": {"commit": "abc", "cpus": 2, "loadavg": [1.0, 2.0, 3.0]},
+           "scenarios": [{"scenario": "asyncio", "median": rows}]}
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps(doc))
+    assert [(p.title.split(":")[0], [r[0] for r in p.rows]) for p in build_panels([doc])] == [
+        ("asyncio", ["no-op handler (floor)", "Async & <daemon>"]), ("asyncio lag", ["no-op handler"])]
+    assert main([str(results), "-o", str(tmp_path / "c.svg")]) == 0
+    _assert_chart(tmp_path / "c.svg", {f"{name} {p}" for name in ("no-op handler (floor)", "Async & <daemon>",
+                                                                  "no-op handler") for p in ("p50", "p99")})
+
+
+def test_chart_newest_skips_quick_runs(tmp_path):
+    from benchmarks.chart import newest_results
+
+    def write(name, scenarios):
+        (tmp_path / name).write_text(json.dumps({"scenarios": [{"scenario": s, "median": []} for s in scenarios]}))
+
+    write("20260101-000000-ingest.json", ["ingest"])
+    write("20260102-000000-ingest.json", ["ingest"])
+    write("20260103-000000-ingest-quick.json", ["ingest"])
+    write("20260101-000000-latency+e2e.json", ["latency", "e2e"])
+    assert [os.path.basename(p) for p in newest_results(str(tmp_path))] == [
+        "20260101-000000-latency+e2e.json", "20260102-000000-ingest.json"]

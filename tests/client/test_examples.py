@@ -1,21 +1,28 @@
 """The integrator's kit (client/) runs: each example as a subprocess, against
 a real daemon and without one, then the file is checked with the oracle.
+The Flask example runs under a real gunicorn with several workers and real
+HTTP requests. (The FastAPI and aiohttp examples are exercised in
+tests/client/test_async.py.)
 """
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional
 
 import pytest
-from support import check_sequences, read_lines, short_socket_dir
+from support import check_sequences, free_tcp_port, read_lines, seq_record, short_socket_dir, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENT = os.path.join(ROOT, "client")
 RECORDS = 2000
 # The examples' format puts the record after "name: "; the oracle wants it alone.
-MESSAGE = re.compile(r"^\S+ \S+ INFO \[\d+\] example\.\w+: (.*)$")
+MESSAGE = re.compile(r"^\S+ \S+ (?:INFO|ERROR) \[\d+\] example\.\w+: (.*)$")
 
 
 def _records(path: str) -> List[str]:
@@ -89,3 +96,112 @@ def test_pool_example_writes_every_task_record(where, method):
     expected["parent"] = 1
     check_sequences(_records(path), expected).assert_complete()
     _check_daemon_wrote(daemon, path, tasks * RECORDS)
+
+
+# -- plain script ---------------------------------------------------------------
+def test_plain_script_writes_every_record(where):
+    path, endpoint, daemon = where
+    stats = json.loads(_run("plain_script.py", path, "--endpoint", endpoint, "--records", str(RECORDS)))
+    check_sequences(_records(path), {"plain": RECORDS, "plain-sync": 1}).assert_complete()
+    assert stats["sync_count"] == 1 and stats["dropped_count"] == 0
+    if daemon is None:
+        assert stats["state"] == "embedded"
+    else:
+        assert stats["state"] == "daemon"
+    _check_daemon_wrote(daemon, path, RECORDS + 1)
+
+
+def test_plain_script_with_the_daemon_unreachable_uses_the_fallback(tmp_path):
+    path = str(tmp_path / "logs" / "plain.log")
+    env = dict(os.environ, CLH_EXAMPLE_LOG=path, CLH_WRITERD_ENDPOINT=f"ipc://{short_socket_dir()}/nobody.sock")
+    stats = json.loads(_run("plain_script.py", "--records", str(RECORDS), env=env))
+    assert stats["state"] == "fallback"
+    check_sequences(_records(path), {"plain": RECORDS, "plain-sync": 1}).assert_complete()
+
+
+# -- Flask under gunicorn ---------------------------------------------------------
+FLASK_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING) (\d+) app: (.*)$")
+
+
+def _http(method: str, url: str, timeout: float = 30.0) -> Dict[str, Any]:
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(_http("GET", url, timeout=2.0)["ok"])
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("mode", ["daemon", "no-daemon"])
+def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mode):
+    pytest.importorskip("flask")
+    pytest.importorskip("gunicorn")
+    workers = 3
+    daemon = start_daemon() if mode == "daemon" else None
+    path = os.path.join(daemon.log_dir if daemon else str(tmp_path / "logs"), "flask.log")
+    port = free_tcp_port()
+    env = dict(os.environ, CLH_WRITERD_LOG=path, CLH_WRITERD_ENDPOINT=daemon.endpoint if daemon else "none")
+    cmd = [sys.executable, "-m", "gunicorn", "--chdir", CLIENT, "--workers", str(workers),
+           "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "30", "flask_app:app"]
+    stderr_path = tmp_path / "gunicorn.stderr"
+    with open(stderr_path, "w") as stderr:
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stderr, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    requests, payments = 600, 20
+    not_logged: List[int] = []
+    try:
+        wait_for(lambda: server.poll() is not None or _answers(base + "/health"), 60.0, "gunicorn to answer")
+        assert server.poll() is None, stderr_path.read_text()
+        # Concurrent requests: a sync worker serves one at a time, so they spread over the workers.
+        with ThreadPoolExecutor(8) as pool:
+            served = list(pool.map(lambda n: _http("GET", f"{base}/hello/flask-{n}")["pid"], range(requests)))
+        for n in range(payments):
+            _http("POST", f"{base}/payments/pay-{n}")
+            # WARNING is at the example's sync_level: the line is in the file now.
+            if not any(line.endswith(f"app: payment pay-{n} captured") for line in read_lines(path)):
+                not_logged.append(n)
+    finally:
+        server.send_signal(signal.SIGTERM)  # graceful: workers exit normally and drain their queues
+        try:
+            server.wait(60.0)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    errors = stderr_path.read_text()
+    assert server.returncode == 0, errors
+    assert "Traceback" not in errors, errors
+    assert not_logged == [], f"payments not in the file when the response came: {not_logged}"
+
+    hello: List[str] = []
+    paid: List[str] = []
+    started = set()
+    malformed = []
+    for line in read_lines(path):
+        m = FLASK_LINE.match(line)
+        if m is None:
+            malformed.append(line)
+            continue
+        message = m.group(3)
+        if message.startswith("hello flask-"):
+            hello.append(seq_record("flask", int(message[len("hello flask-"):])))
+        elif message.startswith("payment pay-") and message.endswith(" captured"):
+            paid.append(seq_record("pay", int(message.split()[1][len("pay-"):])))
+        elif message.startswith("worker ") and message.endswith(" started"):
+            started.add(int(m.group(2)))
+        else:
+            malformed.append(line)
+    assert malformed == []
+    check_sequences(hello, {"flask": requests}, payloads=False).assert_complete()
+    check_sequences(paid, {"pay": payments}, payloads=False).assert_complete()
+    # One handler per worker, each set up when gunicorn imported the app in it.
+    assert len(started) == workers, started
+    assert set(served) <= started and len(set(served)) >= 2, (set(served), started)
+    if daemon is not None:
+        # Every line went through the daemon (no fallback).
+        assert daemon.file_stats(path)["records_written"] == len(read_lines(path))
