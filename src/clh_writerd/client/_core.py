@@ -55,6 +55,10 @@ class ClientStats:
             setattr(self, name, 0)
         self.state = STATE_CONNECTING
         self.last_error = ""
+        # Not a counter: the largest record (UTF-8 bytes) sent to the daemon,
+        # lowered by its max_message_bytes (ping reply); batch and sync paths
+        # both read it here.
+        self.record_limit = RECORD_LIMIT
 
     def report(self) -> Dict[str, int]:
         """The counters a client reports to the daemon about itself."""

@@ -81,8 +81,7 @@ class Delivery:
         self.client_id = client_id
         self.window = Window(settings.window)
         self.batcher = Batcher(settings.batch_size, settings.batch_bytes)
-        # Records over this many bytes go to the fallback (see too_large()).
-        self.record_limit = RECORD_LIMIT
+        stats.record_limit = RECORD_LIMIT  # until a daemon tells its own
         self.stop_deadline: Optional[float] = None
         self.flushing = False  # a flush() waits: send without lingering
         self.dealer: Optional[zmq.Socket] = None
@@ -155,7 +154,7 @@ class Delivery:
     def too_large(self, line: str) -> bool:
         """Whether ``line`` cannot travel to this daemon: the driver writes it
         through the fallback instead (counted as ``oversize``)."""
-        return too_large(line, self.record_limit)
+        return too_large(line, self.stats.record_limit)
 
     def drained(self) -> bool:
         return not self.batcher.lines and not len(self.window)
@@ -361,7 +360,7 @@ class Delivery:
             # Stay well under the daemon's frame limit (msgpack overhead).
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
             # A record the daemon would refuse (or libzmq cut off) is never sent.
-            self.record_limit = min(RECORD_LIMIT, limit // 2)
+            self.stats.record_limit = min(RECORD_LIMIT, limit // 2)
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
         self.liveness_deadline = None
@@ -473,8 +472,11 @@ class Confirmed:
 
     def write(self, line: str) -> None:
         """Raises OSError when even the fallback could not write the line."""
-        if self.sync is not None and self.stats.state != STATE_FALLBACK and not too_large(line):
-            if self.sync.write(line):
+        if self.sync is not None and self.stats.state != STATE_FALLBACK:
+            if too_large(line, self.stats.record_limit):
+                # The daemon would refuse it, or libzmq cut the REQ off (a sync_timeout).
+                self.stats.oversize += 1  # type: ignore[attr-defined]
+            elif self.sync.write(line):
                 return
         if not self.fallback.write([line]):
             raise OSError(self.stats.last_error)
