@@ -65,6 +65,9 @@ class Settings:
 
 # How long a ping may take to show that a silent daemon is alive.
 LIVENESS_TIMEOUT = 2.0
+# Pause before sending again a batch the daemon refused as busy (doubling).
+MIN_BUSY_BACKOFF = 0.01
+MAX_BUSY_BACKOFF = 1.0
 
 SETTING_NAMES = tuple(Settings.__init__.__code__.co_varnames[1:Settings.__init__.__code__.co_argcount])
 
@@ -99,6 +102,8 @@ class Delivery:
         # The daemon said it is stopping: what it accepted before will still
         # be written and acked; what it refused goes to the fallback after.
         self.daemon_stopping = False
+        self.resend_at = 0.0
+        self.busy_backoff = MIN_BUSY_BACKOFF
         self.report_at = time.monotonic() + settings.report_interval
         self.reported: Dict[str, int] = {}
         if endpoint is None or context is None:
@@ -219,7 +224,7 @@ class Delivery:
         if len(self.window):
             due.append(self.liveness_deadline or (self.last_progress + self.ack_timeout()))
             if self.window.refused:
-                due.append(now + 0.02)
+                due.append(self.resend_at)
         if self.stats.state == STATE_FALLBACK:
             due.append(self.probe_at)
         elif self.stats.state == STATE_CONNECTING:
@@ -238,12 +243,13 @@ class Delivery:
         window, batcher = self.window, self.batcher
         if not window.batches:
             self.last_progress = now  # the ack clock starts with the first batch out
-        for seq, batch in window.ready_to_resend():
+        # Refused as busy: nothing of it was written, so sending it again can
+        # not duplicate anything (it is counted in `busy`, not `resent`).
+        for seq, batch in (window.ready_to_resend() if now >= self.resend_at else ()):
             if not self._send(batch.payload):
                 window.refuse(seq)
                 return
             window.resend(seq, batch, now)
-            self.stats.resent += len(batch.lines)  # type: ignore[attr-defined]
         hurry = self.flushing or self.stop_deadline is not None
         while batcher.lines and window.has_room:
             if not batcher.full and not hurry and now - batcher.first_at < self.s.linger:
@@ -293,6 +299,7 @@ class Delivery:
                 if batch is not None:
                     self.stats.acked += len(batch.lines)  # type: ignore[attr-defined]
                     self.last_progress = time.monotonic()
+                    self.busy_backoff = MIN_BUSY_BACKOFF
             elif isinstance(reply, protocol.Ok):
                 if reply.id == self.liveness_id and self.liveness_deadline is not None:
                     self.last_progress = time.monotonic()  # slow, not gone: keep waiting
@@ -306,6 +313,10 @@ class Delivery:
         if reply.code == protocol.E_BUSY and reply.seq is not None:
             self.stats.busy += 1  # type: ignore[attr-defined]
             self.window.refuse(reply.seq)
+            # Back off before sending it again: an overloaded daemon should
+            # not spend its time decoding frames it has to refuse.
+            self.resend_at = time.monotonic() + self.busy_backoff
+            self.busy_backoff = min(MAX_BUSY_BACKOFF, self.busy_backoff * 2)
             return
         if reply.code == protocol.E_SHUTTING_DOWN and reply.seq is not None:
             # It refuses this batch and every later one, but writes and acks

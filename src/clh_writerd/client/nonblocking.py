@@ -113,6 +113,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         self.stats = ClientStats()
         self.stats.state = STATE_EMBEDDED if self.endpoint is None else STATE_CONNECTING
         self._queue: Deque[Any] = deque()
+        self._warnings: Deque[str] = deque()  # drop warnings, ahead of the queue
         self._idle = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -282,7 +283,10 @@ class NonBlockingConcurrentHandler(logging.Handler):
                 "msg": "clh-writerd: queue full, %d records dropped so far (fallback_on_full=False)",
                 "args": (dropped,), "created": record.created, "msecs": record.msecs,
             })
-            self._confirmed.write(self._renderer.render_now(warning))
+            # Through the sender, not written here: dropping must not make the
+            # caller wait for the disk, even once per 1000 records.
+            self._warnings.append(self._renderer.render_now(warning))
+            self._wake()
 
     def _wake(self) -> None:
         fd = self._wake_w
@@ -351,7 +355,7 @@ class _Sender:
                 for marker in self.flush_waiters:
                     marker.done.set()
                 self.flush_waiters.clear()
-            if self.stopping is not None and delivery.drained() and not self.o._queue:
+            if self.stopping is not None and delivery.drained() and not self.o._queue and not self.o._warnings:
                 self.stopping.done.set()
                 return
 
@@ -374,6 +378,8 @@ class _Sender:
                 os.read(o._wake_r, 4096)
             except OSError:
                 pass
+        while o._warnings:  # before a pending flush settles: they precede it
+            delivery.add(o._warnings.popleft())
         if self.flush_waiters:
             return
         render = o._renderer.render

@@ -119,7 +119,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("daemon", "metrics_listen", "", _listen,
            'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
     Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
-           "Largest frame accepted (ZMQ_MAXMSGSIZE); a peer sending more is disconnected."),
+           "Largest frame accepted; larger ones up to twice this are answered too_large, beyond that libzmq disconnects."),
     Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
            "Batches queued per file before the daemon answers 'busy' (backpressure)."),
     Option("limits", "max_write_chars", 256 * 1024, _positive(int, 1024, 64 * 1024 * 1024),
