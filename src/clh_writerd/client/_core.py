@@ -286,3 +286,50 @@ def split_kwargs(kwargs: Dict[str, Any], own: Tuple[str, ...]) -> Tuple[Dict[str
         if isinstance(mine.get(key), str):
             mine[key] = logging.getLevelName(mine[key].upper())
     return clh, mine
+
+
+class _DefaultEndpoint:
+    def __repr__(self) -> str:
+        return "<default endpoint>"
+
+
+# "Use the endpoint client and daemon agree on" (protocol.default_endpoint),
+# as opposed to None, which means "no daemon".
+DEFAULT_ENDPOINT: Any = _DefaultEndpoint()
+
+
+class WrappingHandler(logging.Handler):
+    """What both handlers are as logging handlers: a wrapper around a CLH
+    handler, which describes the file and renders every line."""
+
+    def __init__(self, handler: CLHHandler, endpoint: Any, level: int) -> None:
+        super().__init__(level)
+        self.handler = handler
+        self.endpoint: Optional[str] = protocol.default_endpoint() if endpoint is DEFAULT_ENDPOINT else endpoint
+        if handler.formatter is not None and self.formatter is None:
+            super().setFormatter(handler.formatter)
+        self.path, self.options = file_spec(handler)
+        self._renderer = Renderer(handler)
+
+    def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
+        # The wrapped handler renders every line (daemon and fallback paths
+        # alike), so it must use the same formatter.
+        super().setFormatter(fmt)
+        self.handler.setFormatter(fmt)
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        # emit() is thread-safe without Handler.lock: skip taking it.
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
+    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> str:
+        """A WARNING line about the handler itself (drops, blocking), dated like ``near``."""
+        record = logging.makeLogRecord({
+            "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "clh-writerd: " + msg, "args": args, "created": near.created, "msecs": near.msecs,
+        })
+        return self._renderer.render_now(record)

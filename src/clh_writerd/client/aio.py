@@ -27,11 +27,11 @@ from ._core import (
     DROP_WARNING_EVERY,
     STATE_EMBEDDED,
     STATE_STOPPED,
+    DEFAULT_ENDPOINT,
     ClientStats,
     Fallback,
-    Renderer,
+    WrappingHandler,
     build_clh,
-    file_spec,
     split_kwargs,
 )
 from . import _process
@@ -40,7 +40,6 @@ from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 FALLBACK_MODES = ("drop", "block", "nowait")
 # Seconds of rendering the sender does before it lets the loop run again.
 TURN_BUDGET = 0.0002
-DEFAULT_ENDPOINT: Any = object()
 
 class _Flush:
     """A queue marker: the sender settles it once everything before it is written."""
@@ -49,7 +48,7 @@ class _Flush:
         self.future = future
 
 
-class AsyncConcurrentHandler(logging.Handler):
+class AsyncConcurrentHandler(WrappingHandler):
     """A logging handler for asyncio applications that never blocks the loop.
 
     Wraps a ConcurrentRotatingFileHandler or ConcurrentTimedRotatingFileHandler
@@ -72,7 +71,7 @@ class AsyncConcurrentHandler(logging.Handler):
         level: int = logging.NOTSET,
         **settings: Any,
     ) -> None:
-        super().__init__(level)
+        super().__init__(handler, endpoint, level)
         if fallback_mode not in FALLBACK_MODES:
             raise ValueError(f"fallback_mode must be one of {FALLBACK_MODES}, got {fallback_mode!r}")
         if queue_size < 1:
@@ -80,8 +79,6 @@ class AsyncConcurrentHandler(logging.Handler):
         unknown = set(settings) - set(SETTING_NAMES)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-        self.handler = handler
-        self.endpoint: Optional[str] = protocol.default_endpoint() if endpoint is DEFAULT_ENDPOINT else endpoint
         self.queue_size = queue_size
         self.sync_level = sync_level
         self.fallback_mode = fallback_mode
@@ -89,10 +86,6 @@ class AsyncConcurrentHandler(logging.Handler):
         # 'nowait' hands full-queue records to the executor; bound that work.
         self.max_nowait = max_nowait if max_nowait is not None else max(16, queue_size // 10)
         self.settings = Settings(**settings)
-        if handler.formatter is not None and self.formatter is None:
-            super().setFormatter(handler.formatter)
-        self.path, self.options = file_spec(handler)
-        self._renderer = Renderer(handler)
         self._given_executor = executor
         self._closed = False
         self._reset()
@@ -254,21 +247,7 @@ class AsyncConcurrentHandler(logging.Handler):
         depth = self._queue.qsize() if self._queue is not None else 0
         return self.stats.snapshot(depth, self.queue_size, in_flight)
 
-    def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
-        # The wrapped handler renders every line on every path.
-        super().setFormatter(fmt)
-        self.handler.setFormatter(fmt)
-
     # -- emit ----------------------------------------------------------------
-    def handle(self, record: logging.LogRecord) -> Any:
-        # emit() takes no lock of its own: skip Handler.lock.
-        rv = self.filter(record)
-        if isinstance(rv, logging.LogRecord):
-            record = rv
-        if rv:
-            self.emit(record)
-        return rv
-
     def emit(self, record: logging.LogRecord) -> None:
         try:
             loop = self._loop
@@ -331,7 +310,7 @@ class AsyncConcurrentHandler(logging.Handler):
             self.stats.fallback_count += 1  # type: ignore[attr-defined]
             self._blocked_warnings += 1
             if self.block_warning and self._blocked_warnings % DROP_WARNING_EVERY == 1:
-                self._write_now(self._warning(item[0], "queue full: blocking the event loop to write (%d so far)",
+                self._write_now(self._warning_line(item[0], "queue full: blocking the event loop to write (%d so far)",
                                               self._blocked_warnings))
             self._write_now(self._renderer.render(item))
             return
@@ -344,15 +323,8 @@ class AsyncConcurrentHandler(logging.Handler):
         self.stats.dropped_count += 1  # type: ignore[attr-defined]
         dropped = self.stats.dropped_count  # type: ignore[attr-defined]
         if dropped % DROP_WARNING_EVERY == 0:
-            self._submit(self._warning(item[0], "queue full, %d records dropped so far (fallback_mode=%r)",
+            self._submit(self._warning_line(item[0], "queue full, %d records dropped so far (fallback_mode=%r)",
                                        dropped, mode))
-
-    def _warning(self, near: logging.LogRecord, msg: str, *args: Any) -> str:
-        record = logging.makeLogRecord({
-            "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",
-            "msg": "clh-writerd: " + msg, "args": args, "created": near.created, "msecs": near.msecs,
-        })
-        return self._renderer.render_now(record)
 
     def _write_now(self, line: str) -> None:
         self._confirmed.write(line)

@@ -24,11 +24,11 @@ from ._core import (
     STATE_CONNECTING,
     STATE_EMBEDDED,
     STATE_STOPPED,
+    DEFAULT_ENDPOINT,
     ClientStats,
     Fallback,
-    Renderer,
+    WrappingHandler,
     build_clh,
-    file_spec,
     split_kwargs,
 )
 from . import _process
@@ -36,13 +36,6 @@ from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
 
 log = logging.getLogger("clh_writerd.client")
 
-
-class _Default:
-    def __repr__(self) -> str:
-        return "<default endpoint>"
-
-
-DEFAULT_ENDPOINT: Any = _Default()
 
 class _Marker:
     """Goes through the queue like a record: flush() and stop() wait on it."""
@@ -53,7 +46,7 @@ class _Marker:
         self.done = threading.Event()
 
 
-class NonBlockingConcurrentHandler(logging.Handler):
+class NonBlockingConcurrentHandler(WrappingHandler):
     """A logging handler that never blocks the caller on disk, lock or daemon.
 
     Wraps a ConcurrentRotatingFileHandler or ConcurrentTimedRotatingFileHandler
@@ -83,7 +76,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         level: int = logging.NOTSET,
         autostart: bool = True,
     ) -> None:
-        super().__init__(level)
+        super().__init__(handler, endpoint, level)
         if queue_size < 1:
             raise ValueError("queue_size must be positive")
         self.settings = Settings(
@@ -91,16 +84,10 @@ class NonBlockingConcurrentHandler(logging.Handler):
             ack_timeout=ack_timeout, sync_timeout=sync_timeout, connect_timeout=connect_timeout,
             max_probe_interval=max_probe_interval, drain_timeout=drain_timeout,
             report_interval=report_interval)
-        self.handler = handler
-        self.endpoint: Optional[str] = protocol.default_endpoint() if endpoint is DEFAULT_ENDPOINT else endpoint
         self.queue_size = queue_size
         self.sync_level = sync_level
         self.fallback_on_full = fallback_on_full
         self.drain_timeout = drain_timeout
-        if handler.formatter is not None and self.formatter is None:
-            super().setFormatter(handler.formatter)
-        self.path, self.options = file_spec(handler)
-        self._renderer = Renderer(handler)
         self._started = False
         self._closed = False
         self._reset_process_state()
@@ -225,22 +212,7 @@ class NonBlockingConcurrentHandler(logging.Handler):
         in_flight = len(self._delivery.window) if self._delivery is not None else 0
         return self.stats.snapshot(len(self._queue), self.queue_size, in_flight)
 
-    def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
-        # The wrapped handler renders every line (daemon and fallback paths
-        # alike), so it must use the same formatter.
-        super().setFormatter(fmt)
-        self.handler.setFormatter(fmt)
-
     # -- caller's thread: prepare -> enqueue ---------------------------------
-    def handle(self, record: logging.LogRecord) -> Any:
-        # emit() is thread-safe without Handler.lock: skip taking it.
-        rv = self.filter(record)
-        if isinstance(rv, logging.LogRecord):
-            record = rv
-        if rv:
-            self.emit(record)
-        return rv
-
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._pid < 0:  # set by the fork hook in a child (no getpid() syscall per call)
@@ -278,14 +250,10 @@ class NonBlockingConcurrentHandler(logging.Handler):
         self.stats.dropped_count += 1  # type: ignore[attr-defined]
         dropped = self.stats.dropped_count  # type: ignore[attr-defined]
         if dropped % DROP_WARNING_EVERY == 0:
-            warning = logging.makeLogRecord({
-                "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",
-                "msg": "clh-writerd: queue full, %d records dropped so far (fallback_on_full=False)",
-                "args": (dropped,), "created": record.created, "msecs": record.msecs,
-            })
             # Through the sender, not written here: dropping must not make the
             # caller wait for the disk, even once per 1000 records.
-            self._warnings.append(self._renderer.render_now(warning))
+            self._warnings.append(self._warning_line(
+                record, "queue full, %d records dropped so far (fallback_on_full=False)", dropped))
             self._wake()
 
     def _wake(self) -> None:
