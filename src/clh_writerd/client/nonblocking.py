@@ -221,13 +221,18 @@ class NonBlockingConcurrentHandler(WrappingHandler):
                 self._confirmed.write(self._renderer.render_now(record))
                 self.stats.sync_count += 1  # type: ignore[attr-defined]
                 return
-            self.enqueue(self._renderer.prepare(record))
+            self.enqueue(record)
         except Exception:
             self.handleError(record)
 
-    def enqueue(self, item: Any) -> None:
+    def enqueue(self, record: logging.LogRecord) -> None:
+        """prepare (freeze the message) and append; the hot path, kept flat."""
+        if record.exc_info and not record.exc_text:
+            item = self._renderer.prepare(record)
+        else:
+            item = (record, record.getMessage())  # Renderer.prepare, inlined
         queue = self._queue
-        if len(queue) >= self.queue_size or not self._accepting():
+        if len(queue) >= self.queue_size or self._stop_marker is not None or self._thread is None:
             self._queue_full(item)
             return
         queue.append(item)
