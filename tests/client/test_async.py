@@ -763,9 +763,11 @@ def test_asyncio_run_returning_without_aclose_drains_and_later_records_are_writt
 async def test_emit_from_other_threads_and_no_leaked_threads_after_aclose(start_daemon, tmp_path, kind):
     path, endpoint, daemon = target(kind, start_daemon, tmp_path)
     threads_before = os_threads()
-    handler = make_handler(path, endpoint=endpoint, **PATIENT)
-    log = make_logger(handler)
     count = 3000
+    # Room for every record: this test is about hand-over and aflush(), not
+    # the 'drop' policy (under load the loop may not drain 12k records in time).
+    handler = make_handler(path, endpoint=endpoint, queue_size=8 * count, **PATIENT)
+    log = make_logger(handler)
     async with handler:
         # Three threads and the loop log at once; each thread's records keep their order.
         def produce(writer: str) -> None:
