@@ -497,9 +497,9 @@ def test_stopped_daemon_never_blocks_the_loop(start_daemon, tmp_path, mode):
     report_lag(f"daemon SIGSTOPped, {mode}", lags, stats, result["emitted"], result["realtime"])
 
     assert stats["state"] == "fallback", stats
+    # The bound. (No 50 ms write exists here for a max() bound to
+    # catch, unlike the slow-disk test: a rare GC pass or rotation may show.)
     assert p99(lags) < LAG_P99_LIMIT, LAG_FIGURES
-    if result["realtime"]:
-        assert max(lags) < SLOW_WRITE, LAG_FIGURES
     lines, _ = split_warnings(read_lines(path))
     report = check_sequences(lines, {"s": result["emitted"]})
     assert not report.torn, report.torn[:3]

@@ -107,7 +107,9 @@ def test_plain_script_writes_every_record(where):
     if daemon is None:
         assert stats["state"] == "embedded"
     else:
-        assert stats["state"] == "daemon"
+        # Printed right after logging: the first handshake may still be under
+        # way. That the daemon wrote every record is checked just below.
+        assert stats["state"] in ("connecting", "daemon"), stats
     _check_daemon_wrote(daemon, path, RECORDS + 1)
 
 
