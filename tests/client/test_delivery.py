@@ -413,9 +413,11 @@ def test_sync_record_is_in_the_file_when_emit_returns(start_daemon, tmp_path, de
     # Short where nothing will answer; generous where the daemon will, so a
     # busy machine cannot push the handler into the fallback.
     kwargs = {"endpoint": endpoint, "connect_timeout": 20.0 if daemon_kind == "daemon" else 0.3}
-    # 100 INFO records before each ERROR: the file rotates along the way.
+    # 150 INFO records before each ERROR: about 1.5 x maxBytes in all, so the
+    # file rotates along the way whatever sizes the writes happen to have
+    # (rollover is checked before a write, not after it).
     proc = multiprocessing.get_context("fork").Process(
-        target=workers.sync_visible, args=("e0", path, kwargs, result_path, 40, 100))
+        target=workers.sync_visible, args=("e0", path, kwargs, result_path, 40, 150))
     run_children([proc])
     result = workers.read_result(result_path)
     if daemon_kind == "daemon":
