@@ -20,9 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import pytest
@@ -30,6 +28,7 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler
 from support import (
     OracleReport,
     check_sequences,
+    drive_web_app,
     family_files,
     free_tcp_port,
     ordered_family,
@@ -835,20 +834,6 @@ async def test_emit_after_the_handler_loop_is_gone_writes_synchronously(tmp_path
 
 
 # -- 7. real frameworks ----------------------------------------------------------
-def http(method: str, url: str, timeout: float = 30.0) -> Dict[str, Any]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        assert response.status == 200
-        return json.loads(response.read())
-
-
-def answers(url: str) -> bool:
-    try:
-        return bool(http("GET", url, timeout=2.0)["ok"])
-    except OSError:
-        return False
-
-
 APP_LINE = re.compile(r"^\S+ \S+ (INFO|CRITICAL) (\d+) app: (.*)$")
 
 
@@ -868,36 +853,16 @@ def test_web_framework_every_request_is_logged(start_daemon, tmp_path, framework
     else:
         workers_count = 1
         cmd = [sys.executable, os.path.join(REPO, "client", "aiohttp_app.py"), "--port", str(port), "--log", path]
-    stderr_path = tmp_path / "server.stderr"
-    with open(stderr_path, "w") as stderr:
-        server = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stderr, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
     requests, payments = 400, 20
-    not_logged: List[int] = []
-    try:
-        wait_for(lambda: server.poll() is not None or answers(base + "/health"), 60.0, "the server to answer")
-        assert server.poll() is None, stderr_path.read_text()
-        with ThreadPoolExecutor(8) as pool:
-            served = list(pool.map(lambda n: http("GET", f"{base}/hello/{framework}-{n}")["pid"], range(requests)))
-        for n in range(payments):
-            http("POST", f"{base}/payments/{framework}-{n}")
-            # The endpoint awaited alog.critical(): the line is in the file now.
-            if not any(line.endswith(f"app: payment {framework}-{n} captured") for line in read_lines(path)):
-                not_logged.append(n)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(60.0)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    errors = stderr_path.read_text()
+    # The payment endpoint awaits alog.critical(): its line is in the file when the response comes.
+    run = drive_web_app(cmd, REPO, env, str(tmp_path / "server.stderr"), f"http://127.0.0.1:{port}", path,
+                        framework, requests, payments)
     written = daemon.file_stats(path)["records_written"]
     stop_daemon(daemon)
 
-    assert server.returncode == 0, errors
-    assert "Traceback" not in errors and "Event loop is closed" not in errors, errors
-    assert not_logged == [], f"payments not in the file when the response came: {not_logged}"
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr and "Event loop is closed" not in run.stderr, run.stderr
+    assert run.not_logged == [], f"payments not in the file when the response came: {run.not_logged}"
     hello: List[str] = []
     started, stopping, malformed = set(), set(), []
     for line in read_lines(path):
@@ -918,6 +883,6 @@ def test_web_framework_every_request_is_logged(start_daemon, tmp_path, framework
     check_sequences(hello, {framework: requests}, payloads=False).assert_complete()
     # Each worker set the handler up in its lifespan and closed it on shutdown.
     assert len(started) == workers_count and stopping == started, (started, stopping)
-    assert set(served) <= started
+    assert set(run.served_by) <= started
     # Every line went through the daemon (no fallback).
     assert written == len(read_lines(path)), (written, len(read_lines(path)))

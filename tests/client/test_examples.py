@@ -8,15 +8,12 @@ tests/client/test_async.py.)
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import pytest
-from support import check_sequences, free_tcp_port, read_lines, seq_record, short_socket_dir, wait_for
+from support import check_sequences, drive_web_app, free_tcp_port, read_lines, seq_record, short_socket_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLIENT = os.path.join(ROOT, "client")
@@ -125,20 +122,6 @@ def test_plain_script_with_the_daemon_unreachable_uses_the_fallback(tmp_path):
 FLASK_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING) (\d+) app: (.*)$")
 
 
-def _http(method: str, url: str, timeout: float = 30.0) -> Dict[str, Any]:
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        assert response.status == 200
-        return json.loads(response.read())
-
-
-def _answers(url: str) -> bool:
-    try:
-        return bool(_http("GET", url, timeout=2.0)["ok"])
-    except OSError:
-        return False
-
-
 @pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["daemon", "no-daemon"])
 def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mode):
@@ -151,34 +134,13 @@ def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mo
     env = dict(os.environ, CLH_WRITERD_LOG=path, CLH_WRITERD_ENDPOINT=daemon.endpoint if daemon else "none")
     cmd = [sys.executable, "-m", "gunicorn", "--chdir", CLIENT, "--workers", str(workers),
            "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "30", "flask_app:app"]
-    stderr_path = tmp_path / "gunicorn.stderr"
-    with open(stderr_path, "w") as stderr:
-        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stderr, stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
     requests, payments = 600, 20
-    not_logged: List[int] = []
-    try:
-        wait_for(lambda: server.poll() is not None or _answers(base + "/health"), 60.0, "gunicorn to answer")
-        assert server.poll() is None, stderr_path.read_text()
-        # Concurrent requests: a sync worker serves one at a time, so they spread over the workers.
-        with ThreadPoolExecutor(8) as pool:
-            served = list(pool.map(lambda n: _http("GET", f"{base}/hello/flask-{n}")["pid"], range(requests)))
-        for n in range(payments):
-            _http("POST", f"{base}/payments/pay-{n}")
-            # WARNING is at the example's sync_level: the line is in the file now.
-            if not any(line.endswith(f"app: payment pay-{n} captured") for line in read_lines(path)):
-                not_logged.append(n)
-    finally:
-        server.send_signal(signal.SIGTERM)  # graceful: workers exit normally and drain their queues
-        try:
-            server.wait(60.0)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    errors = stderr_path.read_text()
-    assert server.returncode == 0, errors
-    assert "Traceback" not in errors, errors
-    assert not_logged == [], f"payments not in the file when the response came: {not_logged}"
+    # WARNING is the example's sync_level: a payment's line is in the file when the response comes.
+    run = drive_web_app(cmd, ROOT, env, str(tmp_path / "gunicorn.stderr"), f"http://127.0.0.1:{port}", path,
+                        "flask", requests, payments)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert run.not_logged == [], f"payments not in the file when the response came: {run.not_logged}"
 
     hello: List[str] = []
     paid: List[str] = []
@@ -192,8 +154,8 @@ def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mo
         message = m.group(3)
         if message.startswith("hello flask-"):
             hello.append(seq_record("flask", int(message[len("hello flask-"):])))
-        elif message.startswith("payment pay-") and message.endswith(" captured"):
-            paid.append(seq_record("pay", int(message.split()[1][len("pay-"):])))
+        elif message.startswith("payment flask-") and message.endswith(" captured"):
+            paid.append(seq_record("pay", int(message.split()[1][len("flask-"):])))
         elif message.startswith("worker ") and message.endswith(" started"):
             started.add(int(m.group(2)))
         else:
@@ -203,7 +165,7 @@ def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mo
     check_sequences(paid, {"pay": payments}, payloads=False).assert_complete()
     # One handler per worker, each set up when gunicorn imported the app in it.
     assert len(started) == workers, started
-    assert set(served) <= started and len(set(served)) >= 2, (set(served), started)
+    assert set(run.served_by) <= started and len(set(run.served_by)) >= 2, (set(run.served_by), started)
     if daemon is not None:
         # Every line went through the daemon (no fallback).
         assert daemon.file_stats(path)["records_written"] == len(read_lines(path))
