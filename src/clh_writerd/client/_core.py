@@ -172,8 +172,7 @@ class Batcher:
 
 class InFlight(NamedTuple):
     lines: List[str]
-    payload: bytes
-    sent_at: float
+    payload: bytes  # kept encoded: a busy refusal sends the same bytes again
 
 
 class Window:
@@ -192,11 +191,10 @@ class Window:
     def has_room(self) -> bool:
         return len(self) < self.size and not self.refused
 
-    def add(self, lines: List[str], payload: bytes, now: float) -> int:
-        seq = self.next_seq
+    def add(self, lines: List[str], payload: bytes) -> None:
+        """A batch just sent with sequence number ``next_seq``."""
+        self.batches[self.next_seq] = InFlight(lines, payload)
         self.next_seq += 1
-        self.batches[seq] = InFlight(lines, payload, now)
-        return seq
 
     def ack(self, seq: int) -> Optional[InFlight]:
         return self.batches.pop(seq, None)
@@ -214,17 +212,9 @@ class Window:
         self.refused.clear()
         return out
 
-    def resend(self, seq: int, batch: InFlight, now: float) -> None:
-        self.batches[seq] = batch._replace(sent_at=now)
+    def resend(self, seq: int, batch: InFlight) -> None:
+        self.batches[seq] = batch
         self.batches.move_to_end(seq)
-
-    def oldest_sent_at(self) -> Optional[float]:
-        for batch in self.batches.values():
-            return batch.sent_at
-        return None
-
-    def last_seq(self) -> int:
-        return self.next_seq - 1
 
     def take_all(self) -> List[str]:
         """Every unacknowledged line, in sequence order, for the fallback."""

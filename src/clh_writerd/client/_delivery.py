@@ -249,7 +249,7 @@ class Delivery:
             if not self._send(batch.payload):
                 window.refuse(seq)
                 return
-            window.resend(seq, batch, now)
+            window.resend(seq, batch)
         hurry = self.flushing or self.stop_deadline is not None
         while batcher.lines and window.has_room:
             if not batcher.full and not hurry and now - batcher.first_at < self.s.linger:
@@ -259,7 +259,7 @@ class Delivery:
             if not self._send(payload):
                 batcher.put_back(lines)  # written by the fallback, in order
                 return
-            window.add(lines, payload, now)
+            window.add(lines, payload)
             self.stats.sent += len(lines)  # type: ignore[attr-defined]
 
     def _send(self, payload: bytes) -> bool:
