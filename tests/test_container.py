@@ -381,3 +381,79 @@ def test_sidecar_killed_under_load_apps_fall_back_into_the_volume_then_return(pr
 
 def family_size(project: Project) -> int:
     return sum(os.stat(name).st_size for name in family_files(project.host_path(SEQ_LOG)))
+
+
+# -- compose.yaml through podman-compose ---------------------------------------
+PODMAN_COMPOSE = "podman-compose==1.6.0"
+# This machine's conditions for every container podman-compose starts (compose.yaml stays as users run it).
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+"""
+
+
+def podman_compose() -> str:
+    """podman-compose from PyPI in a venv cached beside the base image, or skip saying why not."""
+    venv = CACHE / PODMAN_COMPOSE.replace("==", "-")
+    command = venv / "bin" / "podman-compose"
+    with cache_lock():
+        if not command.exists():
+            shutil.rmtree(venv, ignore_errors=True)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+            result = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", PODMAN_COMPOSE],
+                                    capture_output=True, text=True, timeout=300)
+            if result.returncode != 0:
+                shutil.rmtree(venv, ignore_errors=True)
+                pytest.skip(f"pip install {PODMAN_COMPOSE} failed: {result.stderr.strip()[-500:]}")
+    return str(command)
+
+
+def test_compose_yaml_runs_under_podman_compose(image, tmp_path):
+    """compose.yaml as a user runs it; the override only picks the test's image and
+    gives the apps (docker/app.py) a number of records instead of running forever."""
+    yaml = pytest.importorskip("yaml")
+    command = podman_compose()
+    records = 100
+    apps = ["app1", "app2"]
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"services": {
+        "writerd": {"image": image},
+        **{app: {"image": image, "environment": {"APP_RECORDS": str(records)}} for app in apps}}}))
+    conf = tmp_path / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    name = f"clhwt{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+    def compose(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        result = subprocess.run([command, "-p", name, "-f", str(COMPOSE), "-f", str(override), *args], env=env,
+                                capture_output=True, text=True, timeout=timeout, cwd=COMPOSE.parent)
+        assert result.returncode == 0, f"podman-compose {' '.join(args)}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}"
+        return result
+
+    def container(service: str) -> str:
+        return podman("ps", "-a", "--filter", f"label=io.podman.compose.project={name}",
+                      "--filter", f"label=com.docker.compose.service={service}", "--format", "{{.Names}}").stdout.strip()
+
+    try:
+        compose("up", "-d", "--no-build")
+        writerd = container("writerd")
+        wait_for(lambda: podman("healthcheck", "run", writerd, check=False).returncode == 0,
+                 what="the writerd service's health check to pass")
+        for app in apps:
+            assert int(podman("wait", container(app), timeout=120).stdout) == 0, podman("logs", container(app)).stderr
+        mountpoint = podman("volume", "inspect", "--format", "{{.Mountpoint}}", f"{name}_logs").stdout.strip()
+        lines = read_lines(os.path.join(mountpoint, "app.log"))
+        for app in apps:
+            numbers = sorted(int(line.split(" request ")[1].split()[0]) for line in lines if f" {app} request " in line)
+            assert numbers == list(range(records)), f"{app}: {len(numbers)} of {records} lines"
+        # The published metrics port (bridge network here), then the service's stop grace period.
+        with urllib.request.urlopen("http://127.0.0.1:9464/metrics", timeout=10) as response:
+            assert "clh_writerd_file_records_written_total" in response.read().decode()
+        compose("stop")
+        assert json.loads(podman("inspect", "--format", "{{json .State}}", writerd).stdout)["ExitCode"] == EXIT_OK
+    finally:
+        subprocess.run([command, "-p", name, "-f", str(COMPOSE), "-f", str(override), "down", "-v"], env=env,
+                       capture_output=True, timeout=180, cwd=COMPOSE.parent)

@@ -2,8 +2,9 @@
 Docker sidecar, the Prometheus metrics, `stats --watch`, and the daemon's
 start/stop/reload behaviour as seen in its log and exit codes.
 
-Everything runs the real `clh-writerd`; the Docker image cannot be built here
-(no engine), so its install and start steps are replayed in a fresh venv.
+Everything runs the real `clh-writerd`. The Docker image's install and start
+steps are also replayed here in a fresh venv, which needs no container engine;
+tests/test_container.py builds the image and runs it with podman.
 """
 
 import json
@@ -33,7 +34,7 @@ from support import (
 )
 
 from clh_writerd import __version__, protocol
-from clh_writerd.client.control import request
+from clh_writerd.client.control import DaemonUnavailable, request
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,6 +59,14 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 def _ping(endpoint: str, timeout: float = 2.0) -> bool:
     return isinstance(request(endpoint, protocol.encode_ping(), timeout), protocol.Ok)
+
+
+def _answers(endpoint: str) -> bool:
+    """A ping that counts "not up yet" (no answer within 0.5 s) as False, for wait_for."""
+    try:
+        return _ping(endpoint, 0.5)
+    except DaemonUnavailable:
+        return False
 
 
 # -- systemd ------------------------------------------------------------------
@@ -376,6 +385,12 @@ def test_dockerfile_install_and_start_steps_work_in_a_fresh_venv(tmp_path):
     config_path.write_text(rewrite(config_text))
     rewrites[config_in_image] = str(config_path)
 
+    # The image's venv: ENV puts it first on PATH, a RUN creates it before the install.
+    image_env = dict(shlex.split(a)[0].split("=", 1) for w, a in instructions if w == "ENV")
+    image_venv = image_env["VIRTUAL_ENV"]
+    assert image_env["PATH"] == f"{image_venv}/bin:$PATH", image_env
+    (make_venv,) = [a for w, a in instructions if w == "RUN" and "-m venv" in a]
+    assert shlex.split(make_venv) == ["python3", "-m", "venv", "$VIRTUAL_ENV"], make_venv
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "CLH_WRITERD_ENDPOINT")}
@@ -404,7 +419,7 @@ def test_dockerfile_install_and_start_steps_work_in_a_fresh_venv(tmp_path):
     stderr = open(tmp_path / "daemon.stderr", "w+")
     daemon = subprocess.Popen([rewrite(arg) for arg in command], cwd=tmp_path, env=env, stdout=stderr, stderr=stderr)
     try:
-        wait_for(lambda: daemon.poll() is not None or _ping(endpoint, 0.5), what="the replayed image to serve")
+        wait_for(lambda: daemon.poll() is not None or _answers(endpoint), what="the replayed image to serve")
         assert daemon.poll() is None, open(stderr.name).read()
         health = run_healthcheck()
         assert health.returncode == 0, health.stdout + health.stderr
