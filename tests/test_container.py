@@ -129,10 +129,17 @@ def image() -> str:
     """The project's image, built from this checkout on the cached Debian base."""
     require_podman()
     base = debian_base()
+    probe = podman("run", "--rm", *ENGINE_FLAGS, base, "true", check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
+    previous = podman("image", "inspect", "--format", "{{.Id}}", IMAGE, check=False).stdout.strip()
     mounts = ["-v", f"{CA_BUNDLE}:{CA_BUNDLE}:ro"] if os.path.exists(CA_BUNDLE) else []
     # --format docker: podman's default OCI format has no HEALTHCHECK.
     podman("build", "--format", "docker", *ENGINE_FLAGS, *mounts, "--build-arg", f"BASE={base}",
            "-f", str(DOCKERFILE), "-t", IMAGE, str(REPO), timeout=600)
+    if previous and previous != podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip():
+        # The last run's image (and its layers no other image uses): a kept CI machine does not fill up.
+        podman("rmi", previous, check=False)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout)
     print(f"\n[image] {IMAGE} on {base}: {size / 1e6:.0f} MB")
     return IMAGE
@@ -225,6 +232,10 @@ class Project:
         return json.loads(podman("inspect", "--format", "{{json .State}}", name).stdout)
 
     def close(self) -> None:
+        """Remove the containers and volumes; the daemon's log goes to the test's output first."""
+        for name in self.containers[:1]:
+            logs = podman("logs", name, check=False)
+            print(f"\n[{name} log]\n{logs.stdout[-4000:]}{logs.stderr[-4000:]}")
         for name in reversed(self.containers):
             podman("rm", "--force", "--time", "0", name, check=False)
         for volume in self.volumes:
