@@ -17,6 +17,7 @@ mounted into the build.
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -304,15 +305,17 @@ def test_image_runs_this_checkout_from_a_venv_as_the_unprivileged_user(image):
     assert config["StopSignal"] in ("SIGTERM", "15"), config["StopSignal"]
     assert (inspected["Healthcheck"] or {}).get("Test", [])[:3] == ["CMD", "clh-writerd", "ping"], inspected
     assert set(config["Volumes"]) == {"/var/log/app", "/run/clh-writerd"}
-    probe = ("import os, clh_writerd, sys; "
-             "print(os.getuid(), os.getgid(), sys.prefix, clh_writerd.__file__, clh_writerd.__version__)")
+    probe = ("import hashlib, os, pathlib, sys, clh_writerd; "
+             "root = pathlib.Path(clh_writerd.__file__).parent; "
+             "digest = hashlib.sha256(b''.join(p.read_bytes() for p in sorted(root.rglob('*.py')))).hexdigest(); "
+             "print(os.getuid(), os.getgid(), sys.prefix, root, digest)")
     out = podman("run", "--rm", *ENGINE_FLAGS, "--entrypoint", "python", image, "-c", probe).stdout.split()
-    uid, gid, prefix, module, version = out
+    uid, gid, prefix, package, digest = out
     assert (int(uid), int(gid)) == (APP_UID, APP_UID)
-    assert prefix == "/opt/clh-writerd/venv" and module.startswith(prefix + "/lib/"), out
-    # The checkout's own version, installed from the build context (not an sdist from PyPI).
-    from clh_writerd import __version__
-    assert version == __version__
+    assert prefix == "/opt/clh-writerd/venv" and package.startswith(prefix + "/lib/"), out
+    # The package's code is this checkout's, byte for byte: installed from the build context.
+    source = REPO / "src" / "clh_writerd"
+    assert digest == hashlib.sha256(b"".join(p.read_bytes() for p in sorted(source.rglob("*.py")))).hexdigest()
 
 
 def test_sidecar_serves_app_containers_and_drains_on_stop(project):
