@@ -34,8 +34,9 @@ def _run(config_path: Optional[str]) -> None:
 def main(ctx: click.Context, config_path: Optional[str]) -> None:
     """The clh-writerd writer daemon. Without a command: run it in the foreground.
 
-    `clh-writerd example-config` prints the commented reference config;
-    `clh-writerd docs` lists the guides installed with the package.
+    \b
+    clh-writerd example-config   the commented reference config
+    clh-writerd docs             the guides installed with the package
     """
     if ctx.invoked_subcommand is None:
         _run(config_path)
