@@ -62,7 +62,7 @@ def collect(procs: list, results: "multiprocessing.Queue[dict]") -> list:
         except queue.Empty:
             failed = [p.pid for p in procs if p.exitcode not in (None, 0)]
             if failed:
-                raise SystemExit(f"logging process(es) {failed} failed")
+                raise SystemExit(f"logging process(es) {failed} failed") from None
     return done
 
 

@@ -47,7 +47,7 @@ def test_demo_runs_and_explains_what_it_measured(tmp_path):
 
     processes = [m.groups() for m in PROCESS_LINE.finditer(out)]
     assert len(processes) == 2, out
-    for pid, calls, per_call, by_daemon, by_process, dropped, state in processes:
+    for _pid, calls, per_call, by_daemon, by_process, dropped, state in processes:
         # Every record is accounted for: written by the daemon or by the fallback, none dropped.
         assert int(calls) == 3000 and int(by_daemon) + int(by_process) == 3000 and int(dropped) == 0, out
         assert float(per_call) > 0 and state in ("daemon", "fallback"), out
