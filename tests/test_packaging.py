@@ -66,6 +66,7 @@ def test_benchmark_results_the_readme_cites_are_in_the_repository():
 def dist(tmp_path_factory) -> Path:
     """sdist and wheel built from a copy of the checkout's tracked files (as a release would be)."""
     pytest.importorskip("build")
+    pytest.importorskip("twine")
     root = tmp_path_factory.mktemp("release")
     source = root / "source"
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
