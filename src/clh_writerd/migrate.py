@@ -13,7 +13,7 @@ and does not do.
 """
 
 import logging
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Union, cast
 
 from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
 
@@ -22,6 +22,7 @@ from .client.nonblocking import NonBlockingConcurrentHandler
 # Exact types only: a subclass may override emit() or format(), which a
 # daemon-side write would silently skip. Wrap such a handler yourself.
 CLH_HANDLER_TYPES = (ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler)
+CLHHandler = Union[ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler]
 
 
 def configured_loggers() -> List[logging.Logger]:
@@ -34,13 +35,13 @@ def configured_loggers() -> List[logging.Logger]:
     return loggers
 
 
-def wrap_clh_handler(handler: logging.Handler, **options: Any) -> NonBlockingConcurrentHandler:
+def wrap_clh_handler(handler: CLHHandler, **options: Any) -> NonBlockingConcurrentHandler:
     """A NonBlockingConcurrentHandler around ``handler`` with its formatter, level and filters.
 
     ``options`` are NonBlockingConcurrentHandler's keyword arguments
     (``endpoint``, ``queue_size``, ``sync_level``, ...).
     """
-    wrapper = NonBlockingConcurrentHandler(handler, level=handler.level, **options)  # type: ignore[arg-type]
+    wrapper = NonBlockingConcurrentHandler(handler, level=handler.level, **options)
     if handler.formatter is not None:
         wrapper.setFormatter(handler.formatter)
     for record_filter in handler.filters:
@@ -74,7 +75,7 @@ def setup_logging_queues(loggers: Optional[Iterable[logging.Logger]] = None,
         for handler in current:
             if type(handler) in CLH_HANDLER_TYPES:
                 if id(handler) not in wrappers:
-                    wrappers[id(handler)] = wrap_clh_handler(handler, **options)
+                    wrappers[id(handler)] = wrap_clh_handler(cast(CLHHandler, handler), **options)
                 handler = wrappers[id(handler)]
             replaced.append(handler)
         # One assignment: a thread logging meanwhile sees the old list or the new one.
