@@ -3,19 +3,28 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# Two stamps: the demo needs only the package; tests need the test extra too.
 STAMP   = $(VENV)/.installed-stamp
+DEMO_STAMP = $(VENV)/.demo-stamp
 
 .PHONY: venv demo test test-matrix bench bench-chart guarantees soak lint clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Old bundled pips cannot install a pyproject-only project in editable mode.
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-demo: venv
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP) $(DEMO_STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python client/demo.py
 
 test: venv

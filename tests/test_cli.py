@@ -267,3 +267,48 @@ def test_run_with_an_invalid_config_exits_2(tmp_path, no_daemon_env):
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr and "drain_timeout" in result.stderr
     assert not (tmp_path / "logs").exists()
+
+
+# -- what ships with the package: example-config, docs ---------------------------
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_example_config_prints_the_reference_config_that_check_config_accepts(tmp_path, no_daemon_env):
+    result = cli("example-config", env=no_daemon_env)
+    assert result.returncode == 0, result.stderr
+    with open(os.path.join(REPO_ROOT, "daemon", "clh-writerd.toml"), encoding="utf-8") as f:
+        assert result.stdout == f.read()
+    # What a pip user does with it: save, edit, check.
+    path = tmp_path / "clh-writerd.toml"
+    path.write_text(result.stdout.replace('drain_timeout = 10.0', 'drain_timeout = 4.5'))
+    checked = cli("check-config", str(path), env=no_daemon_env, cwd=str(tmp_path))
+    assert checked.returncode == 0, checked.stderr
+    assert "drain_timeout = 4.5" in checked.stdout
+
+
+def test_help_points_to_what_is_installed_not_to_the_checkout():
+    result = cli("--help")
+    assert "clh-writerd example-config" in result.stdout and "clh-writerd docs" in result.stdout, result.stdout
+    assert "daemon/clh-writerd.toml" not in result.stdout
+    for name in ("example-config", "docs"):
+        assert name in result.stdout
+
+
+def test_docs_lists_prints_and_locates_the_guides(no_daemon_env):
+    pages = sorted(name[:-3] for name in os.listdir(os.path.join(REPO_ROOT, "docs")) if name.endswith(".md"))
+    listing = cli("docs", env=no_daemon_env)
+    assert listing.returncode == 0, listing.stderr
+    listed = [line.split()[0] for line in listing.stdout.splitlines()[1:-1]]
+    assert listed == pages
+    assert "Running clh-writerd" in listing.stdout  # titles come from each page's first heading
+
+    operations = cli("docs", "operations", env=no_daemon_env)
+    with open(os.path.join(REPO_ROOT, "docs", "operations.md"), encoding="utf-8") as f:
+        assert operations.returncode == 0 and operations.stdout == f.read()
+    assert cli("docs", "operations.md", env=no_daemon_env).stdout == operations.stdout
+
+    where = cli("docs", "--path", env=no_daemon_env).stdout.strip()
+    assert sorted(n[:-3] for n in os.listdir(where) if n.endswith(".md")) == pages
+
+    unknown = cli("docs", "nosuchpage", env=no_daemon_env)
+    assert unknown.returncode == 2 and "no guide 'nosuchpage'" in unknown.stderr and "operations" in unknown.stderr

@@ -526,6 +526,25 @@ def test_metrics_show_the_same_figures_as_stats(start_daemon, raw_client):
     (info,) = metrics["clh_writerd_build_info"]
     assert dict(info)["version"] == __version__ and dict(info)["endpoint"] == daemon.endpoint
     assert metrics["clh_writerd_events_total"][(("event", "frames_received"),)] >= 10
+    # docs/operations.md's table names every exposed metric with its exposed type.
+    assert _documented_metric_types() == _exposed_metric_types(port)
+
+
+OPERATIONS_MD = REPO / "docs" / "operations.md"
+
+
+def _documented_metric_types() -> Dict[str, str]:
+    rows = re.findall(r"^\| `(clh_writerd_\w+)` \| (\w+) \|", OPERATIONS_MD.read_text(), re.MULTILINE)
+    return dict(rows)
+
+
+def _exposed_metric_types(port: int) -> Dict[str, str]:
+    parser = pytest.importorskip("prometheus_client.parser")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    # The parser strips a counter's _total suffix from the family name; the docs name the sample.
+    return {family.name + ("_total" if family.type == "counter" else ""): family.type
+            for family in parser.text_string_to_metric_families(text)}
 
 
 def test_metrics_port_in_use_is_a_start_up_failure(start_daemon):
@@ -587,6 +606,12 @@ def test_start_and_stop_are_logged(start_daemon, raw_client):
     stopped = daemon.stderr()[len(started):]
     (stopping,) = [line for line in stopped.splitlines() if "stopping:" in line]
     assert all(word in stopping for word in ("draining", "queued", "(timeout 10.0s)")), stopping
+    # The lines docs/operations.md shows under "At stop:", numbers aside, are the ones printed.
+    documented = OPERATIONS_MD.read_text().split("At stop:", 1)[1].split("```")[1].strip().splitlines()
+    assert len(documented) == 2, documented
+    for line in documented:
+        pattern = r"\d+(?:\.\d+)?".join(re.escape(part) for part in re.split(r"\d+(?:\.\d+)?", line))
+        assert re.search(pattern + "$", stopped, re.MULTILINE), f"{line!r} not in:\n{stopped}"
     match = re.search(r"stopped after (\d+\.\d\d)s: (\d+) record\(s\) written in this run", stopped)
     assert match and int(match.group(2)) == 150, stopped
     assert float(match.group(1)) < 10.0

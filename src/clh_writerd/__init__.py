@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from .client.aio import AsyncConcurrentHandler, AsyncLogger, create_async_concurrent_handler  # noqa: E402
 from .client.nonblocking import NonBlockingConcurrentHandler, create_nonblocking_handler  # noqa: E402
+from .migrate import setup_logging_queues  # noqa: E402
 
 __all__ = [
     "AsyncConcurrentHandler",
@@ -16,5 +17,6 @@ __all__ = [
     "NonBlockingConcurrentHandler",
     "create_async_concurrent_handler",
     "create_nonblocking_handler",
+    "setup_logging_queues",
     "__version__",
 ]

@@ -7,13 +7,14 @@ from typing import Optional
 
 import click
 
-from . import __version__, protocol
+from . import __version__, _resources, protocol
 from .client.control import DaemonUnavailable, request
 from .daemon.config import ConfigError, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging
 from .daemon.stats import render_table, render_watch
 
-CONFIG_HELP = "TOML config file (default: the embedded default; see daemon/clh-writerd.toml)."
+CONFIG_HELP = ("TOML config file (default: the embedded default). "
+               "`clh-writerd example-config` prints the commented reference config.")
 
 
 def _run(config_path: Optional[str]) -> None:
@@ -31,7 +32,12 @@ def _run(config_path: Optional[str]) -> None:
 @click.version_option(__version__, prog_name="clh-writerd")
 @click.pass_context
 def main(ctx: click.Context, config_path: Optional[str]) -> None:
-    """The clh-writerd writer daemon. Without a command: run it in the foreground."""
+    """The clh-writerd writer daemon. Without a command: run it in the foreground.
+
+    \b
+    clh-writerd example-config   the commented reference config
+    clh-writerd docs             the guides installed with the package
+    """
     if ctx.invoked_subcommand is None:
         _run(config_path)
     ctx.obj = config_path
@@ -136,3 +142,33 @@ def _endpoint(endpoint: Optional[str], config_path: Optional[str]) -> Optional[s
     except ConfigError as exc:
         click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+
+
+@main.command("example-config")
+def example_config() -> None:
+    """Print the commented reference config (every key, its default, what it does)."""
+    click.echo(_resources.reference_config(), nl=False)
+
+
+@main.command()
+@click.argument("page", required=False)
+@click.option("--path", "show_path", is_flag=True, help="Print only the directory holding the guides.")
+def docs(page: Optional[str], show_path: bool) -> None:
+    """List the guides installed with the package, or print one (e.g. `docs operations`)."""
+    pages = _resources.doc_pages()
+    if show_path:
+        click.echo(_resources.data_dir("docs"))
+        return
+    if page is None:
+        click.echo(f"Guides installed with clh-writerd {__version__}, in {_resources.data_dir('docs')}:")
+        width = max(len(name) for name in pages)
+        for name, path in pages.items():
+            click.echo(f"  {name:<{width}}  {_resources.doc_title(path)}")
+        click.echo("Print one with: clh-writerd docs NAME")
+        return
+    name = page[: -len(".md")] if page.endswith(".md") else page
+    if name not in pages:
+        click.echo(f"clh-writerd: no guide {page!r}; installed: {', '.join(pages)}", err=True)
+        sys.exit(2)
+    with open(pages[name], encoding="utf-8") as f:
+        click.echo(f.read(), nl=False)

@@ -314,3 +314,11 @@ def test_reference_config_lists_every_option_in_its_section():
 def test_reference_config_values_are_the_defaults(env, tmp_path):
     """The uncommented values in the reference are the built-in defaults."""
     assert dataclasses.replace(load_config(REFERENCE), source=config_mod.EMBEDDED) == load_config(None)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[limits]\nqueue_batches = 'many'\n", "limits.queue_batches must be an integer in [1, 1000000], got 'many'"),
+    ("[daemon]\ndrain_timeout = 'soon'\n", "daemon.drain_timeout must be a number in [0.1, 3600.0], got 'soon'"),
+])
+def test_type_errors_name_the_kind_in_plain_english(env, tmp_path, text, expected):
+    assert refused(tmp_path, text).endswith(expected)

@@ -30,12 +30,16 @@ class ConfigError(ValueError):
     """A configuration that cannot be used, with a message naming the key."""
 
 
+# What a value of each kind is called in error messages ("must be an integer ...").
+_KIND_NAMES = {int: "an integer", float: "a number"}
+
+
 def _positive(kind: type, low: Any, high: Any) -> Callable[[str, Any], Any]:
     def check(key: str, value: Any) -> Any:
         if type(value) is int and kind is float:
             value = float(value)
         if type(value) is not kind or not (low <= value <= high):
-            raise ConfigError(f"{key} must be a {kind.__name__} in [{low}, {high}], got {value!r}")
+            raise ConfigError(f"{key} must be {_KIND_NAMES[kind]} in [{low}, {high}], got {value!r}")
         return value
 
     return check
