@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional, Tuple
 import zmq
 
 from .. import protocol
-from .._batchwrite import CLHHandler, describe_handler
+from .._batchwrite import CLHHandler, describe_handler, rotating_part
 from . import _process
 from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
@@ -26,7 +26,10 @@ def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
     """(path, options, why the daemon would refuse them or ""). Bounds the
     daemon imposes are its policy, not the handler's: a file it would refuse
     is written by the fallback instead, with a warning."""
-    path, options = describe_handler(handler)
+    try:
+        path, options = describe_handler(handler)
+    except ValueError as exc:  # a CLH feature the daemon cannot reproduce (atTime)
+        return os.path.abspath(rotating_part(handler).baseFilename), {}, str(exc)
     try:
         return path, protocol.check_file_options(options), ""
     except protocol.ProtocolError as exc:
@@ -80,13 +83,18 @@ class WrappingHandler(logging.Handler):
         self._transport: Optional[ZmqTransport] = None
         self._core = None
 
-    def _new_core(self) -> SenderCore:
-        """Sockets (with a daemon) and the sender core, for one run of the sender."""
-        if self.endpoint is not None:
+    def _open_sync(self) -> None:
+        """The context and the REQ channel for sync records (with a daemon)."""
+        if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
             self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
                                      self.path, self.options)
             self._confirmed.sync = self._sync
+
+    def _new_core(self) -> SenderCore:
+        """Sockets (with a daemon) and the sender core, for one run of the sender."""
+        self._open_sync()
+        if self._context is not None and self.endpoint is not None:
             self._transport = ZmqTransport(self._context, self.endpoint)
         delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
         self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed)
@@ -96,6 +104,7 @@ class WrappingHandler(logging.Handler):
         """After the sender ended: the REQ socket and the context."""
         if self._sync is not None:
             self._sync.close()
+        self._sync = self._confirmed.sync = None
         if self._context is not None:
             self._context.term()
             self._context = None

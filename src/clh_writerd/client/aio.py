@@ -68,6 +68,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         self._overflow: List[str] = []  # 'nowait' records waiting for their write
         self._overflow_job: "Optional[asyncio.Future[Any]]" = None
         self._blocked_warnings = 0
+        self._open_sync()  # before any loop: sync records without a loop use it
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
