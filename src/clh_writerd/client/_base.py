@@ -6,7 +6,8 @@ that do not depend on how the sender waits."""
 import logging
 import os
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Tuple
 
 import zmq
 
@@ -82,6 +83,7 @@ class WrappingHandler(logging.Handler):
         self._sync: Optional[SyncChannel] = None
         self._transport: Optional[ZmqTransport] = None
         self._core = None
+        self._queue: Deque[Any] = deque()  # prepared records and Flush markers
 
     def _open_sync(self) -> None:
         """The context and the REQ channel for sync records (with a daemon)."""
@@ -139,10 +141,13 @@ class WrappingHandler(logging.Handler):
     def get_stats(self) -> Dict[str, Any]:
         """Queue and delivery counters (see docs/client.md for each key)."""
         in_flight = self._core.delivery.in_flight if self._core is not None else 0
-        return self.stats.snapshot(self._queue_depth(), self.queue_size, in_flight)
+        return self.stats.snapshot(len(self._queue), self.queue_size, in_flight)
 
-    def _queue_depth(self) -> int:
-        return 0
+    def _check_startable(self, started: bool) -> None:
+        if started:
+            raise RuntimeError("handler already started")
+        if self._closed:
+            raise RuntimeError("handler is closed")
 
     def _close_wrapped(self) -> None:
         self._closed = True

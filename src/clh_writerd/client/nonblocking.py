@@ -11,8 +11,7 @@ before ``emit()`` returns.
 import logging
 import os
 import threading
-from collections import deque
-from typing import Any, Deque, Optional, Union
+from typing import Any, Optional, Union
 
 import zmq
 
@@ -49,7 +48,6 @@ class NonBlockingConcurrentHandler(WrappingHandler):
 
     def _new_process_state(self) -> None:
         super()._new_process_state()
-        self._queue: Deque[Any] = deque()
         self._idle = False
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
@@ -70,10 +68,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         """Start the sender thread (done by the constructor unless autostart=False)."""
-        if self._started:
-            raise RuntimeError("handler already started")
-        if self._closed:
-            raise RuntimeError("handler is closed")
+        self._check_startable(self._started)
         self._started = True
         _process.register(self)
         core = self._new_core()
@@ -134,9 +129,6 @@ class NonBlockingConcurrentHandler(WrappingHandler):
                 self.stop(timeout=1.0)
         except Exception:
             pass
-
-    def _queue_depth(self) -> int:
-        return len(self._queue)
 
     # -- caller's thread: prepare -> enqueue -------------------------------------
     def emit(self, record: logging.LogRecord) -> None:
