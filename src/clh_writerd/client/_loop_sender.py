@@ -3,6 +3,7 @@ a ``zmq.asyncio`` poller) and how it runs a blocking step (in the executor).
 What it does between the waits is the shared ``SenderCore``."""
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import Executor
 from typing import Any, Callable, Deque, List, Optional, Set
@@ -11,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from ._direct import Fallback
-from ._sender import SenderCore
+from ._sender import Flush, SenderCore
 from ._stats import STATE_STOPPED, ClientStats
 
 log = logging.getLogger("clh_writerd.client")
@@ -59,6 +60,13 @@ class LoopSender:
         self.overflow.append(line)
         if self.overflow_job is None:
             self._write_overflow()
+
+    async def flush(self) -> None:
+        """Return once every record queued before the call is written."""
+        future: "asyncio.Future[None]" = self.loop.create_future()
+        self.queue.append(Flush(functools.partial(_settle, future)))
+        self.wakeup.set()
+        await future
 
     def begin_stop(self, timeout: float) -> None:
         self.stopping = True
@@ -134,7 +142,7 @@ class LoopSender:
             return
         self.wakeup.clear()
         self.idle = core.accepting  # blocked: a new record must not wake us
-        waiters = [asyncio.ensure_future(self.wakeup.wait())]
+        waiters: "List[asyncio.Future[Any]]" = [asyncio.ensure_future(self.wakeup.wait())]
         if poller is not None:
             waiters.append(asyncio.ensure_future(poller.poll(int(wait * 1000))))
         try:
@@ -180,3 +188,8 @@ class LoopSender:
         self.overflow_job = None
         if self.overflow:  # gathered while that write ran
             self._write_overflow()
+
+
+def _settle(future: "asyncio.Future[None]") -> None:
+    if not future.done():  # the loop may have cancelled it meanwhile
+        future.set_result(None)

@@ -20,7 +20,6 @@ from ._asynclogger import AsyncLogger
 from ._base import WrappingHandler, build_clh
 from ._loop_sender import LoopSender
 from ._options import ASYNC, HandlerOptions, split_kwargs
-from ._sender import Flush
 from ._stages import DROP_WARNING_EVERY
 from ._stats import STATE_STOPPED
 
@@ -141,12 +140,8 @@ class AsyncConcurrentHandler(WrappingHandler):
 
     async def aflush(self) -> None:
         """Return once every record queued before the call is written."""
-        if self._sender is None or self._loop is None:
-            return
-        future: "asyncio.Future[None]" = self._loop.create_future()
-        self._queue.append(Flush(lambda: future.done() or future.set_result(None)))
-        self._sender.wake()
-        await future
+        if self._sender is not None:
+            await self._sender.flush()
 
     # -- emit: prepare -> enqueue, on the loop's thread -----------------------------
     def emit(self, record: logging.LogRecord) -> None:
