@@ -31,7 +31,7 @@ def test_docs_parameter_table_is_the_options_dataclass():
     match = re.search(r"<!-- options-table:start -->\n(.*?)<!-- options-table:end -->", text, re.S)
     assert match, "docs/client.md lost its options table markers"
     assert match.group(1) == markdown_table(), \
-        "regenerate it: python -m clh_writerd.client._options (between the markers in docs/client.md)"
+        "regenerate it: python -m clh_writerd.client._options docs/client.md"
 
 
 def test_each_handler_takes_its_own_options_and_the_plan_defaults():

@@ -216,5 +216,17 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":
-    print(markdown_table(), end="")
+def update_docs(path: str) -> None:
+    """Rewrite the table between the options-table markers of ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start, end = "<!-- options-table:start -->\n", "<!-- options-table:end -->"
+    head, rest = text.split(start, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + start + markdown_table() + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":  # python -m clh_writerd.client._options [docs/client.md]
+    import sys
+
+    update_docs(sys.argv[1]) if len(sys.argv) > 1 else print(markdown_table(), end="")
