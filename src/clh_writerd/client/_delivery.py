@@ -32,8 +32,6 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-# How long a ping may take to show that a silent daemon is alive.
-LIVENESS_TIMEOUT = 2.0
 # Pause before sending again a batch the daemon refused as busy (doubling).
 MIN_BUSY_BACKOFF = 0.01
 MAX_BUSY_BACKOFF = 1.0
@@ -160,7 +158,7 @@ class Delivery:
                 return
             self.liveness_id = self._next_id()
             self._ping(self.liveness_id)
-            self.liveness_deadline = now + min(self.s.ack_timeout, LIVENESS_TIMEOUT)
+            self.liveness_deadline = now + min(self.s.ack_timeout, self.s.liveness_timeout)
 
     def _next_id(self) -> int:
         self.probe_id += 1

@@ -155,6 +155,7 @@ class HandlerOptions:
     linger: float = option(0.002, "seconds a partial batch waits for more records", _seconds)
     window: int = option(8, "unacknowledged batches in flight at most", _positive)
     ack_timeout: float = option(5.0, "no ack for this long: ping; no answer either: fallback", _seconds)
+    liveness_timeout: float = option(2.0, "seconds a ping may take to show a silent daemon is alive", _seconds)
     sync_timeout: float = option(5.0, "seconds a sync record waits for the daemon's confirmation", _seconds)
     connect_timeout: float = option(0.5, "seconds to find a daemon before writing through the fallback", _seconds)
     max_probe_interval: float = option(5.0, "in fallback, seconds between probes for the daemon at most", _seconds)
