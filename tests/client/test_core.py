@@ -297,3 +297,17 @@ def test_salvage_returns_everything_in_order_and_releases_every_flush():
     lines = d.core.salvage(d.queue)
     assert lines == records(6) and flushed == [True]
     assert not d.queue and d.core.drained()
+
+
+def test_collect_stops_at_a_flush_and_at_the_window_bound():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, batch_size=2, window=2, linger=10.0)
+    d.run(lambda: d.stats.state == "daemon", seconds=1)
+    d.log("a", "b")
+    d.flush_marker()
+    d.log("c")
+    assert d.core.collect(d.queue) == 3  # a, b and the marker; c waits behind the flush
+    assert len(d.queue) == 1 and not d.core.accepting
+    d2 = Driver(FakeDaemon(batches="silent"), batch_size=2, window=2, linger=10.0)
+    d2.log(*records(10))
+    assert d2.core.collect(d2.queue) == 4 and len(d2.queue) == 6  # batch_size * window lines at most

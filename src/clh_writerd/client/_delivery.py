@@ -89,6 +89,11 @@ class Delivery:
         """Whether the driver should take more records from its queue."""
         return len(self.batcher.lines) < self.s.batch_size * self.s.window
 
+    @property
+    def room(self) -> int:
+        """How many more lines the batcher takes before has_room turns false."""
+        return max(0, self.s.batch_size * self.s.window - len(self.batcher.lines))
+
     def add(self, line: str) -> None:
         self.batcher.add(line)
 

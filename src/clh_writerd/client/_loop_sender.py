@@ -9,7 +9,6 @@ from concurrent.futures import Executor
 from typing import Any, Callable, Deque, List, Optional, Set
 
 import zmq
-import zmq.asyncio
 
 from ._direct import Fallback
 from ._sender import Flush, SenderCore
@@ -101,8 +100,10 @@ class LoopSender:
 
     # -- the task ------------------------------------------------------------------------
     async def _run(self, sockets: List[zmq.Socket]) -> None:
-        poller: Optional[zmq.asyncio.Poller] = None
+        poller: Optional[Any] = None
         if sockets:
+            import zmq.asyncio  # here: importing the package must not load it (the daemon imports it)
+
             poller = zmq.asyncio.Poller()
             for sock in sockets:
                 poller.register(sock, zmq.POLLIN)
@@ -124,7 +125,7 @@ class LoopSender:
             if self.stopping:
                 self.stats.state = STATE_STOPPED
 
-    async def _turn(self, poller: Optional[zmq.asyncio.Poller]) -> None:
+    async def _turn(self, poller: Optional[Any]) -> None:
         """One round: collect, step, write, settle, then wait for work."""
         core, queue = self.core, self.queue
         while core.collect(queue, TURN_BUDGET) and queue and core.accepting:

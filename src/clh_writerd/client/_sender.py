@@ -91,10 +91,18 @@ class SenderCore:
             self.delivery.add(self.warnings.popleft())
         taken = 0
         until = None if budget is None else self.clock() + budget
+        take = self.take
         while queue and self.accepting:
-            self.take(queue.popleft())
-            taken += 1
-            if until is not None and taken % _BUDGET_STRIDE == 0 and self.clock() > until:
+            # A run of items that cannot change ``accepting`` unless one is
+            # a Flush or an oversize record: one check per run, not per item.
+            run = min(len(queue), self.delivery.room, _BUDGET_STRIDE if until is not None else len(queue))
+            for _ in range(run):
+                item = queue.popleft()
+                take(item)
+                taken += 1
+                if self.pending or isinstance(item, Flush):
+                    break
+            if until is not None and self.clock() > until:
                 break
         return taken
 
