@@ -7,7 +7,11 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 DEMO_STAMP = $(VENV)/.demo-stamp
 
-.PHONY: venv demo test test-matrix bench bench-chart guarantees soak lint clean
+# Unit tests only (no daemon subprocess, no client process): the state
+# machines with a fake clock and a fake daemon, options, daemon writers/Router.
+FAST_TESTS = tests/client/test_core.py tests/client/test_options.py tests/daemon/test_units.py
+
+.PHONY: venv demo test test-fast test-matrix bench bench-chart guarantees soak lint clean
 
 venv: $(STAMP)
 
@@ -29,6 +33,9 @@ demo: $(DEMO_STAMP)
 
 test: venv
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not e2e" $(FAST_TESTS) $(PYTEST_ARGS)
 
 test-matrix:
 	$(PYTHON) scripts/test_matrix.py

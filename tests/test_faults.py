@@ -28,11 +28,7 @@ from support import (
     set_aside_interrupted_gzips,
     wait_for,
 )
-
-from clh_writerd import protocol
-from clh_writerd.client.control import request
-from tests.client import workers
-from tests.client.test_delivery import (
+from support.clients import (
     CHILD_TIMEOUT,
     Load,
     daemon_has_written,
@@ -42,6 +38,10 @@ from tests.client.test_delivery import (
     report_duplicates,
     stop_daemon,
 )
+
+from clh_writerd import protocol
+from clh_writerd.client.control import request
+from tests.client import workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
 

@@ -38,6 +38,8 @@ from support import (
     short_socket_dir,
     wait_for,
 )
+from support.clients import join_children, load_results
+from support.processes import eventually
 
 from clh_writerd import AsyncConcurrentHandler, create_async_concurrent_handler
 from tests.client import workers
@@ -99,18 +101,6 @@ def daemon_has_written(daemon: Any, path: str) -> bool:
         return daemon.file_stats(path)["records_written"] > 0
     except (KeyError, AssertionError):
         return False
-
-
-async def eventually(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """wait_for for coroutines: poll ``condition`` without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def split_warnings(lines: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -578,23 +568,6 @@ def async_log_until(writer: str, path: str, kwargs: Dict[str, Any], result_path:
 
     n, stats = asyncio.run(main())
     _write_result(result_path, {"writer": writer, "pid": os.getpid(), "count": n, "stats": stats})
-
-
-def join_children(procs: Sequence[Any], timeout: float = CHILD_TIMEOUT) -> None:
-    wait_for(lambda: all(p.exitcode is not None for p in procs), timeout, "the client processes to exit",
-             interval=0.05)
-    for proc in procs:
-        proc.join()
-    assert [p.exitcode for p in procs] == [0] * len(procs), "a client process failed"
-
-
-def load_results(paths: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    results = {}
-    for path in paths:
-        with open(path) as f:
-            result = json.load(f)
-        results[result["writer"]] = result
-    return results
 
 
 def check_exact_lines(path: str, results: Dict[str, Dict[str, Any]]) -> OracleReport:

@@ -15,7 +15,8 @@ from typing import Any, List
 
 from .._batchwrite import rotating_part
 
-# Anything with .handler (the wrapped CLH handler), ._pid and .stop().
+# Anything with .handler (the wrapped CLH handler), .mark_forked(),
+# .belongs_here() and .stop().
 _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 # Wrapped handlers' write locks held across fork() (see _before_fork).
@@ -24,7 +25,11 @@ _fork_held: List[Any] = []
 _mp_finalizer: Any = None
 
 
+_hooked = False
+
+
 def register(handler: Any) -> None:
+    _install_hooks()
     _live.add(handler)
     _drain_at_multiprocessing_exit()
 
@@ -62,14 +67,14 @@ def _release_fork_locks() -> None:
 def _after_fork_in_child() -> None:
     _release_fork_locks()
     for handler in list(_live):
-        handler._pid = -1  # the next emit() rebuilds it in the child
+        handler.mark_forked()  # the next emit() rebuilds it in the child
 
 
 def stop_all() -> None:
     """Drain and stop every handler of this process (exit hooks)."""
     for handler in list(_live):
         try:
-            if handler._pid == os.getpid():
+            if handler.belongs_here():
                 handler.stop()
         except Exception:
             pass
@@ -91,7 +96,14 @@ def _drain_at_multiprocessing_exit() -> None:
     _mp_finalizer = mp_util.Finalize(None, stop_all, exitpriority=-100)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks,
-                        after_in_child=_after_fork_in_child)
-atexit.register(stop_all)
+def _install_hooks() -> None:
+    """Fork and exit hooks, once, when the first handler registers (a process
+    that only imports the package, such as the daemon, gets none)."""
+    global _hooked
+    if _hooked:
+        return
+    _hooked = True
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks,
+                            after_in_child=_after_fork_in_child)
+    atexit.register(stop_all)

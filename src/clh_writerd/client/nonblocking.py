@@ -1,49 +1,28 @@
 """NonBlockingConcurrentHandler: a thread-based client of clh-writerd.
 
 Caller's thread: ``prepare`` (freeze the message) and ``enqueue`` (append to
-a bounded deque). Sender thread: render, then drive the shared ``Delivery``
-state machine (batch, ``send`` over a DEALER socket, retire batches on ack,
-switch to the fallback when the daemon is unreachable) and write what it hands
-back through the wrapped CLH handler. Records at or above ``sync_level`` go
-through a REQ socket (or the fallback) before ``emit()`` returns.
+a bounded deque). Sender thread: drive the shared ``SenderCore`` (render,
+batch, send, acks, fallback switch) and write what it hands back through the
+wrapped CLH handler, inline; it waits on a poller (wake-up pipe + sockets).
+Records at or above ``sync_level`` go through a REQ socket (or the fallback)
+before ``emit()`` returns.
 """
 
 import logging
 import os
 import threading
-import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any, Optional, Union
 
 import zmq
 
-from .. import protocol
 from .._batchwrite import CLHHandler
-from ._core import (
-    DROP_WARNING_EVERY,
-    STATE_CONNECTING,
-    STATE_EMBEDDED,
-    STATE_STOPPED,
-    DEFAULT_ENDPOINT,
-    ClientStats,
-    Fallback,
-    WrappingHandler,
-    build_clh,
-    split_kwargs,
-)
 from . import _process
-from ._delivery import SETTING_NAMES, Confirmed, Delivery, Settings, SyncChannel
+from ._base import WrappingHandler, build_clh
+from ._options import THREAD, HandlerOptions, split_kwargs
+from ._sender import Flush
+from ._stats import STATE_STOPPED
 
 log = logging.getLogger("clh_writerd.client")
-
-
-class _Marker:
-    """Goes through the queue like a record: flush() and stop() wait on it."""
-
-    def __init__(self, stop: bool = False, deadline: float = 0.0) -> None:
-        self.stop = stop
-        self.deadline = deadline
-        self.done = threading.Event()
 
 
 class NonBlockingConcurrentHandler(WrappingHandler):
@@ -53,125 +32,73 @@ class NonBlockingConcurrentHandler(WrappingHandler):
     (composition): the wrapped handler describes the file and is the fallback
     writer. ``endpoint=None`` means no daemon: the sender thread writes through
     the wrapped handler (a complete in-process non-blocking CLH handler).
+    Options: see ``HandlerOptions`` (docs/client.md lists them).
     """
 
-    def __init__(
-        self,
-        handler: CLHHandler,
-        *,
-        endpoint: Any = DEFAULT_ENDPOINT,
-        queue_size: int = 10000,
-        sync_level: int = logging.ERROR,
-        fallback_on_full: bool = True,
-        batch_size: int = 1000,
-        batch_bytes: int = 1024 * 1024,
-        linger: float = 0.002,
-        window: int = 8,
-        ack_timeout: float = 5.0,
-        sync_timeout: float = 5.0,
-        connect_timeout: float = 0.5,
-        max_probe_interval: float = 5.0,
-        drain_timeout: float = 5.0,
-        report_interval: float = 5.0,
-        level: int = logging.NOTSET,
-        autostart: bool = True,
-    ) -> None:
-        super().__init__(handler, endpoint, level)
-        if queue_size < 1:
-            raise ValueError("queue_size must be positive")
-        self.settings = Settings(
-            batch_size=batch_size, batch_bytes=batch_bytes, linger=linger, window=window,
-            ack_timeout=ack_timeout, sync_timeout=sync_timeout, connect_timeout=connect_timeout,
-            max_probe_interval=max_probe_interval, drain_timeout=drain_timeout,
-            report_interval=report_interval)
-        self.queue_size = queue_size
-        self.sync_level = sync_level
-        self.fallback_on_full = fallback_on_full
-        self.drain_timeout = drain_timeout
+    KIND = THREAD
+    _thread: Optional[threading.Thread] = None
+    _started = False
+
+    def __init__(self, handler: CLHHandler, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.fallback_on_full = self.opts.fallback_on_full
         self._started = False
-        self._closed = False
-        self._reset_process_state()
-        if autostart:
+        if self.opts.autostart:
             self.start()
 
-    # -- per-process state (rebuilt in a forked child) ---------------------
-    def _reset_process_state(self) -> None:
-        self._pid = os.getpid()
-        self.stats = ClientStats()
-        self.stats.state = STATE_EMBEDDED if self.endpoint is None else STATE_CONNECTING
-        self._queue: Deque[Any] = deque()
-        self._warnings: Deque[str] = deque()  # drop warnings, ahead of the queue
+    def _new_process_state(self) -> None:
+        super()._new_process_state()
         self._idle = False
+        self._stopping = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         self._thread: Optional[threading.Thread] = None
-        self._context: Optional[zmq.Context] = None
-        self._client_id = protocol.new_client_id()
-        self._fallback = Fallback(self.handler, self.stats)
-        self._sync: Optional[SyncChannel] = None
-        self._confirmed = Confirmed(None, self._fallback, self.stats)
-        self._delivery: Optional[Delivery] = None
-        self._stop_marker: Optional[_Marker] = None
 
     def _after_fork_in_child(self) -> None:
         # Never touch the parent's zmq context or sockets here: drop them.
         # The wrapped CLH handler reopens its lock file itself after a fork.
         was_running = self._started and not self._closed
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                try:
-                    os.close(fd)  # the child's copies; the parent keeps its own
-                except OSError:
-                    pass
-        self._reset_process_state()
+        self._close_pipe()  # the child's copies; the parent keeps its own
+        self._new_process_state()
         self._started = False
         if was_running:
             self.start()
 
-    # -- lifecycle ---------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
         """Start the sender thread (done by the constructor unless autostart=False)."""
-        if self._started:
-            raise RuntimeError("handler already started")
-        if self._closed:
-            raise RuntimeError("handler is closed")
+        self._check_startable(self._started)
         self._started = True
         _process.register(self)
-        if self.endpoint is not None:
-            self._context = zmq.Context()
-            self._sync = SyncChannel(self._context, self.endpoint, self.settings, self.stats, self._client_id,
-                                     self.path, self.options)
-            self._confirmed.sync = self._sync
-        self._delivery = Delivery(self.settings, self.stats, self.path, self.options, self._client_id,
-                                  self._context, self.endpoint)
+        core = self._new_core()
         # A daemon thread: interpreter exit joins non-daemon threads *before*
         # atexit runs, and our atexit hook is what drains the queue.
-        self._thread = threading.Thread(target=self._run, name="clh-writerd-sender", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(core,), name="clh-writerd-sender", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Drain the queue (to the daemon or the fallback) and stop the sender.
 
         Idempotent. Returns True if everything queued was written within
-        ``timeout`` (default: drain_timeout).
+        ``timeout`` (default: drain_timeout); at the deadline, whatever the
+        daemon has not acknowledged is written through the fallback.
         """
-        if self._thread is None or self._pid != os.getpid():
+        thread, core = self._thread, self._core
+        if thread is None or core is None or not self.belongs_here():
             self.stats.state = STATE_STOPPED
             return True
-        if not self._thread.is_alive():
-            self._release_sockets()
-            self.stats.state = STATE_STOPPED
-            return not self._queue
         timeout = self.drain_timeout if timeout is None else timeout
-        if self._stop_marker is None:
-            self._stop_marker = _Marker(stop=True, deadline=time.monotonic() + timeout)
-            self._queue.append(self._stop_marker)
-            self._wake()
-        done = self._stop_marker.done.wait(timeout + 1.0)
-        self._thread.join(max(0.1, timeout))
-        if not self._thread.is_alive():
+        self._stopping = True  # emit() now writes directly
+        core.request_stop(timeout)
+        self._wake()
+        thread.join(timeout + 1.0)
+        done = not thread.is_alive()
+        if done:
             self._release_sockets()
+            self._close_pipe()
+            # A record appended while the sender was finishing: write it here.
+            done = self._fallback.write(core.salvage(self._queue)) and not core.lost
         self.stats.state = STATE_STOPPED
         return done
 
@@ -180,48 +107,41 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         if self._closed:
             return
         self.stop()
-        self._closed = True
-        _process.unregister(self)
-        try:
-            self.handler.close()
-        finally:
-            super().close()
+        self._close_wrapped()
 
     def flush(self) -> None:
         """Return once every record queued before this call is written."""
         self.wait_flushed(self.drain_timeout)
 
     def wait_flushed(self, timeout: float) -> bool:
-        if self._thread is None or not self._thread.is_alive() or self._pid != os.getpid():
-            return self._thread is None
-        marker = _Marker()
-        self._queue.append(marker)
+        thread = self._thread
+        if thread is None or not thread.is_alive() or not self.belongs_here():
+            return thread is None
+        done = threading.Event()
+        self._queue.append(Flush(done.set))
         self._wake()
-        return marker.done.wait(timeout)
+        return done.wait(timeout)
 
     def __del__(self) -> None:
         # Safety net only: close() or interpreter exit normally did this.
         try:
-            if self._started and not self._closed and self._pid == os.getpid():
+            if self._started and not self._closed and self.belongs_here():
                 self.stop(timeout=1.0)
         except Exception:
             pass
 
-    def get_stats(self) -> Dict[str, Any]:
-        """Queue and delivery counters (see docs/client.md for each key)."""
-        in_flight = len(self._delivery.window) if self._delivery is not None else 0
-        return self.stats.snapshot(len(self._queue), self.queue_size, in_flight)
-
-    # -- caller's thread: prepare -> enqueue ---------------------------------
+    # -- caller's thread: prepare -> enqueue -------------------------------------
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._pid < 0:  # set by the fork hook in a child (no getpid() syscall per call)
                 self._after_fork_in_child()
-            if record.levelno >= self.sync_level:
+            if self._closed:
+                self._after_close(record)
+            elif record.levelno >= self.sync_level:
                 self._confirmed.write(self._renderer.render_now(record))
-                self.stats.sync_count += 1  # type: ignore[attr-defined]
-                return
-            self.enqueue(record)
+                self.stats.sync_count += 1
+            else:
+                self.enqueue(record)
         except Exception:
             self.handleError(record)
 
@@ -232,34 +152,23 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         else:
             item = (record, record.getMessage())  # Renderer.prepare, inlined
         queue = self._queue
-        if len(queue) >= self.queue_size or self._stop_marker is not None or self._thread is None:
+        if len(queue) >= self.queue_size or self._stopping or self._thread is None:
             self._queue_full(item)
             return
         queue.append(item)
-        self.stats.enqueued += 1  # type: ignore[attr-defined]
+        self.stats.enqueued += 1
         if self._idle:
             # One wake-up per idle period: a pipe write per record would cost
             # a syscall and hand the GIL to the sender on every call.
             self._idle = False
             self._wake()
 
-    def _accepting(self) -> bool:
-        return self._thread is not None and self._stop_marker is None
-
     def _queue_full(self, item: Any) -> None:
-        record = item[0]
-        if self.fallback_on_full or not self._accepting():
-            self.stats.fallback_count += 1  # type: ignore[attr-defined]
+        if self.fallback_on_full or self._stopping or self._thread is None:
+            self.stats.fallback_count += 1
             self._confirmed.write(self._renderer.render(item))
-            return
-        self.stats.dropped_count += 1  # type: ignore[attr-defined]
-        dropped = self.stats.dropped_count  # type: ignore[attr-defined]
-        if dropped % DROP_WARNING_EVERY == 0:
-            # Through the sender, not written here: dropping must not make the
-            # caller wait for the disk, even once per 1000 records.
-            self._warnings.append(self._warning_line(
-                record, "queue full, %d records dropped so far (fallback_on_full=False)", dropped))
-            self._wake()
+        else:
+            self._drop(item, "fallback_on_full=False")
 
     def _wake(self) -> None:
         fd = self._wake_w
@@ -270,142 +179,55 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         except OSError:
             pass  # a wake-up is already pending (pipe full) or we are stopped
 
-    # -- sender thread ---------------------------------------------------------
-    def _run(self) -> None:
-        sender = _Sender(self)
-        try:
-            sender.run()
-        except Exception as exc:  # never die silently: write what we hold
-            self.stats.last_error = f"sender crashed: {type(exc).__name__}: {exc}"
-            log.exception("clh-writerd sender thread crashed; writing through the fallback")
-            sender.emergency_flush()
-        finally:
-            sender.close()
-
-    def _release_sockets(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-        if self._context is not None:
-            self._context.term()
-            self._context = None
+    def _close_pipe(self) -> None:
         fds = (self._wake_r, self._wake_w)
         self._wake_r = self._wake_w = -1  # before closing: a late _wake() must not hit a reused fd
         for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
+    # -- sender thread: how it waits, and writes inline --------------------------
+    def _run(self, core: Any) -> None:
+        queue = self._queue
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        for sock in self._transport.sockets() if self._transport is not None else ():
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while True:
+                self._wait(core, poller)
+                core.collect(queue)
+                lines = core.step()
+                if lines:
+                    core.written(lines, self._fallback.write(lines))
+                for flush in core.settled():
+                    flush.release()
+                if core.finished(queue):
+                    return
+        except Exception as exc:  # never die silently: write what we hold
+            self.stats.last_error = f"sender crashed: {type(exc).__name__}: {exc}"
+            log.exception("clh-writerd sender thread crashed; writing through the fallback")
+            self._fallback.write(core.salvage(queue))
+        finally:
+            core.close()
 
-class _Sender:
-    """The sender thread: collect from the deque, drive Delivery, write what
-    it hands back through the fallback (blocking is fine on this thread)."""
-
-    def __init__(self, owner: NonBlockingConcurrentHandler) -> None:
-        assert owner._delivery is not None
-        self.o = owner
-        self.stats = owner.stats
-        self.delivery = owner._delivery
-        self.flush_waiters: List[_Marker] = []
-        self.stopping: Optional[_Marker] = None
-        self.poller = zmq.Poller()
-        self.poller.register(owner._wake_r, zmq.POLLIN)
-        for sock in self.delivery.sockets():
-            self.poller.register(sock, zmq.POLLIN)
-
-    def close(self) -> None:
-        self.delivery.close()
-
-    def run(self) -> None:
-        delivery = self.delivery
-        while True:
-            self._collect()
-            delivery.flushing = bool(self.flush_waiters)
-            direct = delivery.service(time.monotonic())
-            if direct:
-                self._write_direct(direct)
-            if self.flush_waiters and delivery.drained():
-                for marker in self.flush_waiters:
-                    marker.done.set()
-                self.flush_waiters.clear()
-            if self.stopping is not None and delivery.drained() and not self.o._queue and not self.o._warnings:
-                self.stopping.done.set()
-                return
-
-    def _collect(self) -> None:
-        """Move queued records into the delivery's batcher (rendering them).
-
-        Sleeps when there is nothing to take, or no room to take it (the
-        window is full: an ack wakes the poll). While a flush() is pending
-        nothing more is taken, so only records queued before it are pending.
-        """
-        o, delivery = self.o, self.delivery
-        queue = o._queue
-        blocked = bool(self.flush_waiters) or not delivery.has_room
-        if blocked or not queue:
-            o._idle = not blocked
-            if blocked or not queue:  # re-check: a producer may have appended meanwhile
-                self.poller.poll(int(delivery.wait_time(time.monotonic()) * 1000))
-            o._idle = False
-            try:
-                os.read(o._wake_r, 4096)
-            except OSError:
-                pass
-        while o._warnings:  # before a pending flush settles: they precede it
-            delivery.add(o._warnings.popleft())
-        if self.flush_waiters:
+    def _wait(self, core: Any, poller: zmq.Poller) -> None:
+        """Sleep while there is nothing to take, or no room to take it (an
+        ack, a stop or a record wakes the poll)."""
+        blocked = not core.accepting
+        if self._queue and not blocked:
             return
-        render = o._renderer.render
-        while queue and delivery.has_room:
-            item = queue.popleft()
-            if isinstance(item, _Marker):
-                if item.stop:
-                    self.stopping = item
-                    delivery.stop_deadline = item.deadline
-                    continue
-                self.flush_waiters.append(item)
-                return
-            try:
-                line = render(item)
-            except Exception:
-                o.handleError(item[0])
-                continue
-            if delivery.too_large(line):
-                self.stats.oversize += 1  # type: ignore[attr-defined]
-                self._write_direct(delivery.batcher.take_all() + [line])
-                continue
-            delivery.add(line)
-
-    def _write_direct(self, lines: List[str]) -> None:
-        while not self.o._fallback.write(lines):
-            # Disk full or similar: keep the lines and stop taking new ones
-            # (the queue fills up and the caller's policy applies), retry.
-            deadline = self.delivery.stop_deadline
-            if deadline is not None and time.monotonic() > deadline:
-                log.error("clh-writerd: %d records could not be written: %s", len(lines), self.stats.last_error)
-                return
-            time.sleep(0.1)  # back off before retrying a failed disk write
-
-    def emergency_flush(self) -> None:
-        """The sender failed: write everything it holds, release every waiter."""
-        delivery = self.delivery
-        lines = delivery.window.take_all() + delivery.batcher.take_all()
-        queue = self.o._queue
-        while queue:
-            item = queue.popleft()
-            if isinstance(item, _Marker):
-                item.done.set()
-                continue
-            try:
-                lines.append(self.o._renderer.render(item))
-            except Exception:
-                pass
-        self.o._fallback.write(lines)
-        for marker in self.flush_waiters + ([self.stopping] if self.stopping else []):
-            marker.done.set()
-
-
-OWN_NAMES = ("endpoint", "queue_size", "sync_level", "fallback_on_full", "level", "autostart") + SETTING_NAMES
+        self._idle = not blocked
+        if blocked or not self._queue:  # re-check: a producer may have appended meanwhile
+            poller.poll(int(core.wait_time() * 1000))
+        self._idle = False
+        try:
+            os.read(self._wake_r, 4096)
+        except OSError:
+            pass
 
 
 def create_nonblocking_handler(
@@ -419,5 +241,6 @@ def create_nonblocking_handler(
     ConcurrentTimedRotatingFileHandler when ``use_timed`` is true. This is what
     dictConfig/fileConfig/YAML configurations point at.
     """
-    clh_kwargs, own = split_kwargs(kwargs, OWN_NAMES)
+    clh_kwargs, own = split_kwargs(THREAD, kwargs)
+    HandlerOptions.build(THREAD, **own)  # refuse bad options before creating the file
     return NonBlockingConcurrentHandler(build_clh(filename, use_timed, clh_kwargs), **own)

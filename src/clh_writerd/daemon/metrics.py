@@ -6,7 +6,7 @@ scrape time, so there is one source of figures and nothing to keep in sync.
 
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
-from .server import StartupError
+from .errors import StartupError
 
 try:
     from prometheus_client import CollectorRegistry, start_http_server

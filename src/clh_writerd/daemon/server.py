@@ -19,8 +19,10 @@ from typing import IO, Any, Dict, List, Optional, Tuple
 
 import zmq
 
-from .. import __version__, protocol
+from .. import protocol
+from .._version import __version__
 from .config import Config, load_config
+from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
 from .notify import SystemdNotifier
 from .stats import DaemonStats, FileStats
 from .writers import FileWriter, Router, Work
@@ -50,10 +52,6 @@ def hard_frame_limit(max_message_bytes: int) -> int:
     where they are refused with a reply and counted; larger ones make libzmq
     drop the connection before the bytes are buffered (not counted)."""
     return min(2 * max_message_bytes, 2 * protocol.MAX_FRAME_BYTES)
-
-
-class StartupError(RuntimeError):
-    """The daemon cannot start (endpoint in use, bind failed, ...)."""
 
 
 class Server:

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, List, Optional
 
-from .. import __version__
+from .._version import __version__
 from ..protocol import ClientId
 
 STATS_SCHEMA = 1

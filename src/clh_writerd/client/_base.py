@@ -1,0 +1,201 @@
+"""What both handlers are as logging handlers: a wrapper around a CLH
+handler (which describes the file and renders every line), its options, its
+per-process state (stats, fallback, sockets, sender core) and the policies
+that do not depend on how the sender waits."""
+
+import logging
+import os
+import warnings
+from collections import deque
+from typing import Any, Deque, Dict, Optional, Tuple
+
+import zmq
+
+from .. import protocol
+from .._batchwrite import CLHHandler, describe_handler, rotating_part
+from . import _process
+from ._delivery import Delivery
+from ._direct import Confirmed, Fallback
+from ._options import HandlerOptions
+from ._sender import SenderCore
+from ._stages import DROP_WARNING_EVERY, Renderer
+from ._stats import STATE_EMBEDDED, ClientStats
+from ._transport import SyncChannel, ZmqTransport
+
+
+def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
+    """(path, options, why the daemon would refuse them or ""). Bounds the
+    daemon imposes are its policy, not the handler's: a file it would refuse
+    is written by the fallback instead, with a warning."""
+    try:
+        path, options = describe_handler(handler)
+    except ValueError as exc:  # a CLH feature the daemon cannot reproduce (atTime)
+        return os.path.abspath(rotating_part(handler).baseFilename), {}, str(exc)
+    try:
+        return path, protocol.check_file_options(options), ""
+    except protocol.ProtocolError as exc:
+        return path, options, str(exc)
+
+
+class WrappingHandler(logging.Handler):
+    """The base of both handlers; subclasses say how the sender waits."""
+
+    KIND = ""  # _options.THREAD or _options.ASYNC
+    # Class defaults: a handler whose constructor raised must still close
+    # quietly when logging.shutdown() reaches it at exit.
+    _closed = True
+    _core: Optional[SenderCore] = None
+    _pid = 0
+
+    def __init__(self, handler: CLHHandler, **options: Any) -> None:
+        # Everything that can refuse the arguments runs before
+        # logging.Handler.__init__ registers us for logging.shutdown().
+        self.opts = HandlerOptions.build(self.KIND, **options)
+        path, file_options, refused = file_spec(handler)
+        super().__init__(self.opts.level)
+        self.handler = handler
+        self.path, self.options = path, file_options
+        self.endpoint: Optional[str] = None if refused else self.opts.endpoint
+        if refused and self.opts.endpoint is not None:
+            warnings.warn(f"clh-writerd: the daemon would refuse {path} ({refused}); "
+                          "this handler writes it through the fallback", RuntimeWarning, stacklevel=3)
+        self._refused = refused if self.opts.endpoint is not None else ""
+        # Read on every emit(): plain attributes.
+        self.queue_size = self.opts.queue_size
+        self.sync_level = self.opts.sync_level
+        self.drain_timeout = self.opts.drain_timeout
+        if handler.formatter is not None and self.formatter is None:
+            super().setFormatter(handler.formatter)
+        self._renderer = Renderer(handler)
+        self._closed = False
+        self._new_process_state()
+
+    # -- per-process state (rebuilt in a forked child) -------------------------
+    def _new_process_state(self) -> None:
+        self._pid = os.getpid()
+        self.stats = ClientStats()
+        self.stats.state = STATE_EMBEDDED if self.endpoint is None else self.stats.state
+        self.stats.last_error = self._refused
+        self._client_id = protocol.new_client_id()
+        self._fallback = Fallback(self.handler, self.stats)
+        self._confirmed = Confirmed(None, self._fallback, self.stats)
+        self._context: Optional[zmq.Context] = None
+        self._sync: Optional[SyncChannel] = None
+        self._transport: Optional[ZmqTransport] = None
+        self._core = None
+        self._queue: Deque[Any] = deque()  # prepared records and Flush markers
+
+    def _open_sync(self) -> None:
+        """The context and the REQ channel for sync records (with a daemon)."""
+        if self.endpoint is not None and self._context is None:
+            self._context = zmq.Context()
+            self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
+                                     self.path, self.options)
+            self._confirmed.sync = self._sync
+
+    def _new_core(self) -> SenderCore:
+        """Sockets (with a daemon) and the sender core, for one run of the sender."""
+        self._open_sync()
+        if self._context is not None and self.endpoint is not None:
+            self._transport = ZmqTransport(self._context, self.endpoint)
+        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
+        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed)
+        return self._core
+
+    def _release_sockets(self) -> None:
+        """After the sender ended: the REQ socket and the context."""
+        if self._sync is not None:
+            self._sync.close()
+        self._sync = self._confirmed.sync = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+
+    # -- process hooks (_process) ------------------------------------------------
+    def mark_forked(self) -> None:
+        """In a forked child: the next emit() rebuilds the per-process state."""
+        self._pid = -1
+
+    def belongs_here(self) -> bool:
+        return self._pid == os.getpid()
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
+        raise NotImplementedError
+
+    # -- logging.Handler ---------------------------------------------------------
+    def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
+        # The wrapped handler renders every line (daemon and fallback paths
+        # alike), so it must use the same formatter.
+        super().setFormatter(fmt)
+        self.handler.setFormatter(fmt)
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        # emit() is thread-safe without Handler.lock: skip taking it.
+        rv = self.filter(record)
+        if isinstance(rv, logging.LogRecord):
+            record = rv
+        if rv:
+            self.emit(record)
+        return rv
+
+    def get_stats(self) -> Dict[str, Any]:
+        """Queue and delivery counters (see docs/client.md for each key)."""
+        in_flight = self._core.delivery.in_flight if self._core is not None else 0
+        return self.stats.snapshot(len(self._queue), self.queue_size, in_flight)
+
+    def _check_startable(self, started: bool) -> None:
+        if started:
+            raise RuntimeError("handler already started")
+        if self._closed:
+            raise RuntimeError("handler is closed")
+
+    def _close_wrapped(self) -> None:
+        self._closed = True
+        _process.unregister(self)
+        try:
+            self.handler.close()
+        finally:
+            super().close()
+
+    # -- policies shared by both handlers ------------------------------------------
+    def _after_close(self, record: logging.LogRecord) -> None:
+        """A record emitted after close(): written through the fallback, as
+        FileHandler reopens its file; counted, never a traceback."""
+        self.stats.closed_count += 1
+        if not self._fallback.write([self._renderer.render_now(record)]):
+            self.stats.dropped_count += 1
+
+    def _render_failed(self, item: Any) -> None:
+        self.handleError(item[0])
+
+    def _drop(self, item: Any, policy: str) -> None:
+        """Count a record refused by policy; every DROP_WARNING_EVERY, a
+        warning line goes through the sender (not written here: dropping must
+        not make the caller wait for the disk)."""
+        self.stats.dropped_count += 1
+        dropped = self.stats.dropped_count
+        if dropped % DROP_WARNING_EVERY == 0 and self._core is not None:
+            self._core.warn(self._warning_line(item[0], "queue full, %d records dropped so far (%s)",
+                                               dropped, policy))
+            self._wake()
+
+    def _wake(self) -> None:
+        """Make the sender look at its queue (subclasses)."""
+
+    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> str:
+        """A WARNING line about the handler itself (drops, blocking), dated like ``near``."""
+        record = logging.makeLogRecord({
+            "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "clh-writerd: " + msg, "args": args, "created": near.created, "msecs": near.msecs,
+        })
+        return self._renderer.render_now(record)
+
+
+def build_clh(filename: Any, use_timed: bool, kwargs: Dict[str, Any]) -> CLHHandler:
+    """The CLH handler a factory wraps (an absolute path: the daemon needs one)."""
+    from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
+
+    path = os.path.abspath(os.fspath(filename))
+    if use_timed:
+        return ConcurrentTimedRotatingFileHandler(path, **kwargs)
+    return ConcurrentRotatingFileHandler(path, **kwargs)

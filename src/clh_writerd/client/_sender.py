@@ -1,0 +1,201 @@
+"""The sender core both handlers drive: everything between "an item leaves
+the queue" and "its line is acknowledged or written", without I/O.
+
+``SenderCore`` renders queued items (routing oversize records to the
+fallback), feeds ``Delivery``, settles flush markers, applies the stop
+deadline and retries failed direct writes. It never waits and never writes:
+``step()`` returns the lines the driver must write through the fallback, and
+the driver reports back with ``written()``. A driver is a loop of
+``collect`` -> ``step`` -> write -> ``settled`` -> ``finished``? -> wait
+``wait_time()``; the thread handler waits on a poller, the asyncio handler
+on the event loop.
+"""
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Deque, List, Optional
+
+from ._delivery import Delivery
+from ._stages import Renderer
+from ._stats import ClientStats
+
+log = logging.getLogger("clh_writerd.client")
+
+# Pause before writing again lines whose fallback write failed (disk full).
+RETRY_DELAY = 0.1
+# Items taken per clock check when collecting under a time budget.
+_BUDGET_STRIDE = 16
+
+
+class Flush:
+    """A flush() waiting in the queue: released once everything queued
+    before it is acknowledged or written."""
+
+    __slots__ = ("release",)
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self.release = release
+
+
+class SenderCore:
+    """Drives Delivery from queued items; see the module docstring."""
+
+    def __init__(self, delivery: Delivery, renderer: Renderer, stats: ClientStats,
+                 on_render_error: Callable[[Any], None], clock: Callable[[], float] = time.monotonic) -> None:
+        self.delivery = delivery
+        self.renderer = renderer
+        self.stats = stats
+        self.on_render_error = on_render_error
+        self.clock = clock
+        self.flushes: List[Flush] = []
+        # Lines about the handler itself (drops), appended from any thread;
+        # they go ahead of the queue.
+        self.warnings: Deque[str] = deque()
+        self.pending: List[str] = []  # to write through the fallback, in order
+        self.retry_at = 0.0
+        self.deadline: Optional[float] = None  # set by request_stop()
+        self.lost = 0  # lines whose write still failed at the stop deadline
+
+    # -- requests from the handler (any thread) ---------------------------------
+    def request_stop(self, timeout: float) -> None:
+        """Drain what is queued, then finish; at ``timeout`` from now, stop
+        waiting for the daemon and write every unacknowledged line through the
+        fallback, whatever else is pending (a flush included)."""
+        if self.deadline is None:
+            self.deadline = self.clock() + timeout
+            self.delivery.stop_deadline = self.deadline
+
+    @property
+    def stopping(self) -> bool:
+        return self.deadline is not None
+
+    def warn(self, line: str) -> None:
+        self.warnings.append(line)
+
+    # -- the driver's loop ---------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        """Whether the driver should hand more queued items now. Not while a
+        flush waits (only what came before it is pending; stopping lifts
+        that), nor while a failed write waits for its retry (the queue fills
+        up and the handler's full-queue policy applies), nor past the window."""
+        if self.pending or (self.flushes and self.deadline is None):
+            return False
+        return self.delivery.has_room
+
+    def collect(self, queue: Deque[Any], budget: Optional[float] = None) -> int:
+        """Take items from ``queue`` while accepting (for at most ``budget``
+        seconds of rendering, if given); return how many were taken."""
+        while self.warnings:  # before a pending flush settles: they precede it
+            self.delivery.add(self.warnings.popleft())
+        taken = 0
+        until = None if budget is None else self.clock() + budget
+        take = self.take
+        while queue and self.accepting:
+            # A run of items that cannot change ``accepting`` unless one is
+            # a Flush or an oversize record: one check per run, not per item.
+            run = min(len(queue), self.delivery.room, _BUDGET_STRIDE if until is not None else len(queue))
+            for _ in range(run):
+                item = queue.popleft()
+                take(item)
+                taken += 1
+                if self.pending or isinstance(item, Flush):
+                    break
+            if until is not None and self.clock() > until:
+                break
+        return taken
+
+    def take(self, item: Any) -> None:
+        """One queued item: a Flush marker, or a prepared record to render."""
+        if isinstance(item, Flush):
+            self.flushes.append(item)
+            return
+        try:
+            line = self.renderer.render(item)
+        except Exception:
+            self.on_render_error(item)
+            return
+        if self.delivery.too_large(line):
+            self.stats.oversize += 1
+            self.pending += self.delivery.take_unsent() + [line]
+            return
+        self.delivery.add(line)
+
+    def step(self) -> List[str]:
+        """Read replies, send what fits, and return the lines the driver must
+        write through the fallback now (then call ``written``)."""
+        now = self.clock()
+        delivery = self.delivery
+        delivery.flushing = bool(self.flushes)
+        if self.deadline is not None and now >= self.deadline and not delivery.abandoned:
+            delivery.abandon("stop deadline reached: unacknowledged records go to the fallback")
+        self.pending += delivery.service(now)
+        if not self.pending or now < self.retry_at:
+            return []
+        lines, self.pending = self.pending, []
+        return lines
+
+    def written(self, lines: List[str], ok: bool) -> None:
+        """The fallback wrote ``lines`` (ok) or failed: keep them for a retry,
+        unless the stop deadline passed."""
+        if ok:
+            return
+        now = self.clock()
+        if self.deadline is not None and now >= self.deadline:
+            self.lost += len(lines)
+            log.error("clh-writerd: %d records could not be written: %s", len(lines), self.stats.last_error)
+            return
+        self.put_back(lines)
+        self.retry_at = now + RETRY_DELAY
+
+    def put_back(self, lines: List[str]) -> None:
+        """Lines handed out by step() but not written: ahead of the rest."""
+        self.pending = lines + self.pending
+
+    def settled(self) -> List[Flush]:
+        """Flush markers whose records are all written: release them."""
+        if not self.flushes or not self.drained():
+            return []
+        out, self.flushes = self.flushes, []
+        return out
+
+    def drained(self) -> bool:
+        return not self.pending and not self.warnings and self.delivery.drained()
+
+    def finished(self, queue: Deque[Any]) -> bool:
+        """Stopping, and nothing is left anywhere: the driver may end."""
+        return self.deadline is not None and not queue and self.drained()
+
+    def wait_time(self) -> float:
+        """How long the driver may sleep before something is due."""
+        now = self.clock()
+        due = self.delivery.wait_time(now)
+        if self.pending:
+            due = min(due, self.retry_at - now)
+        if self.deadline is not None:
+            due = min(due, self.deadline - now)
+        return max(0.0, due)
+
+    def salvage(self, queue: Deque[Any]) -> List[str]:
+        """The driver cannot go on (crash, loop gone): every line it still
+        holds and every queued record, oldest first; releases all waiters."""
+        lines = self.pending + self.delivery.take_all() + list(self.warnings)
+        self.pending = []
+        self.warnings.clear()
+        while queue:
+            item = queue.popleft()
+            if isinstance(item, Flush):
+                self.flushes.append(item)
+                continue
+            try:
+                lines.append(self.renderer.render(item))
+            except Exception:
+                self.on_render_error(item)
+        for flush in self.flushes:
+            flush.release()
+        self.flushes = []
+        return lines
+
+    def close(self) -> None:
+        self.delivery.close()

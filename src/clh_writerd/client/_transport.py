@@ -1,0 +1,160 @@
+"""The zmq side of delivery: the DEALER socket batches travel on (behind the
+small interface ``Delivery`` drives, so tests give it a fake) and the REQ
+round trip for sync records."""
+
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import zmq
+
+from .. import protocol
+from ._stats import STATE_FALLBACK, ClientStats
+
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"
+
+
+class ZmqTransport:
+    """A DEALER socket and its monitor: ``send``/``recv`` never block, and
+    ``events`` reports connections made and lost."""
+
+    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        # Queue only on completed connections: with no daemon, send() fails
+        # at once instead of parking records in a zmq queue nobody drains.
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        # ZMTP heartbeats notice a daemon that stopped answering (SIGSTOP).
+        dealer.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.monitor: Optional[zmq.Socket] = dealer.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        dealer.connect(endpoint)
+        self.dealer: Optional[zmq.Socket] = dealer
+
+    def sockets(self) -> List[zmq.Socket]:
+        """What a driver waits on for readability."""
+        return [s for s in (self.dealer, self.monitor) if s is not None]
+
+    def send(self, payload: bytes) -> bool:
+        """False when no daemon is connected (nothing was queued)."""
+        if self.dealer is None:
+            return False
+        try:
+            self.dealer.send(payload, zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def recv(self) -> Optional[bytes]:
+        if self.dealer is None:
+            return None
+        try:
+            return self.dealer.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+
+    def events(self) -> Iterator[str]:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor is not None:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                yield DISCONNECTED
+            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                yield CONNECTED
+
+    def close(self) -> None:
+        if self.dealer is not None:
+            try:
+                self.dealer.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
+            self.dealer.close(linger=0)
+            self.dealer = self.monitor = None
+
+
+class SyncChannel:
+    """REQ round trips for records confirmed before the call returns.
+
+    Thread-safe (one lock, one socket). Lazy Pirate: after a timeout or a
+    bad reply the socket is closed and a new one is made next time.
+    """
+
+    def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
+                 client_id: protocol.ClientId, path: str, options: Dict[str, Any]) -> None:
+        self.context = context
+        self.endpoint = endpoint
+        self.s = settings
+        self.stats = stats
+        self.client_id = client_id
+        self.path = path
+        self.options = options
+        self._req: Optional[zmq.Socket] = None
+        self._lock = threading.Lock()
+        self._ids = 0
+
+    def write(self, line: str) -> bool:
+        """True once the daemon confirmed the line is written; False: use the fallback."""
+        with self._lock:
+            if self.stats.state == STATE_FALLBACK:
+                return False  # became unreachable while we waited for the lock
+            req = self._req or self._connect()
+            if req is None:
+                return False
+            self._ids += 1
+            payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line)
+            try:
+                req.send(payload, zmq.NOBLOCK)
+            except zmq.Again:
+                self._drop()
+                return False
+            if not req.poll(int(self.s.sync_timeout * 1000)):
+                self.stats.sync_timeouts += 1
+                self.stats.last_error = f"sync record not confirmed within {self.s.sync_timeout}s"
+                self._drop()
+                return False
+            ok, error = self._reply(req)
+            if error:
+                self.stats.last_error = error
+            return ok
+
+    def _connect(self) -> Optional[zmq.Socket]:
+        req = self.context.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.setsockopt(zmq.IMMEDIATE, 1)
+        req.connect(self.endpoint)
+        # With IMMEDIATE, POLLOUT means a daemon completed the connection.
+        if not req.poll(int(self.s.connect_timeout * 1000), zmq.POLLOUT):
+            req.close(linger=0)
+            return None
+        self._req = req
+        return req
+
+    def _reply(self, req: zmq.Socket) -> Tuple[bool, str]:
+        try:
+            reply = protocol.decode_reply(req.recv())
+        except protocol.ProtocolError as exc:
+            self._drop()
+            return False, f"bad reply from daemon: {exc}"
+        if isinstance(reply, protocol.Ok):
+            return True, ""
+        if isinstance(reply, protocol.Error):
+            return False, f"daemon refused a sync record: {reply.code}: {reply.message}"
+        return False, f"unexpected reply {reply!r}"
+
+    def _drop(self) -> None:
+        if self._req is not None:
+            self._req.close(linger=0)
+            self._req = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()

@@ -1,0 +1,313 @@
+"""Unit tests of the sans-I/O sender core and Delivery: a fake clock, a fake
+daemon behind the Transport interface, a fallback that records what it
+writes. No process, no socket, no sleep: each test runs in milliseconds.
+
+The fakes are in-process on purpose: they reach states (a daemon that
+answers pings but never acks, a write that fails until a deadline) that a
+real daemon shows only after seconds, and only sometimes.
+"""
+
+import logging
+from collections import deque
+from typing import Any, Deque, Iterator, List, Optional
+
+import pytest
+
+from clh_writerd import protocol
+from clh_writerd.client._delivery import Delivery
+from clh_writerd.client._options import THREAD, HandlerOptions
+from clh_writerd.client._sender import RETRY_DELAY, Flush, SenderCore
+from clh_writerd.client._stages import Renderer
+from clh_writerd.client._stats import ClientStats
+from clh_writerd.client._transport import CONNECTED, DISCONNECTED
+
+PATH = "/var/log/app/unit.log"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeDaemon:
+    """The Transport interface, with a daemon behind it whose behaviour a
+    test sets: 'ack' (write and ack), 'busy' (refuse as busy), 'silent'
+    (accept and never ack, as a wedged writer does)."""
+
+    def __init__(self, connected: bool = True, batches: str = "ack", pings: bool = True) -> None:
+        self.connected = connected
+        self.batches = batches
+        self.pings = pings
+        self.replies: Deque[bytes] = deque()
+        self.pending_events: List[str] = []
+        self.written: List[str] = []
+        self.seqs: List[int] = []
+        self.closed = False
+
+    def send(self, payload: bytes) -> bool:
+        if not self.connected:
+            return False
+        request = protocol.decode_request(payload)
+        if isinstance(request, protocol.Ping):
+            if self.pings:
+                self.replies.append(protocol.encode_ok(request.id, {"max_message_bytes": 1 << 20}))
+        elif isinstance(request, protocol.Batch):
+            self.seqs.append(request.seq)
+            if self.batches == "ack":
+                self.written += request.records
+                self.replies.append(protocol.encode_ack(request.seq))
+            elif self.batches == "busy":
+                self.replies.append(protocol.encode_error(protocol.E_BUSY, "busy", seq=request.seq))
+        return True
+
+    def recv(self) -> Optional[bytes]:
+        return self.replies.popleft() if self.replies else None
+
+    def events(self) -> Iterator[str]:
+        events, self.pending_events = self.pending_events, []
+        return iter(events)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def go_away(self) -> None:
+        self.connected = False
+        self.replies.clear()
+        self.pending_events.append(DISCONNECTED)
+
+    def come_back(self) -> None:
+        self.connected = True
+        self.pending_events.append(CONNECTED)
+
+
+class Driver:
+    """What a handler does around the core, minus the waiting: the clock
+    jumps to whatever is due next instead."""
+
+    def __init__(self, transport: Optional[FakeDaemon], **options: Any) -> None:
+        self.clock = Clock()
+        self.stats = ClientStats()
+        opts = HandlerOptions.build(THREAD, endpoint=None, **options)
+        self.delivery = Delivery(opts, self.stats, PATH, {"maxBytes": 0}, protocol.new_client_id("unit"),
+                                 transport, self.clock)
+        formatter = logging.Handler()
+        formatter.setFormatter(logging.Formatter("%(message)s"))
+        self.renderer = Renderer(formatter)  # type: ignore[arg-type]
+        self.render_errors: List[Any] = []
+        self.core = SenderCore(self.delivery, self.renderer, self.stats, self.render_errors.append, self.clock)
+        self.queue: Deque[Any] = deque()
+        self.fallback: List[str] = []
+        self.fallback_fails = False
+
+    def log(self, *messages: str) -> None:
+        for message in messages:
+            self.queue.append(self.renderer.prepare(logging.makeLogRecord({"msg": message})))
+
+    def flush_marker(self) -> List[bool]:
+        released: List[bool] = []
+        self.queue.append(Flush(lambda: released.append(True)))
+        return released
+
+    def turn(self) -> None:
+        self.core.collect(self.queue)
+        lines = self.core.step()
+        if lines:
+            ok = not self.fallback_fails
+            if ok:
+                self.fallback += lines
+            self.core.written(lines, ok)
+        for flush in self.core.settled():
+            flush.release()
+
+    def run(self, until: Any, seconds: float, max_turns: int = 10000) -> None:
+        """Turn, then jump the clock to the next due time, until ``until()``."""
+        end = self.clock.now + seconds
+        for _ in range(max_turns):
+            self.turn()
+            if until():
+                return
+            if self.clock.now >= end:
+                break
+            self.clock.now = min(end, self.clock.now + max(self.core.wait_time(), 0.001))
+        raise AssertionError(f"not reached within {seconds}s of fake time: {self.stats}")
+
+
+def records(n: int, prefix: str = "r") -> List[str]:
+    return [f"{prefix}{i}" for i in range(n)]
+
+
+def test_acked_batches_reach_the_daemon_once_and_nothing_goes_to_the_fallback():
+    daemon = FakeDaemon()
+    d = Driver(daemon, batch_size=10)
+    d.log(*records(95))
+    d.run(lambda: d.core.drained() and d.stats.acked == 95, seconds=2)
+    assert daemon.written == records(95)
+    assert d.fallback == []
+    assert d.stats.state == "daemon" and d.stats.sent == 95
+
+
+def test_no_daemon_within_connect_timeout_means_the_fallback_writes_everything():
+    d = Driver(FakeDaemon(connected=False), connect_timeout=0.5)
+    d.log(*records(20))
+    d.run(lambda: d.core.drained(), seconds=2)
+    assert d.fallback == records(20)
+    assert d.stats.state == "fallback"
+    assert d.clock.now - 1000.0 >= 0.5  # it waited for connect_timeout, no longer than it had to
+    assert d.clock.now - 1000.0 < 0.7
+
+
+def test_embedded_mode_writes_every_line_directly_in_order():
+    d = Driver(None)
+    d.log(*records(50))
+    d.run(lambda: d.core.drained(), seconds=1)
+    assert d.fallback == records(50)
+
+
+def test_busy_batches_are_sent_again_in_order_and_counted_as_busy_not_resent():
+    daemon = FakeDaemon(batches="busy")
+    d = Driver(daemon, batch_size=5, window=2)
+    d.log(*records(20))
+    d.run(lambda: d.stats.busy >= 3, seconds=2)
+    daemon.batches = "ack"
+    d.run(lambda: d.core.drained(), seconds=5)
+    assert daemon.written == records(20)  # busy refusals wrote nothing: no duplicate
+    assert d.fallback == [] and d.stats.resent == 0
+
+
+def test_daemon_gone_replays_unacked_lines_through_the_fallback_then_it_is_used_again():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, batch_size=5, ack_timeout=60)
+    d.log(*records(10))
+    d.run(lambda: len(daemon.seqs) == 2, seconds=1)
+    daemon.go_away()
+    d.run(lambda: d.core.drained(), seconds=1)
+    assert d.fallback == records(10) and d.stats.resent == 10
+    daemon.batches = "ack"
+    daemon.come_back()
+    d.run(lambda: d.stats.state == "daemon", seconds=10)
+    d.log(*records(3, "later"))
+    d.run(lambda: d.core.drained(), seconds=1)
+    assert daemon.written == records(3, "later")
+
+
+def test_daemon_that_answers_pings_but_never_acks_is_waited_for_while_it_answers():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, ack_timeout=1.0)
+    d.log(*records(5))
+    d.run(lambda: bool(daemon.seqs), seconds=1)
+    start = d.clock.now
+    with pytest.raises(AssertionError):
+        d.run(lambda: bool(d.fallback), seconds=10)  # alive (pings answered): no duplicates
+    assert d.clock.now - start >= 10 and d.stats.state == "daemon"
+    daemon.pings = False
+    d.run(lambda: d.core.drained(), seconds=5)  # neither acks nor pings: the fallback takes over
+    assert d.fallback == records(5) and d.stats.resent == 5
+
+
+def test_stop_while_a_flush_is_pending_writes_every_unacked_record_by_the_deadline():
+    """The regression: a flush() timed out against a daemon that answers
+    pings but never acks, then close(). The stop deadline must hold whatever
+    else is pending: every unacknowledged record goes to the fallback."""
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, batch_size=10, ack_timeout=5.0)
+    d.log(*records(50))
+    flushed = d.flush_marker()
+    d.log(*records(5, "after-flush"))  # queued behind the flush: must be written too
+    with pytest.raises(AssertionError):
+        d.run(lambda: bool(flushed), seconds=5)  # flush() gives up after drain_timeout
+    assert d.stats.sent == 50 and d.stats.acked == 0
+    d.core.request_stop(5.0)
+    deadline = d.clock.now + 5.0
+    d.run(lambda: d.core.finished(d.queue), seconds=6)
+    assert d.clock.now <= deadline + 0.01
+    assert d.fallback == records(50) + records(5, "after-flush")
+    assert d.stats.resent == 55 and flushed == [True]
+
+
+def test_stop_drains_to_an_acking_daemon_without_the_fallback():
+    daemon = FakeDaemon()
+    d = Driver(daemon, batch_size=10)
+    d.log(*records(30))
+    d.core.request_stop(5.0)
+    d.run(lambda: d.core.finished(d.queue), seconds=1)
+    assert daemon.written == records(30) and d.fallback == []
+
+
+def test_oversize_record_goes_to_the_fallback_after_the_lines_before_it():
+    daemon = FakeDaemon(batches="silent")  # keep earlier lines unacked and unsent
+    d = Driver(daemon, linger=10.0, batch_size=100)
+    d.run(lambda: d.stats.state == "daemon", seconds=1)
+    big = "x" * (d.stats.record_limit + 1)
+    d.log("a", "b", big, "c")
+    d.turn()
+    assert d.fallback == ["a", "b", big]
+    assert d.stats.oversize == 1
+
+
+def test_a_failed_fallback_write_is_retried_and_given_up_only_at_the_stop_deadline():
+    d = Driver(None)
+    d.fallback_fails = True
+    d.log(*records(3))
+    d.turn()
+    assert d.core.pending == records(3) and not d.core.accepting  # the queue fills up meanwhile
+    assert d.core.wait_time() == pytest.approx(RETRY_DELAY)
+    d.clock.now += RETRY_DELAY
+    d.fallback_fails = False
+    d.turn()
+    assert d.fallback == records(3)
+    d.fallback_fails = True
+    d.log("doomed")
+    d.core.request_stop(1.0)
+    d.run(lambda: d.core.finished(d.queue), seconds=2)
+    assert d.core.lost == 1
+
+
+def test_drop_warnings_go_ahead_of_queued_records_and_before_a_flush_settles():
+    d = Driver(None)
+    d.log("queued")
+    flushed = d.flush_marker()
+    d.core.warn("warning")
+    d.turn()
+    assert d.fallback == ["warning", "queued"] and flushed == [True]
+
+
+def test_render_errors_are_reported_and_do_not_stop_the_sender():
+    class Picky(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            if record.getMessage() == "bad":
+                raise ValueError("cannot format")
+            return super().format(record)
+
+    d = Driver(None)
+    d.renderer.handler.setFormatter(Picky("%(message)s"))  # type: ignore[attr-defined]
+    d.log("bad", "good")
+    d.run(lambda: d.core.drained() and not d.queue, seconds=1)
+    assert len(d.render_errors) == 1 and d.fallback == ["good"]
+
+
+def test_salvage_returns_everything_in_order_and_releases_every_flush():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, batch_size=2, window=1)
+    d.log(*records(6))
+    flushed = d.flush_marker()
+    d.run(lambda: bool(daemon.seqs), seconds=1)
+    lines = d.core.salvage(d.queue)
+    assert lines == records(6) and flushed == [True]
+    assert not d.queue and d.core.drained()
+
+
+def test_collect_stops_at_a_flush_and_at_the_window_bound():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, batch_size=2, window=2, linger=10.0)
+    d.run(lambda: d.stats.state == "daemon", seconds=1)
+    d.log("a", "b")
+    d.flush_marker()
+    d.log("c")
+    assert d.core.collect(d.queue) == 3  # a, b and the marker; c waits behind the flush
+    assert len(d.queue) == 1 and not d.core.accepting
+    d2 = Driver(FakeDaemon(batches="silent"), batch_size=2, window=2, linger=10.0)
+    d2.log(*records(10))
+    assert d2.core.collect(d2.queue) == 4 and len(d2.queue) == 6  # batch_size * window lines at most

@@ -1,0 +1,191 @@
+"""Handler options: one declaration (HandlerOptions) checked at construction,
+the docs table generated from it, and every argument CLH accepts accepted."""
+
+import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from typing import Any, Dict
+
+import pytest
+from support import check_sequences, read_lines, seq_record
+
+from clh_writerd import (
+    AsyncConcurrentHandler,
+    NonBlockingConcurrentHandler,
+    create_async_concurrent_handler,
+    create_nonblocking_handler,
+)
+from clh_writerd.client._options import ASYNC, THREAD, HandlerOptions, markdown_table, parse_endpoint
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "client.md")
+FACTORIES = [create_nonblocking_handler, create_async_concurrent_handler]
+
+
+def test_docs_parameter_table_is_the_options_dataclass():
+    with open(DOCS, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"<!-- options-table:start -->\n(.*?)<!-- options-table:end -->", text, re.S)
+    assert match, "docs/client.md lost its options table markers"
+    assert match.group(1) == markdown_table(), \
+        "regenerate it: python -m clh_writerd.client._options docs/client.md"
+
+
+def test_each_handler_takes_its_own_options_and_the_plan_defaults():
+    thread, aio = HandlerOptions.build(THREAD), HandlerOptions.build(ASYNC)
+    assert (thread.queue_size, thread.sync_level, thread.fallback_on_full) == (10000, logging.ERROR, True)
+    assert (aio.queue_size, aio.sync_level, aio.fallback_mode) == (10000, logging.CRITICAL, "drop")
+    assert "fallback_mode" not in HandlerOptions.names(THREAD)
+    assert "fallback_on_full" not in HandlerOptions.names(ASYNC)
+    with pytest.raises(TypeError, match="fallback_mode"):
+        HandlerOptions.build(THREAD, fallback_mode="drop")
+    with pytest.raises(TypeError, match="queue_sise"):
+        HandlerOptions.build(ASYNC, queue_sise=3)
+
+
+@pytest.mark.parametrize("kind", [THREAD, ASYNC])
+def test_levels_by_name_or_number_and_unknown_names_raise_at_construction(kind):
+    assert HandlerOptions.build(kind, sync_level="error", level="Warning").sync_level == logging.ERROR
+    assert HandlerOptions.build(kind, sync_level=35).sync_level == 35
+    with pytest.raises(ValueError, match="sync_level.*ERORR"):
+        HandlerOptions.build(kind, sync_level="ERORR")
+    with pytest.raises(ValueError, match="level"):
+        HandlerOptions.build(kind, level="LOUD")
+
+
+@pytest.mark.parametrize("bad", [{"queue_size": 0}, {"window": 0}, {"batch_bytes": 10}, {"linger": -1},
+                                 {"drain_timeout": "5"}, {"autostart": "yes"}])
+def test_bad_values_name_the_option(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        HandlerOptions.build(THREAD, **bad)
+
+
+def test_endpoint_none_means_no_daemon_and_malformed_endpoints_are_a_clear_error(monkeypatch):
+    assert parse_endpoint(None) is None
+    assert parse_endpoint("none") is None and parse_endpoint("None") is None
+    assert parse_endpoint("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5555"
+    assert parse_endpoint("ipc:///run/clh/w.sock") == "ipc:///run/clh/w.sock"
+    for bad in ("localhost:5555", "tcp://localhost", "tcp://h:99999", "ftp://x", "ipc://" + "x" * 200, 42):
+        with pytest.raises(ValueError, match="endpoint"):
+            parse_endpoint(bad)
+    monkeypatch.setenv("CLH_WRITERD_ENDPOINT", "none")
+    assert HandlerOptions.build(THREAD).endpoint is None
+    monkeypatch.setenv("CLH_WRITERD_ENDPOINT", "tcp://nohost")
+    with pytest.raises(ValueError, match=r"\$CLH_WRITERD_ENDPOINT"):
+        HandlerOptions.build(THREAD)
+
+
+def test_dictconfig_with_a_malformed_endpoint_fails_with_the_reason(tmp_path):
+    import logging.config
+
+    config = {"version": 1, "handlers": {"f": {
+        "()": "clh_writerd.create_nonblocking_handler", "filename": str(tmp_path / "a.log"), "endpoint": "tcp:/x"}}}
+    with pytest.raises(ValueError, match="Unable to configure handler 'f'") as info:
+        logging.config.dictConfig(config)
+    assert "malformed endpoint 'tcp:/x'" in str(info.value.__cause__)  # the reason, not a ZMQError
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_a_constructor_that_raised_leaves_nothing_failing_at_exit(tmp_path, factory):
+    """A refused handler must not make logging.shutdown() print at exit."""
+    code = (f"import clh_writerd\n"
+            f"try:\n    clh_writerd.{factory.__name__}({str(tmp_path / 'a.log')!r}, queue_size=0)\n"
+            f"except ValueError as exc:\n    print('refused', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "refused" in out.stdout
+    assert out.stderr == "", out.stderr
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_logging_after_close_writes_through_the_fallback_without_a_traceback(tmp_path, factory, capsys):
+    path = str(tmp_path / "closed.log")
+    handler = factory(path, endpoint=None)
+    logger = logging.getLogger(f"after-close.{factory.__name__}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.warning(seq_record("w", 0))
+    handler.close()
+    logger.warning(seq_record("w", 1))
+    logger.error(seq_record("w", 2))
+    assert "Traceback" not in capsys.readouterr().err
+    check_sequences(read_lines(path), {"w": 3}).assert_complete()
+    assert handler.get_stats()["closed_count"] == 2
+    logger.removeHandler(handler)
+
+
+# Every argument of CLH's two constructors, with values across the ranges CLH
+# accepts (not the daemon's narrower policy: a file it refuses is written by
+# the fallback).
+ROTATING = [
+    {"maxBytes": 0}, {"maxBytes": 1, "backupCount": 40}, {"maxBytes": 2**40}, {"backupCount": 0}, {"backupCount": 2000},
+    {"mode": "a"}, {"encoding": "utf-8"}, {"encoding": "latin-1"}, {"debug": True}, {"delay": None},
+    {"use_gzip": True, "maxBytes": 200, "backupCount": 40}, {"chmod": 0o600}, {"umask": 0o077},
+    {"newline": "\r\n"}, {"terminator": "\r\n"}, {"unicode_error_policy": "strict"},
+    {"unicode_error_policy": "replace"}, {"keep_file_open": False}, {"lock_file_directory": "LOCKS"},
+]
+TIMED = [
+    {"when": when} for when in ("S", "M", "H", "D", "MIDNIGHT", "W0", "W6", "h")
+] + [{"when": "H", "interval": 1000}, {"when": "D", "utc": True}, {"when": "MIDNIGHT", "atTime": datetime.time(3, 0)},
+     {"when": "H", "errors": "replace"}, {"when": "H", "maxBytes": 100, "backupCount": 2000},
+     {"when": "S", "delay": True}]
+
+
+def _user_group() -> Dict[str, Any]:
+    import grp
+    import pwd
+
+    return {"owner": (pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name)}
+
+
+def _write_through(factory: Any, path: str, endpoint: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    kwargs = dict(kwargs)
+    if kwargs.get("lock_file_directory") == "LOCKS":
+        kwargs["lock_file_directory"] = os.path.join(os.path.dirname(path), "locks")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "the daemon would refuse ...": expected for some
+        handler = factory(path, use_timed="when" in kwargs, endpoint=endpoint, **kwargs)
+    assert isinstance(handler, (NonBlockingConcurrentHandler, AsyncConcurrentHandler))
+    logger = logging.getLogger(f"clh-args.{path}")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        for n in range(20):
+            logger.warning(seq_record("w", n))
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    # read_lines reads .gz files; _read splits on \r\n too and decodes any encoding.
+    lines = read_lines(path) if kwargs.get("use_gzip") else _read(path, kwargs.get("encoding", "utf-8"))
+    check_sequences(lines, {"w": 20}).assert_complete()
+    return handler.get_stats()
+
+
+def _read(path: str, encoding: str) -> Any:
+    from support import family_files
+
+    lines = []
+    for name in family_files(path):
+        with open(name, encoding=encoding, newline="") as f:
+            lines += f.read().splitlines()
+    return lines
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("factory", FACTORIES, ids=["thread", "async"])
+def test_every_clh_argument_constructs_a_handler_and_records_reach_the_file(tmp_path, start_daemon, factory):
+    daemon = start_daemon()  # allowed_dirs: tmp_path/logs
+    cases = ROTATING + TIMED + [_user_group()]
+    for endpoint in (None, daemon.endpoint):
+        for i, kwargs in enumerate(cases):
+            directory = tmp_path / "logs" / f"{'embedded' if endpoint is None else 'daemon'}-{i}"
+            directory.mkdir(parents=True)
+            try:
+                stats = _write_through(factory, str(directory / "app.log"), endpoint, kwargs)
+            except AssertionError as exc:
+                raise AssertionError(f"{kwargs} (endpoint {endpoint}): {exc}") from None
+            if endpoint is not None and kwargs == {"maxBytes": 0}:
+                assert stats["fallback_written"] == 0, stats  # the daemon path really was taken
