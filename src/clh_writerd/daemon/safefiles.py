@@ -62,6 +62,10 @@ class DirHandle:
     def real_path(self) -> str:
         return os.path.join(self.root, *self.dirs)
 
+    def explain(self, text: str) -> str:
+        """``text`` (an error message) with the held name replaced by the real path, for humans."""
+        return text.replace(self.path + "/", self.real_path + "/") if self.fd >= 0 else text
+
     def refresh(self) -> bool:
         """Walk the path again (no symlinks); if it now leads to another
         directory, hold that one instead (same descriptor number). True if it changed."""

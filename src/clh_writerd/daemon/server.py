@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from typing import IO, Any, Dict, List, Optional, Tuple
@@ -71,11 +72,63 @@ def raise_fd_limit() -> int:
 
 
 def derived_limits(nofile: int, max_files: int) -> Dict[str, int]:
-    """Files get at most half of the descriptors (FDS_PER_FILE each); the rest is for connections."""
+    """Files get at most half of the descriptors (FDS_PER_FILE each); connections
+    three quarters of the other half (the rest absorbs connections accepted
+    before the daemon sees them: libzmq aborts if accept() meets EMFILE)."""
     usable = max(0, nofile - FD_RESERVE)
     files = max(1, min(max_files, usable // 2 // FDS_PER_FILE))
-    return {"nofile": nofile, "max_files": files, "connections": max(0, usable - files * FDS_PER_FILE),
+    return {"nofile": nofile, "max_files": files, "connections": max(8, usable // 2 * 3 // 4),
             "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
+
+
+class ConnectionGuard:
+    """Counts the connections the ROUTER accepted (its socket monitor) and
+    shuts down each one beyond ``limit`` right away, so connections can never
+    take the descriptors that files and libzmq itself need."""
+
+    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+    def __init__(self, sock: zmq.Socket, limit: int, stats: DaemonStats) -> None:
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.limit = limit
+        self.stats = stats
+        self.live: set = set()
+
+    def handle(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, fd = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                if len(self.live) >= self.limit:
+                    self._shut(fd)
+                    self.stats.count("connections_refused")
+                else:
+                    self.live.add(fd)
+            else:
+                self.live.discard(fd)
+
+    @staticmethod
+    def _shut(fd: int) -> None:
+        """shutdown(2), not close: libzmq owns the descriptor, sees the end of
+        the stream and closes it itself."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return  # already closed and reused by something that is not a socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
 
 
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
@@ -104,6 +157,7 @@ class Server:
         self.context: Optional[zmq.Context] = None
         self.router_socket: Optional[zmq.Socket] = None
         self.acks: Optional[AckQueue] = None
+        self.guard: Optional[ConnectionGuard] = None
         self.router: Optional[Router] = None
         self._lock_file: Optional[IO[str]] = None
         self._next_sweep = 0.0
@@ -151,6 +205,7 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.router_socket = sock
+        self.guard = ConnectionGuard(sock, self.stats.limits["connections"], self.stats)
         self._bind(sock)
         if cfg.metrics_listen:
             from .metrics import MetricsServer
@@ -160,9 +215,10 @@ class Server:
         self._install_signal_handlers()
         self.notifier.ready(f"serving {cfg.endpoint}")
         log.info(
-            "clh-writerd %s serving %s (pid %d, config %s); allowed dirs: %s; limits: %s",
-            __version__, cfg.endpoint, os.getpid(), cfg.source, ", ".join(cfg.allowed_dirs), self.stats.limits,
+            "clh-writerd %s serving %s (pid %d, config %s); allowed dirs: %s",
+            __version__, cfg.endpoint, os.getpid(), cfg.source, ", ".join(cfg.allowed_dirs),
         )
+        log.info("limits: %s", ", ".join(f"{k}={v}" for k, v in self.stats.limits.items()))
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
@@ -170,9 +226,13 @@ class Server:
         poller.register(self.router_socket, zmq.POLLIN)
         ack_fd = self.acks.fileno()
         poller.register(ack_fd, zmq.POLLIN)
+        assert self.guard is not None
+        poller.register(self.guard.monitor, zmq.POLLIN)
         while not self.should_exit:
             self.notifier.watchdog()
             events = dict(poller.poll(POLL_MS))
+            if self.guard.monitor in events:
+                self.guard.handle()
             if ack_fd in events:
                 self._forward_acks()
             if self.router_socket in events:
@@ -285,6 +345,9 @@ class Server:
         # DEALER: [identity, payload]; REQ: [identity, b"", payload].
         if len(frames) < 2 or len(frames) > 3:
             self.stats.count("malformed")
+            if len(frames) > 3:  # a DEALER's identity is the first frame: tell it
+                self._send([frames[0], protocol.encode_error(
+                    protocol.E_MALFORMED, f"a message has one payload frame, this one has {len(frames) - 1}")])
             return
         envelope, payload = frames[:-1], frames[-1]
         request: Optional[protocol.Request] = None
@@ -522,6 +585,10 @@ class Server:
         for sig, handler in self._old_handlers:
             signal.signal(sig, handler)
         self._old_handlers = []
+        if self.guard is not None:
+            self.router_socket.disable_monitor() if self.router_socket is not None else None
+            self.guard.close()
+            self.guard = None
         if self.router_socket is not None:
             self.router_socket.close(linger=1000)
         self.router_socket = None

@@ -268,8 +268,11 @@ class FileWriter:
         return ""
 
     def _failed(self, items: List[Work], exc: BaseException, code: str = protocol.E_WRITE_FAILED) -> None:
-        message = printable(f"{type(exc).__name__}: {exc}" if not isinstance(exc, protocol.ProtocolError)
-                            else exc.message)
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, protocol.ProtocolError) else exc.message
+        for handle in (self._lock_dir, self._dir):
+            if handle is not None:
+                message = handle.explain(message)
+        message = printable(message)
         stats = self.stats
         if message != stats.last_error or stats.write_errors % 1000 == 0:
             log.error("write to %s failed, %d message(s) not acknowledged: %s", printable(self.path), len(items),
