@@ -114,7 +114,7 @@ class FileWriter:
         self.last_used = time.monotonic()
         self._count = count
         # Rotations one write may do before it deletes its own first lines.
-        self._max_rotations = options.get("backupCount", 0) if "when" not in options else None
+        self._max_rotations = options.get("backupCount", 0)
         self._dir = DirHandle(target.root, target.dirs)
         self._lock_dir: Optional[DirHandle] = None
         try:
