@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 
-.PHONY: venv demo test test-matrix bench bench-chart guarantees soak lint clean
+.PHONY: venv demo test test-matrix bench bench-chart guarantees security-table soak lint clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ test-matrix:
 
 guarantees: venv
 	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)
+
+# docs/security.md's attack table from a run of tests/security (needs root: a second user is created).
+security-table: venv
+	$(BIN)/python scripts/guarantees.py --doc security $(PYTEST_ARGS)
 
 soak: venv
 	CLH_SOAK_SECONDS=$${CLH_SOAK_SECONDS:-1800} $(BIN)/python -m pytest -q -s -p no:cacheprovider \

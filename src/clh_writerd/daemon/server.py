@@ -606,10 +606,20 @@ class Server:
             self._lock_file = None
 
 
+class EscapingFormatter(logging.Formatter):
+    """One event, one line: control characters in the message (paths, names
+    and errors that came from clients) are escaped, so no client can forge a
+    log line or send terminal escapes to whoever reads the log."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     """The daemon's own diagnostics: stderr, one line per event, with levels."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s clh-writerd[%(process)d]: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s clh-writerd[%(process)d]: %(message)s"))
     root = logging.getLogger("clh_writerd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
