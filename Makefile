@@ -11,7 +11,7 @@ DEMO_STAMP = $(VENV)/.demo-stamp
 # machines with a fake clock and a fake daemon, options, daemon writers/Router.
 FAST_TESTS = tests/client/test_core.py tests/client/test_options.py tests/daemon/test_units.py
 
-.PHONY: venv demo test test-fast test-matrix bench bench-chart guarantees soak lint clean
+.PHONY: venv demo test test-fast test-matrix bench bench-chart guarantees security-table soak lint clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ test-matrix:
 
 guarantees: venv
 	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)
+
+# docs/security.md's attack table from a run of tests/security (needs root: a second user is created).
+security-table: venv
+	$(BIN)/python scripts/guarantees.py --doc security $(PYTEST_ARGS)
 
 soak: venv
 	CLH_SOAK_SECONDS=$${CLH_SOAK_SECONDS:-1800} $(BIN)/python -m pytest -q -s -p no:cacheprovider \

@@ -158,6 +158,16 @@ class BatchWriter:
     def close(self) -> None:
         self.handler.close()
 
+    def reopen(self) -> None:
+        """Close the log and lock streams (outside write()); the next write opens them again."""
+        clh = self._clh
+        clh._close()
+        lock = clh.stream_lock
+        if lock is not None and not clh.is_locked:
+            clh.stream_lock = None
+            with suppress(Exception):
+                lock.close()
+
     def _chunks(self, lines: Sequence[str]) -> List[List[str]]:
         limit = self.chunk_chars
         if sum(map(len, lines)) + len(lines) <= limit:  # the common case, counted in C
@@ -203,8 +213,17 @@ class BatchWriter:
         """Drop a half-written chunk: close the stream and cut the file back."""
         clh = self._clh
         stream, clh.stream = clh.stream, None
-        if stream is not None:
-            with suppress(Exception):
-                stream.close()  # may try to flush the rest again: cut afterwards
-        with suppress(OSError):
-            os.truncate(clh.baseFilename, start)
+        if stream is None:
+            return
+        # Cut through the descriptor, never by name: the name may have been
+        # replaced (by a symlink, say) since the file was opened.
+        try:
+            fd = os.dup(stream.fileno())
+        except (OSError, ValueError):
+            fd = -1
+        with suppress(Exception):
+            stream.close()  # may try to flush the rest again: cut afterwards
+        if fd >= 0:
+            with suppress(OSError):
+                os.ftruncate(fd, start)
+            os.close(fd)

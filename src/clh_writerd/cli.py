@@ -7,7 +7,8 @@ from typing import Optional
 
 import click
 
-from . import __version__, _resources, protocol
+from . import _resources, protocol
+from ._version import __version__
 from .client.control import DaemonUnavailable, request
 from .daemon.config import ConfigError, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging

@@ -32,6 +32,9 @@ MAX_MAP_ENTRIES = 64
 MAX_COUNTERS = 32
 MAX_REPLY_ENTRIES = 100000
 MAX_INT = 2**63 - 1
+# The counters a client may report about itself (``report`` messages); the
+# daemon keeps only these names, so a client cannot grow its stats document.
+REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize")
 
 # -- message and reply types ----------------------------------------------
 T_BATCH = "batch"
@@ -56,7 +59,8 @@ E_BAD_OPTIONS = "bad_options"  # unknown option or value out of range
 E_BUSY = "busy"  # the file's queue is full: retry later (backpressure)
 E_WRITE_FAILED = "write_failed"  # the write raised (disk full, permissions, ...)
 E_SHUTTING_DOWN = "shutting_down"
-E_INTERNAL = "internal"
+E_INTERNAL = "internal"  # the daemon failed on this message; it keeps serving the others
+E_OPTIONS_CONFLICT = "options_conflict"  # the file is already served with other options
 
 ERROR_CODES = (
     E_MALFORMED,
@@ -69,6 +73,7 @@ ERROR_CODES = (
     E_WRITE_FAILED,
     E_SHUTTING_DOWN,
     E_INTERNAL,
+    E_OPTIONS_CONFLICT,
 )
 # A client may send the same records again later after one of these; the
 # others mean "this daemon will never write it": use the fallback.
@@ -488,7 +493,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
     "MAX_PATH_BYTES", "MAX_NAME_CHARS", "ProtocolError", "ClientId", "Batch", "SyncRecord",
     "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",
-    "FILE_OPTIONS", "check_file_options", "options_key", "new_client_id", "default_endpoint",
+    "FILE_OPTIONS", "REPORT_COUNTERS", "check_file_options", "options_key", "new_client_id", "default_endpoint",
     "encode_batch", "encode_sync", "encode_stats_request", "encode_ping", "encode_report",
     "encode_ack", "encode_ok", "encode_error", "decode_request", "decode_reply",
 ]

@@ -331,7 +331,7 @@ def _records() -> List[logging.LogRecord]:
 
 def test_same_bytes_via_daemon_fallback_embedded_and_plain_clh(start_daemon, tmp_path, make_handler):
     daemon = start_daemon()
-    terminator = "\r\n|"
+    terminator = "|\r\n"  # the daemon only writes terminators ending in a newline (docs/security.md)
     records = _records()
     paths = {name: os.path.join(daemon.log_dir, f"{name}.log") for name in ("daemon", "fallback", "embedded", "plain")}
     endpoints = {"daemon": daemon.endpoint, "fallback": _dead_endpoint(), "embedded": None}

@@ -22,7 +22,7 @@ from clh_writerd.daemon.stats import (
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATS_DOC = os.path.join(REPO, "docs", "stats.md")
 
-DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters"}
+DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters", "limits"}
 FILE_KEYS = {
     "path", "options", "queue_depth", "queue_capacity", "records_received", "bytes_received",
     "records_written", "bytes_written", "batches_written", "writes", "rotations", "write_errors",

@@ -178,7 +178,7 @@ def test_sync_record_is_in_the_file_when_ok_arrives(start_daemon, raw_client):
     check_sequences(read_lines(path), {"s": 20, "b": 200}).assert_complete()
 
 
-def test_first_declaration_of_a_file_wins(start_daemon, raw_client):
+def test_a_second_declaration_with_other_options_is_refused(start_daemon, raw_client):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "shared.log")
     first = {"maxBytes": 100000, "backupCount": 3}
@@ -187,12 +187,17 @@ def test_first_declaration_of_a_file_wins(start_daemon, raw_client):
     # The first client's 300 records (about 9 kB) pass the second one's
     # maxBytes, so the second declaration would rotate the file if it applied.
     assert isinstance(a.write(path, [seq_record("a", i) for i in range(300)], first), protocol.Ack)
-    assert isinstance(b.write(path, [seq_record("b", i) for i in range(100)], second), protocol.Ack)
-    check_sequences(read_lines(path), {"a": 300, "b": 100}).assert_complete()
+    reply = b.write(path, [seq_record("b", i) for i in range(100)], second)
+    assert isinstance(reply, protocol.Error) and reply.code == protocol.E_OPTIONS_CONFLICT, reply
+    assert "maxBytes" in reply.message and "use_gzip" in reply.message
+    assert not reply.retryable  # the client writes it through its fallback
+    # Nothing of the refused batch was written; the first client goes on.
+    assert isinstance(a.write(path, [seq_record("a", 300 + i) for i in range(10)], first), protocol.Ack)
+    check_sequences(read_lines(path), {"a": 310}).assert_complete()
     stats = daemon.file_stats(path)
-    assert stats["option_conflicts"] >= 1
+    assert stats["option_conflicts"] == 1
+    assert daemon.stats()["daemon"]["counters"]["options_conflict"] == 1
     assert stats["options"] == first
-    # The second client's smaller maxBytes was not applied: nothing rotated.
     assert family_files(path) == [os.path.realpath(path)]
 
 

@@ -129,7 +129,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("limits", "max_write_chars", 256 * 1024, _positive(int, 1024, 64 * 1024 * 1024),
            "Largest chunk written between two rollover checks."),
     Option("limits", "max_files", 1000, _positive(int, 1, 100_000),
-           "Files served at once."),
+           "Files served at once (lowered at start to what RLIMIT_NOFILE allows: 4 descriptors per file, "
+           "half of the limit for files); an idle file is closed when its slot is needed."),
+    Option("limits", "idle_file_seconds", 300.0, _positive(float, 0.0, 86400.0),
+           "Close a file (descriptors, lock, thread) after this many seconds without a batch; 0 = never."),
+    Option("limits", "max_path_depth", 16, _positive(int, 1, 256),
+           "Path components allowed below an allowed directory, the file name included."),
     Option("limits", "max_clients", 10000, _positive(int, 1, 1_000_000),
            "Client entries kept in stats (least recently seen are forgotten)."),
     Option("fsync", "policy", "never", _choice(FSYNC_POLICIES),
@@ -164,6 +169,8 @@ class Config:
     queue_batches: int
     max_write_chars: int
     max_files: int
+    idle_file_seconds: float
+    max_path_depth: int
     max_clients: int
     fsync_policy: str
     fsync_interval: float

@@ -12,7 +12,9 @@ import fcntl
 import grp
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 import time
 from typing import IO, Any, Dict, List, Optional, Tuple
@@ -24,8 +26,11 @@ from .._version import __version__
 from .config import Config, load_config
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
 from .notify import SystemdNotifier
-from .stats import DaemonStats, FileStats
-from .writers import FileWriter, Router, Work
+from .paths import Target
+from .policy import OptionPolicy
+from .safefiles import proc_fd_available
+from .stats import DaemonStats, FileStats, printable
+from .writers import AckQueue, FileWriter, Router, Work
 
 log = logging.getLogger("clh_writerd.daemon")
 
@@ -40,6 +45,92 @@ POLL_MS = 200
 MAX_BURST = 256
 # How long a busy refusal holds back a client's later batches for that file.
 BLOCK_SECONDS = 2.0
+# Descriptors one served file may hold: its directory, the lock file's
+# directory, the log stream and the lock stream.
+FDS_PER_FILE = 4
+# Descriptors kept for the daemon itself (zmq's own, stdio, config, metrics).
+FD_RESERVE = 64
+# The daemon's zmq sockets: the ROUTER (writers use no zmq socket).
+ZMQ_MAX_SOCKETS = 16
+# Replies queued per peer before zmq drops further ones for that peer (a
+# client that never reads cannot grow the daemon's memory).
+REPLY_HWM = 1000
+# Seconds between sweeps for idle files.
+IDLE_SWEEP_SECONDS = 1.0
+
+
+def raise_fd_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard one; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return min(soft, hard) if soft != resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    except (ValueError, OSError):
+        return soft
+
+
+def derived_limits(nofile: int, max_files: int) -> Dict[str, int]:
+    """Files get at most half of the descriptors (FDS_PER_FILE each); connections
+    three quarters of the other half (the rest absorbs connections accepted
+    before the daemon sees them: libzmq aborts if accept() meets EMFILE)."""
+    usable = max(0, nofile - FD_RESERVE)
+    files = max(1, min(max_files, usable // 2 // FDS_PER_FILE))
+    return {"nofile": nofile, "max_files": files, "connections": max(8, usable // 2 * 3 // 4),
+            "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
+
+
+class ConnectionGuard:
+    """Counts the connections the ROUTER accepted (its socket monitor) and
+    shuts down each one beyond ``limit`` right away, so connections can never
+    take the descriptors that files and libzmq itself need."""
+
+    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+    def __init__(self, sock: zmq.Socket, limit: int, stats: DaemonStats) -> None:
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
+        self.limit = limit
+        self.stats = stats
+        self.live: set = set()
+
+    def handle(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind, fd = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                if len(self.live) >= self.limit:
+                    self._shut(fd)
+                    self.stats.count("connections_refused")
+                else:
+                    self.live.add(fd)
+            else:
+                self.live.discard(fd)
+
+    @staticmethod
+    def _shut(fd: int) -> None:
+        """shutdown(2), not close: libzmq owns the descriptor, sees the end of
+        the stream and closes it itself."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return  # already closed and reused by something that is not a socket
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.detach()
+
+    def close(self) -> None:
+        self.monitor.close(linger=0)
 
 
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
@@ -63,10 +154,11 @@ class Server:
         self.stats = DaemonStats(config.endpoint, config.max_clients)
         self.context: Optional[zmq.Context] = None
         self.router_socket: Optional[zmq.Socket] = None
-        self.ack_socket: Optional[zmq.Socket] = None
+        self.acks: Optional[AckQueue] = None
+        self.guard: Optional[ConnectionGuard] = None
         self.router: Optional[Router] = None
         self._lock_file: Optional[IO[str]] = None
-        self._ack_endpoint = f"inproc://clh-writerd-acks-{id(self)}"
+        self._next_sweep = 0.0
         self.should_exit = False
         self.force_exit = False
         self.reload_requested = False
@@ -93,18 +185,25 @@ class Server:
 
     def startup(self) -> None:
         cfg = self.config
+        if not proc_fd_available():
+            raise StartupError("/proc/self/fd is not available: the daemon needs it to write without "
+                               "following symlinks (mount /proc)")
+        self.stats.limits = derived_limits(raise_fd_limit(), cfg.max_files)
         self._prepare_allowed_dirs()
         self.context = zmq.Context()
-        self.ack_socket = self.context.socket(zmq.PULL)
-        self.ack_socket.bind(self._ack_endpoint)
-        self.router = Router(cfg, self.stats, self._make_writer)
+        self.context.MAX_SOCKETS = ZMQ_MAX_SOCKETS
+        self.acks = AckQueue()
+        self.router = Router(cfg, self.stats, self._make_writer, self.stats.limits["max_files"])
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(cfg.max_message_bytes))
+        sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+        sock.setsockopt(zmq.RCVHWM, REPLY_HWM)
         sock.setsockopt(zmq.LINGER, 1000)
         # Let zmq drop state of peers that vanished without closing.
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.router_socket = sock
+        self.guard = ConnectionGuard(sock, self.stats.limits["connections"], self.stats)
         self._bind(sock)
         if cfg.metrics_listen:
             from .metrics import MetricsServer
@@ -117,35 +216,45 @@ class Server:
             "clh-writerd %s serving %s (pid %d, config %s); allowed dirs: %s",
             __version__, cfg.endpoint, os.getpid(), cfg.source, ", ".join(cfg.allowed_dirs),
         )
+        log.info("limits: %s", ", ".join(f"{k}={v}" for k, v in self.stats.limits.items()))
 
     def main_loop(self) -> None:
         poller = zmq.Poller()
-        assert self.router_socket is not None and self.ack_socket is not None
+        assert self.router_socket is not None and self.acks is not None
         poller.register(self.router_socket, zmq.POLLIN)
-        poller.register(self.ack_socket, zmq.POLLIN)
+        ack_fd = self.acks.fileno()
+        poller.register(ack_fd, zmq.POLLIN)
+        assert self.guard is not None
+        poller.register(self.guard.monitor, zmq.POLLIN)
         while not self.should_exit:
             self.notifier.watchdog()
             events = dict(poller.poll(POLL_MS))
-            if self.ack_socket in events:
+            if self.guard.monitor in events:
+                self.guard.handle()
+            if ack_fd in events:
                 self._forward_acks()
             if self.router_socket in events:
                 self._receive_burst()
             if self.reload_requested:
                 self.reload()
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + IDLE_SWEEP_SECONDS
+                self._sweep()
 
     def shutdown(self) -> int:
         """Write and acknowledge everything received, within drain_timeout."""
         started = time.monotonic()
         deadline = started + self.config.drain_timeout
         code = EXIT_OK
-        queued = sum(w.stats.queue_depth for w in self.router.writers.values()) if self.router else 0
+        queued = sum(w.stats.queue_depth for w in self.router.all_writers()) if self.router else 0
         log.info("stopping: draining %d queued message(s) (timeout %.1fs)", queued, self.config.drain_timeout)
         self.notifier.stopping(f"draining {queued} queued message(s)")
         if self.router is not None:
             self.router.stop_all()
             while not self.force_exit:
                 self.notifier.watchdog()
-                running = [w for w in self.router.writers.values() if not w.join(0)]
+                running = [w for w in self.router.all_writers() if not w.join(0)]
                 self._forward_acks(wait_ms=20)
                 if not running:
                     break
@@ -185,9 +294,11 @@ class Server:
         self.config = new
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
+        self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files)
+        self.router.max_files = self.stats.limits["max_files"]
         self.router.reload(new)
         self.router_socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(new.max_message_bytes))
-        for writer in self.router.writers.values():
+        for writer in self.router.all_writers():
             writer.fsync_policy, writer.fsync_interval = new.fsync_for(writer.path)
             writer.capacity = writer.stats.capacity = new.queue_batches
         self.stats.max_clients = new.max_clients
@@ -206,11 +317,35 @@ class Server:
             self.handle(frames)
 
     def handle(self, frames: List[bytes]) -> None:
-        """decode -> route -> hand to the writer (which acks), or reply now."""
+        """decode -> route -> hand to the writer (which acks), or reply now.
+
+        Isolated: whatever one message raises becomes an ``internal`` error
+        reply and a counter; the daemon goes on with the next message.
+        """
+        try:
+            self._handle(frames)
+        except Exception as exc:
+            self.stats.count(protocol.E_INTERNAL)
+            log.error("internal error on a message (answered, daemon goes on): %s",
+                      printable(f"{type(exc).__name__}: {exc}"[:500]))
+            if 2 <= len(frames) <= 3:
+                seq = rid = None
+                try:  # echo the batch seq / request id when the frame names one
+                    request = protocol.decode_request(frames[-1])
+                    seq, rid = getattr(request, "seq", None), getattr(request, "id", None)
+                except Exception:
+                    pass
+                reply = protocol.encode_error(protocol.E_INTERNAL, f"{type(exc).__name__}", seq=seq, id=rid)
+                self._send(frames[:-1] + [reply])
+
+    def _handle(self, frames: List[bytes]) -> None:
         self.stats.count("frames_received")
         # DEALER: [identity, payload]; REQ: [identity, b"", payload].
         if len(frames) < 2 or len(frames) > 3:
             self.stats.count("malformed")
+            if len(frames) > 3:  # a DEALER's identity is the first frame: tell it
+                self._send([frames[0], protocol.encode_error(
+                    protocol.E_MALFORMED, f"a message has one payload frame, this one has {len(frames) - 1}")])
             return
         envelope, payload = frames[:-1], frames[-1]
         request: Optional[protocol.Request] = None
@@ -233,7 +368,7 @@ class Server:
             rid = getattr(request, "id", None)
             reply = protocol.encode_error(exc.code, exc.message, seq=seq, id=rid)
             if exc.code != protocol.E_BUSY:
-                log.warning("refused a message: %s", exc)
+                log.warning("refused a message: %s", printable(str(exc)))
         if reply is not None:
             self._send(envelope + [reply])
 
@@ -250,7 +385,7 @@ class Server:
             return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
                                                    "max_message_bytes": self.config.max_message_bytes})
         if isinstance(request, protocol.Report):
-            self.stats.client(request.client).reported.update(request.counters)
+            self.stats.report(request.client, request.counters)
             return protocol.encode_ok(request.id)
         raise protocol.ProtocolError(protocol.E_INTERNAL, "unhandled message")  # pragma: no cover
 
@@ -262,6 +397,10 @@ class Server:
         assert self.router is not None
         try:
             writer = self.router.route(path, options)
+            if not OptionPolicy.encodable(writer.options, lines):
+                raise protocol.ProtocolError(
+                    protocol.E_BAD_OPTIONS, f"a record cannot be encoded in {writer.options.get('encoding')} "
+                    "and unicode_error_policy = strict would drop it")
         except protocol.ProtocolError:
             client_stats.errors += 1
             raise
@@ -270,7 +409,7 @@ class Server:
         if blocked or not writer.submit(Work(envelope, lines, ok_reply, seq, rid), sync=sync):
             writer.stats.busy_refusals += 1
             if seq is not None and not blocked:
-                self._blocked[(client.session, writer.path)] = (seq, time.monotonic() + BLOCK_SECONDS)
+                self._block(client.session, writer.path, seq)
             raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full")
         writer.stats.records_received += len(lines)
         writer.stats.bytes_received += size
@@ -298,16 +437,33 @@ class Server:
             return False
         return True
 
+    def _block(self, session: str, path: str, seq: int) -> None:
+        """Remember a busy refusal (see _refused_batches); the map is bounded by max_clients."""
+        blocked = self._blocked
+        if len(blocked) >= self.config.max_clients:
+            now = time.monotonic()
+            for key in [k for k, (_, expires) in blocked.items() if expires < now]:
+                del blocked[key]
+            while len(blocked) >= self.config.max_clients:
+                del blocked[next(iter(blocked))]
+                self.stats.count("busy_map_evictions")
+        blocked[(session, path)] = (seq, time.monotonic() + BLOCK_SECONDS)
+
+    def _sweep(self) -> None:
+        """Close idle files; forget expired busy entries."""
+        assert self.router is not None
+        self.router.close_idle(self.config.idle_file_seconds)
+        if self._blocked:
+            now = time.monotonic()
+            for key in [k for k, (_, expires) in self._blocked.items() if expires < now]:
+                del self._blocked[key]
+
     def _forward_acks(self, wait_ms: int = 0) -> None:
-        sock = self.ack_socket
-        assert sock is not None
-        if wait_ms and not sock.poll(wait_ms):
-            return
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        acks = self.acks
+        assert acks is not None
+        if wait_ms:
+            zmq.select([acks.fileno()], [], [], wait_ms / 1000.0)
+        for frames in acks.drain():
             self._send(frames)
 
     def _send(self, frames: List[bytes]) -> None:
@@ -323,15 +479,19 @@ class Server:
         return self.stats.snapshot()
 
     # -- resources -----------------------------------------------------------
-    def _make_writer(self, path: str, options: dict) -> FileWriter:
+    def _make_writer(self, target: Target, options: dict, lock_target: Optional[Target]) -> FileWriter:
         cfg = self.config
+        path = target.path
+        old = self.stats.files.get(path)
         stats = FileStats(path, options, cfg.queue_batches)
+        if old is not None:  # a file closed while idle and opened again keeps its totals
+            stats.carry_over(old)
         policy, interval = cfg.fsync_for(path)
-        assert self.context is not None
-        writer = FileWriter(path, options, stats, self.context, self._ack_endpoint, cfg.queue_batches,
-                            cfg.max_write_chars, policy, interval)
+        assert self.acks is not None and self.router is not None
+        writer = FileWriter(target, options, stats, self.acks, cfg.queue_batches, cfg.max_write_chars, policy,
+                            interval, lock_target, self.stats.count)
         writer.start()
-        self.stats.files[path] = stats
+        self.stats.add_file(stats, self.router.writers, keep=2 * self.router.max_files)
         return writer
 
     def _prepare_allowed_dirs(self) -> None:
@@ -423,14 +583,18 @@ class Server:
         for sig, handler in self._old_handlers:
             signal.signal(sig, handler)
         self._old_handlers = []
-        for sock in (self.router_socket, self.ack_socket):
-            if sock is not None:
-                sock.close(linger=1000)
-        self.router_socket = self.ack_socket = None
-        if self.context is not None and not self._writers_running:
-            # term() waits for every socket; a writer still stuck on the disk
-            # holds one, so after a timed-out drain the process just exits.
-            self.context.term()
+        if self.guard is not None:
+            self.router_socket.disable_monitor() if self.router_socket is not None else None
+            self.guard.close()
+            self.guard = None
+        if self.router_socket is not None:
+            self.router_socket.close(linger=1000)
+        self.router_socket = None
+        if self.acks is not None and not self._writers_running:
+            self.acks.close()
+            self.acks = None
+        if self.context is not None:
+            self.context.term()  # writers hold no zmq socket: nothing can make this wait
         self.context = None
         path = self.config.ipc_path
         if self._lock_file is not None:
@@ -440,10 +604,20 @@ class Server:
             self._lock_file = None
 
 
+class EscapingFormatter(logging.Formatter):
+    """One event, one line: control characters in the message (paths, names
+    and errors that came from clients) are escaped, so no client can forge a
+    log line or send terminal escapes to whoever reads the log."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def configure_logging(level: str) -> None:
     """The daemon's own diagnostics: stderr, one line per event, with levels."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s clh-writerd[%(process)d]: %(message)s"))
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s clh-writerd[%(process)d]: %(message)s"))
     root = logging.getLogger("clh_writerd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

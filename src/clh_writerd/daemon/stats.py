@@ -6,15 +6,30 @@ GIL. ``snapshot()`` builds the JSON document described in docs/stats.md.
 """
 
 import os
+import re
 import socket
+import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional
 
 from .._version import __version__
-from ..protocol import ClientId
+from ..protocol import REPORT_COUNTERS, ClientId
 
 STATS_SCHEMA = 1
+
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators and
+# bidi overrides: anything that could move a terminal's cursor, forge a log
+# line or reorder what a reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u2028``),
+    for anything a client sent that ends up on a terminal or in the daemon's log."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class LatencyWindow:
@@ -52,6 +67,13 @@ class FileStats:
         self.option_conflicts = 0
         self.fsyncs = 0
         self.latency = LatencyWindow()
+
+    def carry_over(self, old: "FileStats") -> None:
+        """Keep the totals of the same file's previous (idle-closed) writer."""
+        for name in ("records_received", "bytes_received", "records_written", "bytes_written", "batches_written",
+                     "writes", "rotations", "write_errors", "busy_refusals", "option_conflicts", "fsyncs"):
+            setattr(self, name, getattr(old, name))
+        self.last_error = old.last_error
 
     def snapshot(self) -> Dict[str, Any]:
         p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
@@ -116,7 +138,12 @@ DAEMON_COUNTERS = (
     "write_failed",
     "shutting_down",
     "internal",
+    "options_conflict",
     "reloads",
+    "files_closed",  # idle files closed (LRU), their descriptors released
+    "unknown_counters",  # report entries with a name outside protocol.REPORT_COUNTERS (ignored)
+    "busy_map_evictions",  # per-session ordering entries dropped to keep that map bounded
+    "connections_refused",  # connections shut down at once: more than limits.connections were open
 )
 
 
@@ -126,11 +153,29 @@ class DaemonStats:
         self.started = time.time()
         self.max_clients = max_clients
         self.counters: Dict[str, int] = dict.fromkeys(DAEMON_COUNTERS, 0)
-        self.files: Dict[str, FileStats] = {}
+        self.files: "OrderedDict[str, FileStats]" = OrderedDict()
         self.clients: "OrderedDict[ClientId, ClientStats]" = OrderedDict()
+        self.limits: Dict[str, int] = {}
+        self._lock = threading.Lock()  # writer threads count refusals too
 
     def count(self, name: str, n: int = 1) -> None:
-        self.counters[name] = self.counters.get(name, 0) + n
+        with self._lock:
+            self.counters[name] = self.counters.get(name, 0) + n
+
+    def add_file(self, stats: FileStats, open_paths: Mapping[str, Any], keep: int) -> None:
+        """Register a file's stats; entries of closed files beyond ``keep`` are forgotten, oldest first."""
+        self.files.pop(stats.path, None)
+        self.files[stats.path] = stats
+        if len(self.files) > keep:
+            for path in [p for p in self.files if p not in open_paths][: len(self.files) - keep]:
+                del self.files[path]
+
+    def report(self, client: ClientId, counters: Mapping[str, int]) -> None:
+        """A client's own counters; only the protocol's names are kept (bounded)."""
+        known = {k: v for k, v in counters.items() if k in REPORT_COUNTERS}
+        if len(known) != len(counters):
+            self.count("unknown_counters", len(counters) - len(known))
+        self.client(client).reported.update(known)
 
     def client(self, client: ClientId) -> ClientStats:
         """The entry for ``client``, marked as just seen (LRU-bounded)."""
@@ -155,6 +200,7 @@ class DaemonStats:
                 "started": self.started,
                 "uptime_s": round(time.time() - self.started, 3),
                 "counters": self.counters.copy(),
+                "limits": dict(self.limits),
             },
             # list() copies in one step: the metrics thread may read while
             # the main loop adds entries.
@@ -177,8 +223,20 @@ def _table(headers: List[str], rows: List[List[str]]) -> List[str]:
     return [line(headers)] + [line(r) for r in rows]
 
 
+def _printable_doc(value: Any) -> Any:
+    """Every string of a stats document (paths, hosts, programs, errors came from clients) escaped."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {printable(str(k)): _printable_doc(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable_doc(v) for v in value]
+    return value
+
+
 def render_table(doc: Dict[str, Any]) -> str:
-    """The human-readable form of a stats snapshot."""
+    """The human-readable form of a stats snapshot (client-supplied text escaped)."""
+    doc = _printable_doc(doc)
     now = time.time()
     d = doc["daemon"]
     out = [
@@ -229,6 +287,8 @@ def render_table(doc: Dict[str, Any]) -> str:
 
 def render_watch(doc: Dict[str, Any], previous: Optional[Dict[str, Any]], elapsed: float) -> str:
     """One frame of `clh-writerd stats --watch`: rates since the previous frame."""
+    doc = _printable_doc(doc)
+    previous = _printable_doc(previous) if previous else previous
     d = doc["daemon"]
     before = {f["path"]: f for f in (previous or {}).get("files", [])}
     rate = lambda now, then: (now - then) / elapsed if previous and elapsed > 0 else 0.0  # noqa: E731

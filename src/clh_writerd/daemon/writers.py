@@ -2,23 +2,28 @@
 
 The main loop ``route``s a decoded batch to the file's ``FileWriter``; the
 writer's thread ``write``s everything queued under one CLH lock and ``ack``s
-each message through an inproc socket back to the main loop, which owns the
-ROUTER socket (zmq sockets are not shared between threads).
+each message through the ``AckQueue`` back to the main loop, which owns the
+ROUTER socket (zmq sockets are not shared between threads). Writers hold no
+zmq socket of their own, so the number of files never meets zmq's socket
+limit, and an idle file is closed (its thread, descriptors and lock) after
+``idle_file_seconds`` or when its slot is needed.
 """
 
+import errno
 import logging
+import os
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
-import zmq
-
 from .. import protocol
-from .._batchwrite import BatchWriter, build_handler
+from .._batchwrite import BatchWriter
 from .config import Config
-from .paths import PathPolicy
-from .stats import DaemonStats, FileStats
+from .paths import PathPolicy, Target, refuse_non_file
+from .policy import OptionPolicy
+from .safefiles import DirHandle, build_safe_handler
+from .stats import DaemonStats, FileStats, printable
 
 log = logging.getLogger("clh_writerd.daemon")
 
@@ -37,49 +42,111 @@ class Work(NamedTuple):
     id: Optional[int]  # sync request id, for an error reply
 
 
+class AckQueue:
+    """Replies from writer threads to the main loop: a deque plus a pipe the
+    loop polls (zmq.Poller takes plain descriptors). One pipe for all files."""
+
+    def __init__(self) -> None:
+        self._items: Deque[List[bytes]] = deque()
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def put_many(self, replies: List[List[bytes]]) -> None:
+        self._items.extend(replies)
+        try:
+            os.write(self._write_fd, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full of wake-ups already: the loop will drain
+        except OSError:
+            pass  # closed during shutdown
+
+    def put(self, reply: List[bytes]) -> None:
+        self.put_many([reply])
+
+    def drain(self) -> List[List[bytes]]:
+        """Everything queued now (after clearing the wake-ups, so nothing is missed)."""
+        try:
+            while os.read(self._read_fd, 65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        out = []
+        items = self._items
+        while items:
+            out.append(items.popleft())
+        return out
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class FileWriter:
     """One file: a bounded queue and the thread that writes it."""
 
     def __init__(
         self,
-        path: str,
+        target: Target,
         options: Dict[str, Any],
         stats: FileStats,
-        context: zmq.Context,
-        ack_endpoint: str,
+        acks: AckQueue,
         capacity: int,
         chunk_chars: int,
         fsync_policy: str = "never",
         fsync_interval: float = 1.0,
+        lock_target: Optional[Target] = None,
+        count: Callable[[str], None] = lambda name: None,
     ) -> None:
-        self.path = path
+        self.path = target.path
         self.options = options
         self.options_key = protocol.options_key(options)
         self.stats = stats
         self.capacity = capacity
         self.fsync_policy = fsync_policy
         self.fsync_interval = fsync_interval
-        self._writer = BatchWriter(build_handler(path, options), chunk_chars)
-        self._context = context
-        self._ack_endpoint = ack_endpoint
+        self.last_used = time.monotonic()
+        self._count = count
+        # Rotations one write may do before it deletes its own first lines.
+        self._max_rotations = options.get("backupCount", 0)
+        self._dir = DirHandle(target.root, target.dirs)
+        self._lock_dir: Optional[DirHandle] = None
+        try:
+            refuse_non_file(self._dir.fd, target.name, target.path)
+            if lock_target is not None:
+                self._lock_dir = DirHandle(lock_target.root, lock_target.parts, "lock_file_directory")
+            self._writer = BatchWriter(build_safe_handler(self._dir, target.name, self._lock_dir, options),
+                                       chunk_chars)
+        except BaseException:
+            self._close_dirs()
+            raise
+        self._acks = acks
         self._batches: Deque[Work] = deque()
         self._sync: Deque[Work] = deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._last_fsync = time.monotonic()
         self._unsynced = False
-        self._thread = threading.Thread(target=self._run, name=f"writer:{path}", daemon=True)
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name=f"writer:{self.path}", daemon=True)
 
     # -- main-loop side ----------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, work: Work, sync: bool = False) -> bool:
-        """Queue work; False when the queue is full (sync records always fit)."""
+        """Queue work; False when its queue is full (batches and sync
+        records each have ``capacity`` places, so neither starves the other)."""
         with self._cond:
             if self._stopping:
                 return False
-            if not sync and len(self._batches) >= self.capacity:
+            if len(self._sync if sync else self._batches) >= self.capacity:
                 return False
             (self._sync if sync else self._batches).append(work)
             self.stats.queue_depth = len(self._batches) + len(self._sync)
@@ -96,6 +163,11 @@ class FileWriter:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or being written (safe to close)."""
+        return not (self._batches or self._sync or self._busy)
+
     # -- writer thread -----------------------------------------------------
     def _take(self) -> Optional[List[Work]]:
         """Sync work first, then queued batches; None once stopped and empty."""
@@ -105,6 +177,7 @@ class FileWriter:
                     return []  # idle tick: time for an interval fsync
             if not (self._sync or self._batches):
                 return None
+            self._busy = True
             items = list(self._sync)
             self._sync.clear()
             records = sum(len(w.lines) for w in items)
@@ -121,53 +194,95 @@ class FileWriter:
         return None
 
     def _run(self) -> None:
-        push = self._context.socket(zmq.PUSH)
-        push.setsockopt(zmq.LINGER, 1000)
-        push.connect(self._ack_endpoint)
         try:
             while True:
                 items = self._take()
                 if items is None:
                     break
                 if items:
-                    self._write(items, push)
+                    try:
+                        self._write(items)
+                    except Exception as exc:  # never let one write end the thread: answer and go on
+                        self._failed(items, exc, protocol.E_INTERNAL)
+                    finally:
+                        self._busy = False
                 self._interval_fsync()
         finally:
             self._interval_fsync(force=True)
-            push.close()
-            self._writer.close()
+            try:
+                self._writer.close()
+            finally:
+                self._close_dirs()
 
-    def _write(self, items: List[Work], push: zmq.Socket) -> None:
+    def _close_dirs(self) -> None:
+        for handle in (self._dir, self._lock_dir):
+            if handle is not None:
+                handle.close()
+
+    def _refresh_dirs(self) -> None:
+        """Walk the path again before every write (no symlink followed); if a
+        directory was replaced, reopen the file and lock in the new one."""
+        changed = self._dir.refresh()
+        if self._lock_dir is not None:
+            changed = self._lock_dir.refresh() or changed
+        if changed:
+            self._writer.reopen()
+
+    def _write(self, items: List[Work]) -> None:
         lines = [line for work in items for line in work.lines]
         fsync = self.fsync_policy == "batch"
         started = time.perf_counter()
         try:
+            self._refresh_dirs()
             result = self._writer.write(lines, fsync=fsync)
-        except Exception as exc:  # disk full, permissions, ...: never ack it
-            self._failed(items, push, exc)
+        except protocol.ProtocolError as exc:  # a symlink planted since the last write, ...
+            self._failed(items, exc, exc.code)
+            return
+        except OSError as exc:  # disk full, permissions, ...: never ack it
+            code = protocol.E_FORBIDDEN_PATH if exc.errno in (errno.ELOOP, errno.ENOTDIR) else protocol.E_WRITE_FAILED
+            self._failed(items, exc, code)
             return
         stats = self.stats
         stats.latency.add(time.perf_counter() - started)
         stats.writes += 1
-        stats.batches_written += len(items)
-        stats.records_written += len(lines)
         stats.bytes_written += result.bytes
         stats.rotations += result.rotations
         stats.fsyncs += int(fsync)
         self._unsynced = not fsync
-        for work in items:
-            push.send_multipart(work.envelope + [work.ok_reply])
+        lost = self._lost(result)
+        if lost:
+            # Written, but not all of it is in the file any more: never ack.
+            self._failed(items, protocol.ProtocolError(protocol.E_BAD_OPTIONS, lost), protocol.E_BAD_OPTIONS)
+            return
+        stats.batches_written += len(items)
+        stats.records_written += len(lines)
+        self._acks.put_many([work.envelope + [work.ok_reply] for work in items])
 
-    def _failed(self, items: List[Work], push: zmq.Socket, exc: Exception) -> None:
-        message = f"{type(exc).__name__}: {exc}"
+    def _lost(self, result: Any) -> str:
+        if result.skipped:
+            return (f"{result.skipped} line(s) could not be encoded in {self.options.get('encoding')} "
+                    "(unicode_error_policy = strict)")
+        if self._max_rotations and result.rotations > self._max_rotations:
+            return (f"this write rotated the file {result.rotations} times but backupCount = {self._max_rotations}: "
+                    "rotation deleted lines it had just written (maxBytes too small for the batch)")
+        return ""
+
+    def _failed(self, items: List[Work], exc: BaseException, code: str = protocol.E_WRITE_FAILED) -> None:
+        message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, protocol.ProtocolError) else exc.message
+        for handle in (self._lock_dir, self._dir):
+            if handle is not None:
+                message = handle.explain(message)
+        message = printable(message)
         stats = self.stats
         if message != stats.last_error or stats.write_errors % 1000 == 0:
-            log.error("write to %s failed, %d message(s) not acknowledged: %s", self.path, len(items), message)
+            log.error("write to %s failed, %d message(s) not acknowledged: %s", printable(self.path), len(items),
+                      message)
         stats.write_errors += 1
         stats.last_error = message
-        for work in items:
-            reply = protocol.encode_error(protocol.E_WRITE_FAILED, message, seq=work.seq, id=work.id)
-            push.send_multipart(work.envelope + [reply])
+        self._count(code)
+        self._acks.put_many([
+            work.envelope + [protocol.encode_error(code, message, seq=work.seq, id=work.id)] for work in items
+        ])
 
     def _interval_fsync(self, force: bool = False) -> None:
         if not self._unsynced or self.fsync_policy == "never":
@@ -182,26 +297,33 @@ class FileWriter:
             self._last_fsync = time.monotonic()
 
 
-WriterFactory = Callable[[str, Dict[str, Any]], FileWriter]
+WriterFactory = Callable[[Target, Dict[str, Any], Optional[Target]], FileWriter]
 
 
 class Router:
     """Maps (path, options) to the file's writer, enforcing the daemon's policy.
 
-    First declaration wins: a later client declaring different options for
-    the same file is served with the first options and counted as a conflict.
+    One file, one set of options: a client declaring other options for a
+    file that is being served gets ``options_conflict`` (and its fallback),
+    never silently the first client's options. Writers are kept in
+    least-recently-used order; an idle one is closed after
+    ``idle_file_seconds`` or when a new file needs its slot.
     """
 
-    def __init__(self, config: Config, stats: DaemonStats, make_writer: WriterFactory) -> None:
+    def __init__(self, config: Config, stats: DaemonStats, make_writer: WriterFactory,
+                 max_files: Optional[int] = None) -> None:
         self.stats = stats
-        self.writers: Dict[str, FileWriter] = {}
+        self.writers: "OrderedDict[str, FileWriter]" = OrderedDict()
         self._make_writer = make_writer
         self._cache: Dict[Hashable, FileWriter] = {}
+        self._closing: List[FileWriter] = []
+        self.max_files = max_files or config.max_files
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         self.config = config
-        self.policy = PathPolicy(config.allowed_dirs)
+        self.policy = PathPolicy(config.allowed_dirs, config.max_path_depth)
+        self.options_policy = OptionPolicy(config.allow_owner)
         self._cache.clear()  # every path is checked again under the new policy
 
     def route(self, path: str, options: Dict[str, Any]) -> FileWriter:
@@ -214,45 +336,83 @@ class Router:
             writer = self._cache.get(key)
         if writer is None:
             writer = self._resolve(path, options)
-            if len(self._cache) > 16 * self.config.max_files:
+            if len(self._cache) > 16 * self.max_files:
                 self._cache.clear()
             self._cache[key] = writer
+        writer.last_used = time.monotonic()
+        self.writers.move_to_end(writer.path)
         return writer
 
     def _resolve(self, path: str, options: Dict[str, Any]) -> FileWriter:
-        opts = protocol.check_file_options(options)
-        real = self.policy.check(path)
+        opts = self.options_policy.check(options)
+        target = self.policy.target(path)
+        lock_target = None
         if "lock_file_directory" in opts:
-            opts["lock_file_directory"] = self.policy.check_dir(opts["lock_file_directory"], "lock_file_directory")
-        if "owner" in opts and not self.config.allow_owner:
-            raise protocol.ProtocolError(protocol.E_BAD_OPTIONS, "owner is refused (allow_owner = false)")
+            lock_target = self.policy.target(os.path.join(opts["lock_file_directory"], "x"), "lock_file_directory")
+            lock_target = Target(lock_target.root, lock_target.dirs)
+        real = target.path
         writer = self.writers.get(real)
         if writer is not None:
             if protocol.options_key(opts) != writer.options_key:
                 writer.stats.option_conflicts += 1
-                log.warning("conflicting options for %s: keeping %s, ignoring %s", real, writer.options, opts)
+                differ = sorted(k for k in set(opts) | set(writer.options) if opts.get(k) != writer.options.get(k))
+                raise protocol.ProtocolError(
+                    protocol.E_OPTIONS_CONFLICT,
+                    f"{real} is served with other options ({', '.join(differ)} differ): "
+                    f"served {writer.options}, this batch {opts}")
             return writer
-        if len(self.writers) >= self.config.max_files:
-            raise protocol.ProtocolError(protocol.E_TOO_LARGE, f"this daemon serves at most {self.config.max_files} files")
+        if len(self.writers) >= self.max_files and not self._close_least_recently_used():
+            raise protocol.ProtocolError(
+                protocol.E_BUSY, f"this daemon serves at most {self.max_files} files at once and none is idle")
         try:
-            self.policy.ensure_parent(real)
-            writer = self._make_writer(real, opts)
+            writer = self._make_writer(target, opts, lock_target)
         except (KeyError, ValueError) as exc:  # unknown owner user or group, ...
             raise protocol.ProtocolError(protocol.E_BAD_OPTIONS, f"cannot serve {real}: {exc}") from None
         except OSError as exc:  # permissions, a file where a directory should be, ...
             raise protocol.ProtocolError(protocol.E_WRITE_FAILED, f"cannot open {real}: {exc}") from None
         self.writers[real] = writer
-        log.info("serving %s with %s", real, opts)
+        log.info("serving %s with %s", printable(real), printable(str(opts)))
         return writer
 
+    def _close_least_recently_used(self) -> bool:
+        for path, writer in self.writers.items():
+            if writer.idle:
+                self._close(path)
+                return True
+        return False
+
+    def close_idle(self, idle_seconds: float) -> int:
+        """Close writers unused for ``idle_seconds`` (their descriptors and thread come back)."""
+        if idle_seconds <= 0:
+            return 0
+        cutoff = time.monotonic() - idle_seconds
+        old = [p for p, w in self.writers.items() if w.last_used < cutoff and w.idle]
+        for path in old:
+            self._close(path)
+        self._closing = [w for w in self._closing if not w.join(0)]
+        return len(old)
+
+    def _close(self, path: str) -> None:
+        writer = self.writers.pop(path)
+        writer.stop()
+        self._closing.append(writer)
+        self._cache.clear()
+        self.stats.count("files_closed")
+        log.debug("closed idle file %s", printable(path))
+
+    def all_writers(self) -> List[FileWriter]:
+        """Open writers and the ones still finishing after being closed."""
+        return list(self.writers.values()) + self._closing
+
     def stop_all(self) -> None:
-        for writer in self.writers.values():
+        for writer in self.all_writers():
             writer.stop()
 
     def join_all(self, deadline: float) -> Tuple[int, int]:
         """Wait for the writers until ``deadline``; (finished, still running)."""
         done = 0
-        for writer in self.writers.values():
+        writers = self.all_writers()
+        for writer in writers:
             if writer.join(max(0.0, deadline - time.monotonic())):
                 done += 1
-        return done, len(self.writers) - done
+        return done, len(writers) - done

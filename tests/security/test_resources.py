@@ -1,0 +1,190 @@
+"""Bounded resources: no client can make the daemon abort or grow without bound.
+
+One daemon for the module, started with RLIMIT_NOFILE = 512 (soft and hard)
+so the derived limits are small enough to reach: 56 files, 168 connections.
+Each attack records the daemon's RSS, threads and descriptors before and
+after, and an honest client writes throughout.
+"""
+
+import os
+import resource
+import uuid
+
+import msgpack
+import pytest
+import zmq
+
+from clh_writerd import protocol
+from support import DaemonProcess, RawClient, hold_clh_lock, seq_record, wait_for
+
+from .conftest import HonestClient, describe_resources, resources
+
+NOFILE = 512
+QUEUE = 32
+# Figures the daemon must stay under whatever a client does (docs/security.md).
+RSS_BOUND_KIB = 120 * 1024
+FD_BOUND = NOFILE
+THREAD_BOUND = 64 + 8
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("resources"))
+    process = DaemonProcess(workdir, limits={"queue_batches": QUEUE, "max_clients": 1000},
+                            preexec_fn=_limit_fds)
+    process.start()
+    yield process
+    process.cleanup()
+
+
+def _within_bounds(daemon, after) -> None:
+    assert daemon.proc.poll() is None, daemon.stderr()[-2000:]
+    assert after["rss_kib"] < RSS_BOUND_KIB, after
+    assert after["fds"] < FD_BOUND, after
+    assert after["threads"] < THREAD_BOUND, after
+
+
+def _row(security_row, daemon, attack, expected, observed, honest, before, after):
+    security_row(attack, expected, observed + f"; honest client {honest.acked} records", honest.lost(),
+                 describe_resources(before, after))
+
+
+def test_many_files_are_served_within_the_descriptor_limit(daemon, raw_client, security_row):
+    limits = daemon.stats()["daemon"]["limits"]
+    assert limits["nofile"] == NOFILE and limits["max_files"] == 56
+    client = raw_client(daemon.endpoint, "many-files")
+    before = resources(daemon.proc.pid)
+    files = 400
+    with HonestClient(daemon.endpoint, os.path.join(daemon.log_dir, "honest-files.log")) as honest:
+        for n in range(files):
+            path = os.path.join(daemon.log_dir, "many", f"f{n}.log")
+            assert isinstance(client.write(path, [seq_record("m", n)]), protocol.Ack), n
+        honest.stop()
+    after = resources(daemon.proc.pid)
+    _within_bounds(daemon, after)
+    closed = daemon.stats()["daemon"]["counters"]["files_closed"]
+    assert closed >= files - limits["max_files"]
+    for n in range(0, files, 37):
+        with open(os.path.join(daemon.log_dir, "many", f"f{n}.log")) as f:
+            assert f.read() == seq_record("m", n) + "\n"
+    _row(security_row, daemon, f"{files} distinct files from one client (RLIMIT_NOFILE {NOFILE})",
+         f"every batch acked; least recently used idle files closed (max_files {limits['max_files']} derived "
+         "from the limit); no abort", f"{files} acked, {closed} files closed", honest, before, after)
+
+
+def _stats(observer: RawClient) -> dict:
+    """Stats over a connection made before the flood (new ones are refused while it lasts)."""
+    observer.dealer.send(protocol.encode_stats_request())
+    reply = observer.recv()
+    assert isinstance(reply, protocol.Ok), reply
+    return reply.data
+
+
+def test_connection_flood_is_shut_down_beyond_the_limit(daemon, raw_client, security_row):
+    limits = daemon.stats()["daemon"]["limits"]
+    observer = raw_client(daemon.endpoint, "observer")
+    _stats(observer)
+    before = resources(daemon.proc.pid)
+    ctx = zmq.Context()
+    ctx.MAX_SOCKETS = 4096
+    sockets = []
+    with HonestClient(daemon.endpoint, os.path.join(daemon.log_dir, "honest-conns.log")) as honest:
+        try:
+            for _ in range(1000):  # about 2x the descriptor limit: libzmq used to abort in accept()
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(daemon.endpoint)
+                s.send(protocol.encode_ping())
+                sockets.append(s)
+            wait_for(lambda: _stats(observer)["daemon"]["counters"]["connections_refused"] > 0,
+                     what="connections beyond the limit to be refused")
+            during = resources(daemon.proc.pid)
+            _within_bounds(daemon, during)
+            acked = honest.acked
+            wait_for(lambda: honest.acked > acked + 100, what="the honest client to go on")
+        finally:
+            for s in sockets:
+                s.close(0)
+            ctx.term()
+        refused = _stats(observer)["daemon"]["counters"]["connections_refused"]
+        honest.stop()
+    wait_for(lambda: resources(daemon.proc.pid)["fds"] < before["fds"] + 10, what="descriptors to come back")
+    after = resources(daemon.proc.pid)
+    _within_bounds(daemon, after)
+    _row(security_row, daemon, "1000 idle connections (RLIMIT_NOFILE 512)",
+         f"at most limits.connections ({limits['connections']}) open; the others shut down at once and counted; "
+         "no abort", f"{refused} shut down, fds peak {during['fds']}", honest, before, after)
+
+
+def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(daemon, security_row):
+    before = resources(daemon.proc.pid)
+    ctx = zmq.Context()
+    blocked = os.path.join(daemon.log_dir, "held.log")
+    attacker = RawClient(daemon.endpoint, "flood")
+    try:
+        with HonestClient(daemon.endpoint, os.path.join(daemon.log_dir, "honest-flood.log")) as honest:
+            assert isinstance(attacker.write(blocked, [seq_record("s", 0)]), protocol.Ack)
+            with hold_clh_lock(blocked):  # the file's writer is stuck: sync records pile up
+                for n in range(3000):
+                    attacker.dealer.send(protocol.encode_sync(attacker.client, n, blocked, {}, "x" * 1000))
+                # The writer took at most QUEUE before it blocked, QUEUE more wait: the rest is refused.
+                busy = 0
+                while busy < 3000 - 2 * QUEUE:
+                    reply = attacker.recv()
+                    assert isinstance(reply, protocol.Error) and reply.code == protocol.E_BUSY, reply
+                    busy += 1
+            ok = 0
+            for _ in range(3000 - busy):
+                reply = attacker.recv()
+                if isinstance(reply, protocol.Ok):
+                    ok += 1
+                else:
+                    assert isinstance(reply, protocol.Error) and reply.code == protocol.E_BUSY, reply
+                    busy += 1
+            assert ok <= 2 * QUEUE and ok + busy == 3000
+            # Replies never read: a DEALER sends pings and never receives.
+            deaf = ctx.socket(zmq.DEALER)
+            deaf.setsockopt(zmq.LINGER, 0)
+            deaf.setsockopt(zmq.SNDHWM, 0)
+            deaf.connect(daemon.endpoint)
+            for n in range(100000):
+                deaf.send(protocol.encode_ping(n))
+            # Reports with many distinct counter names, from many sessions.
+            for n in range(2000):
+                client = protocol.new_client_id(f"r{n}")
+                names = {uuid.uuid4().hex: 1 for _ in range(protocol.MAX_COUNTERS)}
+                attacker.dealer.send(protocol.encode_report(client, names, id=n))
+            for _ in range(2000):
+                assert isinstance(attacker.recv(), protocol.Ok)
+            # A multipart message that never ends (100 MB of 1 KB frames).
+            endless = ctx.socket(zmq.DEALER)
+            endless.setsockopt(zmq.LINGER, 0)
+            endless.connect(daemon.endpoint)
+            for _ in range(100000):
+                endless.send(b"x" * 1024, zmq.SNDMORE)
+            ping = attacker.write  # the daemon still answers
+            assert isinstance(ping(os.path.join(daemon.log_dir, "after.log"), [seq_record("p", 0)]), protocol.Ack)
+            during = resources(daemon.proc.pid)
+            deaf.close(0)
+            endless.close(0)
+            honest.stop()
+    finally:
+        attacker.close()
+        ctx.term()
+    doc = daemon.stats()
+    size = len(msgpack.packb(doc))
+    assert size < 2 * 1024 * 1024, size  # the stats reply stays small
+    assert doc["daemon"]["counters"]["unknown_counters"] == 2000 * protocol.MAX_COUNTERS
+    after = resources(daemon.proc.pid)
+    _within_bounds(daemon, during)
+    _within_bounds(daemon, after)
+    _row(security_row, daemon, "floods: 3000 sync records to a locked file, 100k unread replies, 2000 reports "
+         "x 32 unknown counters, a 100 MB endless multipart",
+         f"sync records bounded by queue_batches ({QUEUE}) then busy; replies capped per peer (SNDHWM); unknown "
+         "counter names ignored and counted; RSS bounded",
+         f"{busy} busy replies, {ok} written, stats reply {size // 1024} KiB, daemon RSS during {during['rss_kib'] // 1024} "
+         "MiB", honest, before, after)
