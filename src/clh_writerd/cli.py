@@ -136,3 +136,18 @@ def _endpoint(endpoint: Optional[str], config_path: Optional[str]) -> Optional[s
     except ConfigError as exc:
         click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
+
+
+@main.command("forward-config")
+@click.argument("engine", type=click.Choice(["rsyslog"]))
+@click.option("--port", default=2514, show_default=True, help="imrelp port.")
+@click.option("--address", default="", help="Address imrelp listens on (default: all).")
+@click.option("--output", default="/var/log/clh/%HOSTNAME%/%APP-NAME%.log", show_default=True,
+              help="Central file; rsyslog properties make it one file per host and forwarded file.")
+@click.option("--work-dir", default=None, help="rsyslog workDirectory (global).")
+@click.option("--tls", is_flag=True, help="imrelp over TLS (edit the certificate paths).")
+def forward_config(engine: str, port: int, address: str, output: str, work_dir: Optional[str], tls: bool) -> None:
+    """Print the central-side configuration that makes [forward] at-least-once (docs/forwarding.md)."""
+    from .forward.rsyslog import central_config
+
+    click.echo(central_config(port=port, output=output, address=address, work_dir=work_dir, tls=tls), nl=False)

@@ -77,6 +77,7 @@ class Server:
         self._old_handlers: List[Any] = []
         self.notifier = SystemdNotifier()
         self.metrics: Optional[Any] = None
+        self.forwarder: Optional[Any] = None  # forward.Forwarder when [forward] target is set
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -113,6 +114,11 @@ class Server:
 
             self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+        if cfg.forward_target:
+            from ..forward import Forwarder, options_from_config
+
+            self.forwarder = Forwarder(options_from_config(cfg))
+            self.forwarder.start()
         self._install_signal_handlers()
         self.notifier.ready(f"serving {cfg.endpoint}")
         log.info(
@@ -322,7 +328,10 @@ class Server:
             pass
 
     def snapshot(self) -> dict:
-        return self.stats.snapshot()
+        doc = self.stats.snapshot()
+        if self.forwarder is not None:
+            doc["forward"] = self.forwarder.snapshot()
+        return doc
 
     # -- resources -----------------------------------------------------------
     def _make_writer(self, path: str, options: dict) -> FileWriter:
@@ -418,6 +427,9 @@ class Server:
         self.reload_requested = True
 
     def _release(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop(timeout=self.config.drain_timeout)
+            self.forwarder = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
