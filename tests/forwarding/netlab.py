@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from support import DaemonProcess, check_sequences, read_lines, wait_for, write_config, OracleReport
+from support import DaemonProcess, OracleReport, check_sequences, free_tcp_port, read_lines, wait_for, write_config
 
 CLONE_NEWNET = 0x40000000
 RELP_PORT = 2514
@@ -44,6 +44,63 @@ def enter(namespace: str) -> Callable[[], None]:
             raise OSError(ctypes.get_errno(), f"setns {namespace}")
         os.close(fd)
     return preexec
+
+
+class LoopbackCentral:
+    """The central rsyslogd on 127.0.0.1 and a free port, for single-host tests."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.port = free_tcp_port()
+        self.log = os.path.join(directory, "central.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "LoopbackCentral":
+        os.makedirs(self.directory, exist_ok=True)
+        conf = os.path.join(self.directory, "rsyslog.conf")
+        with open(conf, "w") as f:
+            f.write(run(sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--port", str(self.port),
+                        "--address", "127.0.0.1", "--output", self.log, "--work-dir", self.directory))
+        out = open(os.path.join(self.directory, "rsyslogd.out"), "ab")
+        self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", conf, "-i", os.path.join(self.directory, "pid")],
+                                     stdout=out, stderr=out)
+        out.close()
+
+        def listening() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"rsyslogd exited with {self.proc.returncode}")
+            return f"127.0.0.1:{self.port} " in run("ss", "-Hltn")
+
+        wait_for(listening, 20, "rsyslogd to listen")
+        return self
+
+    def lines(self) -> List[str]:
+        """The forwarded lines (the record itself, without host/file/id)."""
+        try:
+            with open(self.log, "rb") as f:
+                data = f.read().decode("utf-8", "replace")
+        except FileNotFoundError:
+            return []
+        return [line.split(" ", 3)[-1] for line in data.split("\n")[:-1]]
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 class Lab:

@@ -385,7 +385,8 @@ class Forwarder:
             self.last_error = "crashed; see the daemon log"
         finally:
             if self.client is not None:
-                self.client.close()
+                # Acks that arrive while closing still move the checkpoint.
+                self.ack(self.client.close())
                 self.client = None
             for source in self.sources.values():
                 source.reset()

@@ -160,18 +160,27 @@ class RelpClient:
                 raise RelpError("RELP server closed the session")
         return acked
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Polite close (``close`` -> ``rsp``), bounded; always releases the socket."""
+    def close(self, timeout: float = 2.0) -> List[int]:
+        """Polite close (``close`` -> ``rsp``), bounded; always releases the socket.
+
+        Returns the transaction numbers acknowledged while closing: the server
+        answers in order, so every frame sent before ``close`` is answered first.
+        """
+        acked: List[int] = []
         if self._sock is None:
-            return
+            return acked
         try:
             txnr = self._send(b"close")
-            for got, command, _ in self._wait_frames(timeout):
+            for got, command, data in self._wait_frames(timeout):
                 if got == txnr or command == b"serverclose":
                     break
+                if command == b"rsp" and data.startswith(b"200"):
+                    acked.append(got)
+                    self.in_flight -= 1
         except RelpError:
             pass
         self.abort()
+        return acked
 
     def abort(self) -> None:
         """Drop the connection without the close handshake."""

@@ -1,0 +1,132 @@
+"""The forwarding thread against a real rsyslogd on loopback, over real CLH files.
+
+Rotation, gzip, retention and acknowledgements are driven by the real
+concurrent-log-handler and the real imrelp; only the network is loopback
+(the multi-host lab is test_multihost.py).
+"""
+
+import json
+import logging
+import signal
+
+import pytest
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+from support import check_sequences, per_writer_order, read_lines, seq_record, wait_for
+
+from clh_writerd.forward import Forwarder, ForwardOptions
+
+
+@pytest.fixture
+def forwarders():
+    made = []
+
+    def make(central, paths, state, **kw) -> Forwarder:
+        options = ForwardOptions(target=central.target, paths=tuple(paths), state_file=str(state), hostname="h1",
+                                 reconnect_interval=0.2, scan_interval=0.2, **kw)
+        fw = Forwarder(options)
+        made.append(fw)
+        fw.start()
+        return fw
+
+    yield make
+    for fw in made:
+        fw.stop()
+
+
+def clh_writer(path, max_bytes, backups):
+    handler = ConcurrentRotatingFileHandler(str(path), maxBytes=max_bytes, backupCount=backups, use_gzip=True)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"fwtest.{path}")
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger, handler
+
+
+def log(logger, writer, start, stop):
+    for n in range(start, stop):
+        logger.info(seq_record(writer, n, f"p{n}"))
+
+
+def checkpoint_offsets(state):
+    with open(state) as f:
+        return {k: v["offset"] for k, v in json.load(f)["segments"].items()}
+
+
+def test_checkpoint_moves_only_over_acknowledged_records(central, forwarders, tmp_path):
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 10**8, 1)
+    log(logger, "w", 0, 100)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", window=50, timeout=2.0)
+    wait_for(lambda: len(central.lines()) == 100, 20, "the first 100 records")
+    wait_for(lambda: fw.checkpoint.saves and list(checkpoint_offsets(tmp_path / "cp.json").values()) == [path.stat().st_size],
+             10, "the checkpoint to reach the end of the file")
+    acked_size = path.stat().st_size
+    central.signal(signal.SIGSTOP)  # the central accepts bytes (kernel) but acknowledges nothing
+    try:
+        log(logger, "w", 100, 1000)
+        wait_for(lambda: fw.sent >= 150, 10, "a window of unacknowledged frames")
+        assert list(checkpoint_offsets(tmp_path / "cp.json").values()) == [acked_size]
+        wait_for(lambda: fw.reconnects >= 1, 10, "the ack timeout to drop the session")
+        assert list(checkpoint_offsets(tmp_path / "cp.json").values()) == [acked_size]
+    finally:
+        central.signal(signal.SIGCONT)
+    handler.close()
+    report = check_sequences(central.lines(), {"w": 1000}, payloads=False)
+    wait_for(lambda: check_sequences(central.lines(), {"w": 1000}, payloads=False).missing_count == 0, 30,
+             "every record after the central thawed")
+    report = check_sequences(central.lines(), {"w": 1000}, payloads=False)
+    assert report.duplicates <= 50  # at most the window was in flight when the session dropped
+    assert fw.resent >= report.duplicates
+
+
+def test_rotated_and_compressed_backlog_is_sent_oldest_first(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    fw = forwarders(central, [str(tmp_path / "*.log")], tmp_path / "cp.json")
+    logger, handler = clh_writer(path, 20_000, 100)
+    log(logger, "w", 0, 4000)  # ~70 KB: three .gz segments written while the central is down
+    handler.close()
+    wait_for(lambda: fw.last_error, 10, "a refused connection")
+    assert len(list(tmp_path.glob("app.log.*.gz"))) >= 3
+    central.start()
+    wait_for(lambda: check_sequences(central.lines(), {"w": 4000}, payloads=False).missing_count == 0, 30,
+             "the whole backlog at the central")
+    report = check_sequences(central.lines(), {"w": 4000}, payloads=False)
+    report.assert_complete()
+    assert per_writer_order(central.lines()) == {"w": True}
+    wait_for(lambda: fw.snapshot()["files"][0]["lag_bytes"] == 0, 10, "no lag")
+    assert fw.snapshot()["lost_segments"] == 0
+
+
+def test_restart_resumes_from_the_checkpoint_without_duplicates(central, forwarders, tmp_path):
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 20_000, 100)
+    log(logger, "w", 0, 1000)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) == 1000, 20, "1000 records")
+    fw.stop()  # a clean stop writes the checkpoint
+    log(logger, "w", 1000, 2000)
+    handler.close()
+    forwarders(central, [str(path)], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) >= 2000, 20, "2000 records")
+    check_sequences(central.lines(), {"w": 2000}, payloads=False).assert_complete()
+
+
+def test_segments_deleted_before_forwarding_are_counted_and_warned(central, forwarders, tmp_path, caplog):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 2)
+    log(logger, "w", 0, 50)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3)
+    wait_for(lambda: fw.checkpoint.segments, 10, "the forwarder to see the file")
+    with caplog.at_level(logging.WARNING, logger="clh_writerd.forward"):
+        log(logger, "w", 50, 3000)  # many rotations, backupCount=2: old segments are deleted unforwarded
+        handler.close()
+        wait_for(lambda: fw.lost_segments >= 1, 10, "the loss to be counted")
+    assert fw.snapshot()["lost_bytes"] > 0
+    assert any("deleted before it was forwarded" in r.getMessage() for r in caplog.records)
+    central.start()
+    on_disk = read_lines(str(path))
+    wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "every record still on disk at the central")
