@@ -193,6 +193,13 @@ class Lab:
             self.daemons[host] = daemon
         return daemon.start()
 
+    def start_host_without_forwarding(self, host: int) -> DaemonProcess:
+        """The host's clh-writerd alone (another sender reads its files)."""
+        workdir = self.host_dir(host)
+        os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+        daemon = self.daemons[host] = DaemonProcess(workdir, preexec_fn=enter(self.host_ns[host - 1]))
+        return daemon.start()
+
     def start_app(self, host: int, writer: str, count: int, rate: float, max_bytes: int = 10 * 1024 * 1024) -> None:
         """An app process in host's namespace logging ``count`` records at ``rate``/s."""
         daemon = self.daemons[host]

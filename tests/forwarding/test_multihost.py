@@ -80,9 +80,10 @@ def test_forwarder_killed_mid_load_resends_from_the_checkpoint(lab, guarantee):
     lab = lab()
     for host in HOSTS:
         lab.start_host(host)
-    start_load(lab)
+    start_load(lab, max_bytes=100 * 1024)  # segments rotate and gzip while the forwarder is down
     wait_for(lambda: lab.forward_stats(2)["acked"] > 1500, 30, "host 2 to forward records")
     lab.daemons[2].kill()  # SIGKILL: daemon and forwarder thread die together
+    time.sleep(2.0)  # the outage itself: apps write through their fallback and rotate meanwhile
     lab.start_host(2)
     # Acked but not yet checkpointed: at most checkpoint_interval (0.2 s) of acks, 2 apps at RATE, plus slack.
     assert_forwarded(lab, guarantee, "host daemon + forwarder SIGKILLed mid-load", events=1,
