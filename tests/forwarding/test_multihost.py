@@ -11,6 +11,8 @@ checkpoint write.
 """
 
 import glob
+import subprocess
+import sys
 import time
 
 import pytest
@@ -61,6 +63,13 @@ def test_steady_load_reaches_the_central_exactly_once(lab, guarantee):
     stats = lab.forward_stats(1)
     wait_for(lambda: lab.forward_stats(1)["files"][0]["lag_bytes"] == 0, 10, "host 1 to report no lag")
     assert stats["connected"] and stats["acked"] >= 2 * COUNT and stats["resent"] == 0
+    table = subprocess.run([sys.executable, "-m", "clh_writerd", "stats", "--config", lab.daemons[1].config_path],
+                           capture_output=True, text=True, timeout=30)
+    assert table.returncode == 0, table.stderr
+    assert "FORWARD to 10.213.1.1:2514: connected" in table.stdout
+    forward_block = table.stdout.split("FORWARD to", 1)[1]
+    row = [line for line in forward_block.splitlines() if line.startswith(lab.host_log(1))]
+    assert row and row[0].split()[1:] == ["0", "0.0"], forward_block  # lag bytes, lag seconds
 
 
 def test_central_killed_mid_load_loses_nothing(lab, guarantee):

@@ -540,3 +540,15 @@ class Forwarder:
             "split_lines": self.split_lines, "checkpoint_saves": self.checkpoint.saves,
             "files": files,
         }
+
+
+def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
+    """The FORWARD block of ``clh-writerd stats`` (``table`` is the stats module's column formatter)."""
+    state = "connected" if fwd["connected"] else f"DISCONNECTED ({fwd['last_error'] or 'not yet connected'})"
+    out = [
+        f"FORWARD to {fwd['target']}: {state}",
+        f"  sent={fwd['sent']} acked={fwd['acked']} resent={fwd['resent']} in_flight={fwd['in_flight']} "
+        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']}",
+    ]
+    rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
+    return out + table(["path", "lag bytes", "lag s"], rows)
