@@ -7,6 +7,7 @@ concurrent-log-handler and the real imrelp; only the network is loopback
 
 import json
 import logging
+import os
 import signal
 
 import pytest
@@ -52,6 +53,16 @@ def log(logger, writer, start, stop):
 def checkpoint_offsets(state):
     with open(state) as f:
         return {k: v["offset"] for k, v in json.load(f)["segments"].items()}
+
+
+def live_file_held(fw, path) -> bool:
+    held = set()
+    for state in list(fw.checkpoint.segments.values()):
+        try:
+            held.add(os.stat(state.held).st_ino) if state.held else None
+        except OSError:
+            pass
+    return os.stat(path).st_ino in held
 
 
 def test_checkpoint_moves_only_over_acknowledged_records(central, forwarders, tmp_path):
@@ -119,7 +130,7 @@ def test_segments_deleted_before_forwarding_are_counted_and_warned(central, forw
     path = tmp_path / "app.log"
     logger, handler = clh_writer(path, 5_000, 2)
     log(logger, "w", 0, 50)
-    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3, hold_max_bytes=0)
     wait_for(lambda: fw.checkpoint.segments, 10, "the forwarder to see the file")
     with caplog.at_level(logging.WARNING, logger="clh_writerd.forward"):
         log(logger, "w", 50, 3000)  # many rotations, backupCount=2: old segments are deleted unforwarded
@@ -130,3 +141,40 @@ def test_segments_deleted_before_forwarding_are_counted_and_warned(central, forw
     central.start()
     on_disk = read_lines(str(path))
     wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "every record still on disk at the central")
+
+
+def test_the_hold_keeps_deleted_segments_within_the_disk_budget(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 2)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3)
+    for start in range(0, 3000, 300):  # ~50 KB, ten rotations, while the central is down
+        log(logger, "w", start, start + 300)
+        wait_for(lambda: live_file_held(fw, path), 10, "the forwarder to hold the live segment")
+    handler.close()
+    assert len(list(tmp_path.glob("app.log.*.gz"))) == 2  # retention did delete the older ones
+    central.start()
+    wait_for(lambda: check_sequences(central.lines(), {"w": 3000}, payloads=False).missing_count == 0, 30,
+             "every record, deleted segments included")
+    check_sequences(central.lines(), {"w": 3000}, payloads=False).assert_complete()
+    assert per_writer_order(central.lines()) == {"w": True}
+    wait_for(lambda: fw.snapshot()["held_bytes"] == 0, 10, "forwarded segments to be released")
+    assert fw.lost_segments == 0 and not fw.snapshot()["hold_disabled"]
+    # Only the live file is still held (it is never finished); every forwarded segment was let go.
+    assert [p.stat().st_ino for p in (tmp_path / "cp.json.hold").iterdir()] == [path.stat().st_ino]
+
+
+def test_past_the_budget_segments_are_counted_as_lost(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 1)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3, hold_max_bytes=4_000)
+    for start in range(0, 3000, 300):
+        log(logger, "w", start, start + 300)
+        wait_for(lambda: live_file_held(fw, path), 10, "the forwarder to hold the live segment")
+    handler.close()
+    wait_for(lambda: fw.lost_segments >= 1, 10, "segments past the budget to be counted")
+    wait_for(lambda: fw.snapshot()["held_bytes"] <= 4_000, 10, "the hold to shrink to its budget")
+    snap = fw.snapshot()
+    assert snap["hold_released"] >= 1
+    central.start()
+    on_disk = read_lines(str(path))
+    wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "what is still on disk")

@@ -153,6 +153,11 @@ OPTIONS: Tuple[Option, ...] = (
            "Seconds between checkpoint writes while acks arrive (bounds resends after a forwarder crash)."),
     Option("forward", "timeout", 5.0, _positive(float, 0.1, 600.0),
            "Seconds without any ack while frames are in flight before the session is dropped and resent."),
+    Option("forward", "hold_max_bytes", 1024 ** 3, _positive(int, 0, 2 ** 60),
+           "Disk budget for a long outage: rotated segments not yet forwarded are kept (hard links) up to "
+           "this many bytes after retention deletes them; beyond it they are counted as lost. 0 = off."),
+    Option("forward", "hold_dir", "", _string,
+           'Where held segments are linked (same filesystem as the logs); "" = "<state_file>.hold".'),
     Option("forward", "tls", False, _boolean,
            "RELP over TLS (imrelp tls=\"on\" with x509 certificates)."),
     Option("forward", "tls_ca_file", "", _string, 'CA bundle that signed the server certificate ("" = system CAs).'),
@@ -198,6 +203,8 @@ class Config:
     forward_window: int = 256
     forward_checkpoint_interval: float = 0.2
     forward_timeout: float = 5.0
+    forward_hold_max_bytes: int = 1024 ** 3
+    forward_hold_dir: str = ""
     forward_tls: bool = False
     forward_tls_ca_file: str = ""
     forward_tls_cert_file: str = ""

@@ -45,7 +45,7 @@ BLOCK_SECONDS = 2.0
 RESTART_ONLY = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
-                                                   "checkpoint_interval", "timeout", "tls", "tls_ca_file",
+                                                   "checkpoint_interval", "timeout", "hold_max_bytes", "hold_dir", "tls", "tls_ca_file",
                                                    "tls_cert_file", "tls_key_file"))
 
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 # How much of a segment's head identifies it. Lines start with a timestamp or
@@ -42,7 +42,8 @@ class SegmentState:
     ino: int = 0
     size_seen: int = 0
     missing_since: Optional[float] = None
-    extra: Dict[str, float] = field(default_factory=dict)
+    held: str = ""        # hard link in the hold directory that keeps a rotated segment alive
+    held_seq: int = 0     # order of holding (held segments are older than anything still in the family)
 
     @property
     def fp_len(self) -> int:

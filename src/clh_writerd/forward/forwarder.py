@@ -50,6 +50,8 @@ class ForwardOptions:
     retention_grace: float = 5.0
     max_line_bytes: int = 8000
     timeout: float = 5.0
+    hold_dir: str = ""  # "" = "<state_file>.hold"
+    hold_max_bytes: int = 1024 ** 3
     tls: bool = False
     tls_ca_file: str = ""
     tls_cert_file: str = ""
@@ -75,6 +77,7 @@ def options_from_config(config: Any) -> ForwardOptions:
     return ForwardOptions(
         target=config.forward_target, paths=tuple(config.forward_paths), state_file=config.forward_state_file,
         hostname=config.forward_hostname, window=config.forward_window,
+        hold_dir=config.forward_hold_dir, hold_max_bytes=config.forward_hold_max_bytes,
         checkpoint_interval=config.forward_checkpoint_interval, timeout=config.forward_timeout,
         tls=config.forward_tls, tls_ca_file=config.forward_tls_ca_file,
         tls_cert_file=config.forward_tls_cert_file, tls_key_file=config.forward_tls_key_file,
@@ -208,6 +211,7 @@ class Source:
         self.reader: Optional[SegmentReader] = None
         self.read_through: Set[str] = set()  # keys read to their end in this session
         self.waiting = False
+        self.held_only: Set[str] = set()  # segments readable only through the hold (last scan)
         self.caught_up_at = time.time()
 
     def scan(self, now: float) -> None:
@@ -216,6 +220,7 @@ class Source:
         mine = {k: s for k, s in cp.segments.items() if s.source == self.base}
         lengths = sorted({s.fp_len for s in mine.values()}, reverse=True)
         seen: Dict[str, Tuple[SegmentState, Candidate]] = {}
+        self.held_only = set()
         for cand in family(self.base):
             state = None
             for length in lengths:
@@ -232,6 +237,10 @@ class Source:
             state.name, state.missing_since = cand.name, None
             if not cand.gz:
                 state.size_seen, state.dev, state.ino = cand.size, cand.dev, cand.ino
+            if cand.rank[0] != 1 and not state.done and not state.held:
+                # Held from the first sight, live file included: a segment may be
+                # rotated, compressed and deleted between two scans.
+                self.fw.hold.take(state, cand)
             seen[state.key] = (state, cand)
         self.waiting = False
         current = self.reader.state.key if self.reader else None
@@ -239,7 +248,13 @@ class Source:
             if key in seen or key == current:
                 continue
             if state.done:
+                self.fw.hold.release(state)
                 del cp.segments[key]
+                continue
+            if state.held and os.path.exists(state.held):
+                # Retention deleted its name; the hold keeps it until it is forwarded.
+                seen[key] = (state, self.fw.hold.candidate(state))
+                self.held_only.add(key)
                 continue
             state.missing_since = state.missing_since or now
             if now - state.missing_since < self.fw.options.retention_grace:
@@ -249,6 +264,13 @@ class Source:
             self.fw.count_lost(self, state, lost)
             del cp.segments[key]
         self.order = sorted(seen.values(), key=lambda sc: sc[1].rank)
+
+    def forget(self, state: SegmentState) -> None:
+        """A segment that can no longer be read (past the hold budget): count it as lost."""
+        lost = max((state.end or state.size_seen) - state.offset, 0)
+        self.fw.count_lost(self, state, lost)
+        self.fw.checkpoint.segments.pop(state.key, None)
+        self.order = [(s, c) for s, c in self.order if s.key != state.key]
 
     def read(self, limit: int) -> List[Tuple[SegmentState, int, int, bytes]]:
         """The next lines to send, oldest segment first."""
@@ -311,6 +333,117 @@ class Source:
             self.reader = None
 
 
+class Hold:
+    """Hard links that keep unforwarded segments alive after rotation and retention.
+
+    CLH compresses a rotated segment (a new inode; the plain one is unlinked)
+    and deletes the oldest backup beyond ``backupCount``. A hard link in the
+    hold directory (same filesystem), taken when the forwarder first sees a
+    segment, keeps its inode until the segment is acknowledged, so a long
+    outage costs disk, up to ``hold_max_bytes``, instead of records. Past the
+    budget new segments are not held, and one deleted before it is forwarded
+    is counted as lost and warned about.
+    """
+
+    def __init__(self, directory: str, max_bytes: int, forwarder: "Forwarder") -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.fw = forwarder
+        self.disabled = ""
+        self.released = 0  # holds let go because the budget was full
+
+    def used(self) -> int:
+        """Bytes kept alive only by the hold (links whose file has no other name left)."""
+        total = 0
+        for state in list(self.fw.checkpoint.segments.values()):
+            if state.held:
+                try:
+                    st = os.stat(state.held)
+                except OSError:
+                    continue
+                if st.st_nlink == 1:
+                    total += st.st_size
+        return total
+
+    def take(self, state: SegmentState, cand: Candidate) -> None:
+        """Link ``cand`` into the hold directory (free while the file keeps its own name)."""
+        if self.disabled or self.max_bytes <= 0 or state.held_seq < 0:
+            return
+        path = os.path.join(self.directory, state.key.replace(":", "-") + (".gz" if cand.gz else ""))
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)
+            os.link(cand.name, path)
+        except FileNotFoundError:
+            return  # renamed meanwhile: the next scan holds it under its new name
+        except OSError as exc:
+            # Another filesystem (EXDEV) or no permission: hold nothing, say so once.
+            self.disabled = f"cannot hard-link into {self.directory}: {exc}"
+            log.warning("forward: hold disabled (%s); segments deleted by retention before they are "
+                        "forwarded will be counted as lost", self.disabled)
+            return
+        self.fw.hold_seq += 1
+        state.held, state.held_seq = path, self.fw.hold_seq
+        self.fw.mark_dirty()
+
+    def enforce(self, reading: Set[str], held_only: Set[str]) -> None:
+        """Over budget: let go of the oldest holds first (not a segment being read).
+
+        A segment that still has a name in the family (its ``.gz``) only frees
+        disk; one that exists only in the hold is counted as lost and warned.
+        """
+        over = self.used() - self.max_bytes
+        if over <= 0:
+            return
+        held = sorted((s for s in self.fw.checkpoint.segments.values() if s.held and s.key not in reading),
+                      key=lambda s: s.held_seq)
+        for state in held:
+            if over <= 0:
+                break
+            try:
+                st = os.stat(state.held)
+            except OSError:
+                continue
+            if st.st_nlink != 1:
+                continue
+            over -= st.st_size
+            self.release(state)
+            self.released += 1
+            state.held_seq = -1  # not held again
+            if state.key in held_only:
+                source = self.fw.sources.get(state.source)
+                if source is not None:
+                    source.forget(state)
+
+    def candidate(self, state: SegmentState) -> Candidate:
+        """A held segment as a family member older than every named one."""
+        return Candidate(state.held, (-1, state.held_seq), b"", state.held.endswith(".gz"), 0, 0, 0)
+
+    def release(self, state: SegmentState) -> None:
+        if state.held:
+            try:
+                os.unlink(state.held)
+            except OSError:
+                pass
+            state.held = ""
+
+    def sweep(self) -> None:
+        """Remove links no checkpoint entry refers to (left by a crash between link and commit)."""
+        known = {s.held for s in self.fw.checkpoint.segments.values() if s.held}
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if path not in known:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
 class InFlight(NamedTuple):
     txnr: int
     state: SegmentState
@@ -324,6 +457,9 @@ class Forwarder:
         self.options = options
         self.hostname = (options.hostname or socket.gethostname()).encode("ascii", "replace")
         self.checkpoint = Checkpoint(options.state_file)
+        self.hold_seq = max((s.held_seq for s in self.checkpoint.segments.values()), default=0)
+        self.hold = Hold(options.hold_dir or options.state_file + ".hold", options.hold_max_bytes, self)
+        self.hold.sweep()
         self.sources: Dict[str, Source] = {}
         self.client: Optional[RelpClient] = None
         self.in_flight: Deque[InFlight] = deque()
@@ -405,6 +541,8 @@ class Forwarder:
         now = time.time()
         for source in self.sources.values():
             source.scan(now)
+        self.hold.enforce({s.reader.state.key for s in self.sources.values() if s.reader is not None},
+                          {k for s in self.sources.values() for k in s.held_only})
 
     def connect(self) -> bool:
         host, port = self.options.address()
@@ -471,8 +609,9 @@ class Forwarder:
             state = entry.state
             if entry.end > state.offset:
                 state.offset = entry.end
-            if state.end is not None and state.offset >= state.end:
+            if state.end is not None and state.offset >= state.end and not state.done:
                 state.done = True
+                self.hold.release(state)
             self.acked += 1
             self._dirty = True
 
@@ -494,6 +633,11 @@ class Forwarder:
         state.end = end
         if state.offset >= end:
             state.done = True
+            self.hold.release(state)
+        self._dirty = True
+
+    def mark_dirty(self) -> None:
+        """The checkpoint changed outside the ack path (a new hold)."""
         self._dirty = True
 
     def count_lost(self, source: Source, state: SegmentState, lost: int) -> None:
@@ -538,6 +682,7 @@ class Forwarder:
             "in_flight": len(self.in_flight), "reconnects": self.reconnects,
             "lost_segments": self.lost_segments, "lost_bytes": self.lost_bytes,
             "split_lines": self.split_lines, "checkpoint_saves": self.checkpoint.saves,
+            "held_bytes": self.hold.used(), "hold_released": self.hold.released, "hold_disabled": self.hold.disabled,
             "files": files,
         }
 
