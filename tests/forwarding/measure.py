@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from support import check_sequences, seq_record, wait_for  # noqa: E402
+from support import seq_record, wait_for  # noqa: E402
 
 from forwarding.netlab import RELP_PORT, Lab, enter  # noqa: E402
 

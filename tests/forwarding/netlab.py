@@ -18,7 +18,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from support import DaemonProcess, OracleReport, check_sequences, free_tcp_port, read_lines, wait_for, write_config

@@ -42,7 +42,7 @@ BLOCK_SECONDS = 2.0
 
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
-RESTART_ONLY = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
+RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
                                                    "checkpoint_interval", "timeout", "hold_max_bytes", "hold_dir", "tls", "tls_ca_file",

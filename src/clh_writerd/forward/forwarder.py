@@ -155,7 +155,7 @@ class SegmentReader:
 
     def read(self, limit: int) -> List[Tuple[int, int, bytes]]:
         """Up to ``limit`` complete lines as (start, end, line without LF)."""
-        out = []
+        out: List[Tuple[int, int, bytes]] = []
         while len(out) < limit:
             nl = self._buf.find(b"\n", self._at)
             if nl < 0:
@@ -507,6 +507,7 @@ class Forwarder:
                         self._stop.wait(0.1)
                         continue
                 try:
+                    assert self.client is not None
                     sent = self.send(self.read())
                     full = len(self.in_flight) >= self.options.window
                     self.ack(self.client.read_acks(0.5 if full else (0.0 if sent else 0.1)))
@@ -582,7 +583,7 @@ class Forwarder:
         if not self.in_flight:
             self._last_progress = time.monotonic()  # the ack clock starts with the first frame in flight
         messages = []
-        for state, start, end, line in lines:
+        for state, start, _end, line in lines:
             app = self.sources[state.source].app.encode()
             msgid = b"%s.%d" % (state.key.split(":", 1)[1][:10].encode(), start)
             messages.append(b"<%d>1 - %s %s - %s - %s" % (PRI, self.hostname, app, msgid, line))
@@ -693,7 +694,8 @@ def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
     out = [
         f"FORWARD to {fwd['target']}: {state}",
         f"  sent={fwd['sent']} acked={fwd['acked']} resent={fwd['resent']} in_flight={fwd['in_flight']} "
-        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']}",
+        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']} "
+        f"held_bytes={fwd['held_bytes']}",
     ]
     rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
     return out + table(["path", "lag bytes", "lag s"], rows)

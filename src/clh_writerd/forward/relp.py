@@ -43,7 +43,7 @@ class FrameParser:
     def feed(self, data: bytes) -> List[Tuple[int, bytes, bytes]]:
         """Append ``data``; return every complete (txnr, command, data) frame."""
         self._buf += data
-        frames = []
+        frames: List[Tuple[int, bytes, bytes]] = []
         while True:
             frame = self._take()
             if frame is None:
