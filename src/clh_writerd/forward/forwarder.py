@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, IO, List, NamedTuple, Optional, Set, Tuple
+from typing import IO, Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from .checkpoint import FINGERPRINT_BYTES, Checkpoint, SegmentState, fingerprint
 from .relp import RelpClient, RelpError
@@ -699,3 +699,32 @@ def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
     ]
     rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
     return out + table(["path", "lag bytes", "lag s"], rows)
+
+
+FORWARD_COUNTERS = ("sent", "acked", "resent", "reconnects", "lost_segments", "lost_bytes", "split_lines")
+
+
+def forward_metrics(fwd: Dict[str, Any], prefix: str) -> Iterator[Any]:
+    """Prometheus families for the ``forward`` stats object (used by daemon/metrics.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    connected = GaugeMetricFamily(prefix + "forward_connected", "1 while a RELP session to the central is open",
+                                  labels=["target"])
+    connected.add_metric([fwd["target"]], 1.0 if fwd["connected"] else 0.0)
+    yield connected
+    events = CounterMetricFamily(prefix + "forward_events", "forwarding counters (docs/forwarding.md)",
+                                 labels=["event"])
+    for name in FORWARD_COUNTERS:
+        events.add_metric([name], fwd[name])
+    yield events
+    for key, doc in (("in_flight", "RELP frames waiting for an ack"),
+                     ("held_bytes", "bytes kept alive only by the hold (disk budget in use)")):
+        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc)
+        gauge.add_metric([], fwd[key])
+        yield gauge
+    for key, doc in (("lag_bytes", "bytes of the file not yet acknowledged by the central"),
+                     ("lag_seconds", "seconds since the file was last fully acknowledged")):
+        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc, labels=["path"])
+        for f in fwd["files"]:
+            gauge.add_metric([f["path"]], f[key])
+        yield gauge
