@@ -178,3 +178,24 @@ def test_past_the_budget_segments_are_counted_as_lost(central, forwarders, tmp_p
     central.start()
     on_disk = read_lines(str(path))
     wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "what is still on disk")
+
+
+def test_a_planted_symlink_is_not_forwarded(central, forwarders, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("SEQ secret 0 do-not-forward\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "app.log"
+    logger, handler = clh_writer(path, 10**8, 5)
+    log(logger, "w", 0, 100)
+    handler.close()
+    # A client that can write in the log directory plants rotated-looking and live-looking links.
+    os.symlink(secret, logs / "app.log.7")
+    os.symlink(secret, logs / "other.log")
+    central.start()
+    fw = forwarders(central, [str(logs / "*.log")], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) >= 100, 20, "the real records")
+    wait_for(lambda: fw.checkpoint.saves >= 1 and fw.snapshot()["in_flight"] == 0, 10, "quiet")
+    check_sequences(central.lines(), {"w": 100}, payloads=False).assert_complete()
+    assert not any("secret" in line for line in central.lines())
+    assert [f["path"] for f in fw.snapshot()["files"]] == [str(path)]

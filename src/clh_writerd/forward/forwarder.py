@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import threading
 import time
 from collections import deque
@@ -94,6 +95,36 @@ class Candidate(NamedTuple):
     size: int
 
 
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_segment(path: str, gz: bool) -> IO[bytes]:
+    """Open a segment for reading without following a symlink.
+
+    Clients can create files in the log directories and the daemon may be
+    more privileged than they are: a planted ``app.log.7 -> /etc/shadow``
+    must not be forwarded (DESIGN.md, security). FIFOs and devices are
+    refused as well.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        raw = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    if not gz:
+        return raw
+    unpacked = gzip.GzipFile(fileobj=raw, mode="rb")
+    unpacked.myfileobj = raw  # type: ignore[assignment]  # close() closes it, as for gzip.open
+    return unpacked  # type: ignore[return-value]
+
+
 def family(base: str) -> List[Candidate]:
     """The segments of one file, oldest first: ``.N(.gz)`` (highest N first), ``.rotate.*``, the live file.
 
@@ -125,12 +156,11 @@ def family(base: str) -> List[Candidate]:
         path = os.path.join(directory, entry)
         gz = entry.endswith(".gz")
         try:
-            st = os.stat(path)
-            opener = gzip.open if gz else open
-            with opener(path, "rb") as f:  # type: ignore[operator]
+            with open_segment(path, gz) as f:
+                st = os.fstat(f.fileno()) if not gz else os.lstat(path)
                 head = f.read(FINGERPRINT_BYTES)
         except (OSError, EOFError, gzip.BadGzipFile):
-            continue  # vanished or still being written: the next scan sees it
+            continue  # vanished, still being written, or not a regular file: skipped
         if head:
             out.append(Candidate(path, rank, head, gz, st.st_dev, st.st_ino, st.st_size))
     out.sort(key=lambda c: c.rank)
@@ -144,7 +174,7 @@ class SegmentReader:
         self.state = state
         self.gz = gz
         self.max_line = max_line
-        self.fh: IO[bytes] = gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[assignment]
+        self.fh: IO[bytes] = open_segment(path, gz)
         self.fh.seek(state.offset)
         self.pos = state.offset  # offset of the next unread byte
         self._buf = b""
@@ -534,7 +564,7 @@ class Forwarder:
         """Find forwarded files (glob patterns) and their segments."""
         matches: Set[str] = set()
         for pattern in self.options.paths:
-            matches.update(os.path.abspath(p) for p in glob.glob(pattern) if os.path.isfile(p))
+            matches.update(os.path.abspath(p) for p in glob.glob(pattern) if _regular(p))
         # Rotated names (app.log.1.gz) of a matched file are its segments, not files.
         bases = {m for m in matches if not any(m.startswith(o + ".") for o in matches if o != m)}
         for base in bases - set(self.sources):
