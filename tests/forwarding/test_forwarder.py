@@ -8,7 +8,9 @@ concurrent-log-handler and the real imrelp; only the network is loopback
 import json
 import logging
 import os
+import shutil
 import signal
+import subprocess
 
 import pytest
 from concurrent_log_handler import ConcurrentRotatingFileHandler
@@ -199,3 +201,41 @@ def test_a_planted_symlink_is_not_forwarded(central, forwarders, tmp_path):
     check_sequences(central.lines(), {"w": 100}, payloads=False).assert_complete()
     assert not any("secret" in line for line in central.lines())
     assert [f["path"] for f in fw.snapshot()["files"]] == [str(path)]
+
+
+def make_certificates(directory) -> dict:
+    """A throwaway CA and server/client certificates for 127.0.0.1 (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=clh-test-ca")
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {n: str(directory / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_relp_over_tls_with_certificates(central, forwarders, tmp_path):
+    certs = make_certificates(tmp_path)
+    central.extra_args = ["--tls", "--tls-ca", certs["ca.pem"], "--tls-cert", certs["server.pem"],
+                          "--tls-key", certs["server.key"]]
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 10**8, 1)
+    log(logger, "w", 0, 200)
+    handler.close()
+    # Without a client certificate imrelp refuses the session: nothing is acknowledged.
+    anonymous = forwarders(central, [str(path)], tmp_path / "anon.json", tls=True, tls_ca_file=certs["ca.pem"])
+    wait_for(lambda: anonymous.last_error, 20, "the refused session")
+    anonymous.stop()
+    assert anonymous.acked == 0 and central.lines() == []
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", tls=True, tls_ca_file=certs["ca.pem"],
+                    tls_cert_file=certs["client.pem"], tls_key_file=certs["client.key"])
+    wait_for(lambda: len(central.lines()) >= 200, 20, "200 records over TLS")
+    check_sequences(central.lines(), {"w": 200}, payloads=False).assert_complete()
+    assert fw.snapshot()["connected"]
