@@ -57,3 +57,14 @@ def test_check_config_rejects_forwarding_without_paths(tmp_path):
     out = subprocess.run([sys.executable, "-m", "clh_writerd", "check-config", path],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "forward.paths is empty" in out.stderr
+
+
+def test_an_unreadable_checkpoint_is_a_start_up_failure(tmp_path, central):
+    daemon = forwarding_daemon(tmp_path, central)
+    (tmp_path / "forward.json").write_text("{torn")
+    try:
+        daemon.start(wait=False)
+        assert daemon.proc.wait(30) == 3  # EXIT_STARTUP: refuse rather than resend or skip everything
+    finally:
+        daemon.cleanup()
+    assert "unreadable forward checkpoint" in daemon.stderr()

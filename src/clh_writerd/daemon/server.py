@@ -121,7 +121,10 @@ class Server:
         if cfg.forward_target:
             from ..forward import Forwarder, options_from_config
 
-            self.forwarder = Forwarder(options_from_config(cfg))
+            try:
+                self.forwarder = Forwarder(options_from_config(cfg))
+            except (RuntimeError, OSError) as exc:  # e.g. an unreadable checkpoint
+                raise StartupError(f"forward: {exc}") from None
             self.forwarder.start()
         self._install_signal_handlers()
         self.notifier.ready(f"serving {cfg.endpoint}")

@@ -167,6 +167,10 @@ def family(base: str) -> List[Candidate]:
     return out
 
 
+class SegmentMoved(OSError):
+    """A name no longer holds the segment the last scan saw there."""
+
+
 class SegmentReader:
     """Reads whole lines of one segment from a byte offset (plain or gzip)."""
 
@@ -175,6 +179,12 @@ class SegmentReader:
         self.gz = gz
         self.max_line = max_line
         self.fh: IO[bytes] = open_segment(path, gz)
+        # The name may now be another segment (rotated since the last scan):
+        # check the content is the one the state describes before reading.
+        head = self.fh.read(state.fp_len)
+        if fingerprint(head) != state.key:
+            self.fh.close()
+            raise SegmentMoved(f"{path} is no longer segment {state.key}")
         self.fh.seek(state.offset)
         self.pos = state.offset  # offset of the next unread byte
         self._buf = b""
@@ -339,7 +349,8 @@ class Source:
             try:
                 self.reader = SegmentReader(state, cand.name, cand.gz, self.fw.options.max_line_bytes)
             except (OSError, EOFError, gzip.BadGzipFile):
-                return False  # renamed under us: the next scan finds it
+                self.fw.rescan = True  # renamed under us: the next scan finds it
+                return False
             return True
         return False
 
@@ -498,6 +509,7 @@ class Forwarder:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._dirty = False
+        self.rescan = False
         self._last_save = 0.0
         self._last_progress = 0.0
         self.lock = threading.Lock()  # guards the counters read by snapshot()
@@ -526,7 +538,8 @@ class Forwarder:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if now >= next_scan:
+                if now >= next_scan or self.rescan:
+                    self.rescan = False
                     self.scan()
                     next_scan = now + self.options.scan_interval
                 if self.client is None:
