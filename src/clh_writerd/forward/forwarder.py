@@ -157,7 +157,7 @@ def family(base: str) -> List[Candidate]:
         gz = entry.endswith(".gz")
         try:
             with open_segment(path, gz) as f:
-                st = os.fstat(f.fileno()) if not gz else os.lstat(path)
+                st = os.fstat(f.fileno())  # GzipFile.fileno() is the compressed file's
                 head = f.read(FINGERPRINT_BYTES)
         except (OSError, EOFError, gzip.BadGzipFile):
             continue  # vanished, still being written, or not a regular file: skipped
@@ -416,6 +416,7 @@ class Hold:
             if os.path.exists(path):
                 os.unlink(path)
             os.link(cand.name, path)
+            linked = os.stat(path)
         except FileNotFoundError:
             return  # renamed meanwhile: the next scan holds it under its new name
         except OSError as exc:
@@ -423,6 +424,9 @@ class Hold:
             self.disabled = f"cannot hard-link into {self.directory}: {exc}"
             log.warning("forward: hold disabled (%s); segments deleted by retention before they are "
                         "forwarded will be counted as lost", self.disabled)
+            return
+        if (linked.st_dev, linked.st_ino) != (cand.dev, cand.ino):
+            os.unlink(path)  # the name was rotated to another segment since the scan; retry next scan
             return
         self.fw.hold_seq += 1
         state.held, state.held_seq = path, self.fw.hold_seq
