@@ -142,7 +142,7 @@ def _endpoint(endpoint: Optional[str], config_path: Optional[str]) -> Optional[s
 @click.argument("engine", type=click.Choice(["rsyslog"]))
 @click.option("--port", default=2514, show_default=True, help="imrelp port.")
 @click.option("--address", default="", help="Address imrelp listens on (default: all).")
-@click.option("--output", default="/var/log/clh/%HOSTNAME%/%APP-NAME%.log", show_default=True,
+@click.option("--output", default="/var/log/clh/%HOSTNAME%/%APP-NAME%", show_default=True,
               help="Central file; rsyslog properties make it one file per host and forwarded file.")
 @click.option("--work-dir", default=None, help="rsyslog workDirectory (global).")
 @click.option("--tls", is_flag=True, help="imrelp over TLS; clients need a certificate signed by --tls-ca.")

@@ -51,6 +51,7 @@ class LoopbackCentral:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.extra_args: List[str] = []  # more `forward-config rsyslog` options (e.g. --tls)
+        self.output = ""  # --output other than the single central.log
         self.port = free_tcp_port()
         self.log = os.path.join(directory, "central.log")
         self.proc: Optional[subprocess.Popen] = None
@@ -64,7 +65,7 @@ class LoopbackCentral:
         conf = os.path.join(self.directory, "rsyslog.conf")
         with open(conf, "w") as f:
             f.write(run(sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--port", str(self.port),
-                        "--address", "127.0.0.1", "--output", self.log, "--work-dir", self.directory,
+                        "--address", "127.0.0.1", "--output", self.output or self.log, "--work-dir", self.directory,
                         *self.extra_args))
         out = open(os.path.join(self.directory, "rsyslogd.out"), "ab")
         self.proc = subprocess.Popen(["rsyslogd", "-n", "-f", conf, "-i", os.path.join(self.directory, "pid")],

@@ -42,13 +42,15 @@ def test_the_section_round_trips_through_check_config(tmp_path):
     assert options.window == 64 and options.hostname == "web1" and options.paths == ("/var/log/app/*.log",)
 
 
-@pytest.mark.parametrize("output", ["/var/log/central.log", "/var/log/clh/%HOSTNAME%/%APP-NAME%.log"])
+@pytest.mark.parametrize("output", ["/var/log/central.log", "/var/log/clh/%HOSTNAME%/%APP-NAME%"])
 def test_the_central_config_is_valid_rsyslog(tmp_path, output):
     require_rsyslog()
     conf = subprocess.run([sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--output", output,
                            "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert conf.returncode == 0, conf.stderr
     assert 'queue.type="Direct"' in conf.stdout  # part of the guarantee (docs/forwarding.md)
+    if "%" in output:  # a sender must not choose a path outside the output directory
+        assert "%HOSTNAME:::secpath-replace%/%APP-NAME:::secpath-replace%" in conf.stdout
     (tmp_path / "central.conf").write_text(conf.stdout)
     check = subprocess.run(["rsyslogd", "-N1", "-f", str(tmp_path / "central.conf")],
                            capture_output=True, text=True, timeout=30)

@@ -81,3 +81,18 @@ def test_a_frozen_server_leaves_frames_unacked(central):
         central.signal(signal.SIGCONT)
     assert len(read_all_acks(client, 10)) == 10
     client.close()
+
+
+def test_a_sender_cannot_choose_a_path_outside_the_central_output(central, tmp_path):
+    """HOSTNAME and APP-NAME name the central's files: "../" in them must not escape the output directory."""
+    out = tmp_path / "out"
+    central.output = str(out / "%HOSTNAME%" / "%APP-NAME%.log")
+    central.start()
+    client = RelpClient("127.0.0.1", central.port)
+    client.open()
+    client.send_many([b"<134>1 - ../../escaped ../x - id - SEQ w 0 p", b"<134>1 - h1 app.log - id - SEQ w 1 p"])
+    read_all_acks(client, 2)
+    client.close()
+    wait_for(lambda: len([p for p in out.rglob("*") if p.is_file()]) == 2, 10, "two central files")
+    assert not list(tmp_path.glob("escaped*")) and not (tmp_path.parent / "escaped").exists()
+    assert all(out in p.parents for p in out.rglob("*"))

@@ -83,6 +83,14 @@ def _globs(key: str, value: Any) -> Tuple[str, ...]:
     return tuple(os.path.abspath(v) for v in value)
 
 
+def _hostname(key: str, value: Any) -> str:
+    value = _string(key, value)
+    # RFC 5424 HOSTNAME: 1-255 printable US-ASCII characters, no space.
+    if len(value) > 255 or not all(33 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{key} must be printable ASCII without spaces (at most 255), got {value!r}")
+    return value
+
+
 def _group(key: str, value: Any) -> str:
     value = _string(key, value)
     if value and not value.isdigit():
@@ -145,7 +153,7 @@ OPTIONS: Tuple[Option, ...] = (
            "Files to forward (paths or glob patterns of the live files; rotated segments follow)."),
     Option("forward", "state_file", "forward-checkpoint.json", _string,
            "Checkpoint of acknowledged offsets per segment (written atomically)."),
-    Option("forward", "hostname", "", _string,
+    Option("forward", "hostname", "", _hostname,
            'HOSTNAME field of forwarded records; "" = this machine\'s hostname.'),
     Option("forward", "window", 256, _positive(int, 1, 100_000),
            "RELP frames sent and not yet acknowledged, at most (also the duplicate bound per reconnect)."),

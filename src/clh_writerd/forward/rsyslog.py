@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 TLS_DEFAULTS = ("/etc/rsyslog.d/clh-ca.pem", "/etc/rsyslog.d/clh-cert.pem", "/etc/rsyslog.d/clh-key.pem")
 
 
-def central_config(port: int = 2514, output: str = "/var/log/clh/%HOSTNAME%/%APP-NAME%.log",
+def central_config(port: int = 2514, output: str = "/var/log/clh/%HOSTNAME%/%APP-NAME%",
                    address: str = "", work_dir: Optional[str] = None, tls: bool = False,
                    tls_files: Tuple[str, str, str] = TLS_DEFAULTS) -> str:
     """rsyslog RainerScript for a central imrelp listener writing forwarded records to ``output``.
@@ -36,6 +36,9 @@ def central_config(port: int = 2514, output: str = "/var/log/clh/%HOSTNAME%/%APP
         'template(name="clhLine" type="string" string="%HOSTNAME% %APP-NAME% %MSGID% %msg%\\n")',
     ]
     if "%" in output:
+        # Senders choose HOSTNAME and APP-NAME: never let them put "/" or ".." in a path.
+        for prop in ("HOSTNAME", "APP-NAME"):
+            output = output.replace(f"%{prop}%", f"%{prop}:::secpath-replace%")
         lines.append(f'template(name="clhFile" type="string" string="{output}")')
         target = 'dynaFile="clhFile"'
     else:
