@@ -289,7 +289,7 @@ class Source:
                 continue
             if state.done:
                 self.fw.hold.release(state)
-                del cp.segments[key]
+                self.fw.forget_segment(key)
                 continue
             if state.held and os.path.exists(state.held):
                 # Retention deleted its name; the hold keeps it until it is forwarded.
@@ -302,14 +302,16 @@ class Source:
                 continue
             lost = max((state.end or state.size_seen) - state.offset, 0)
             self.fw.count_lost(self, state, lost)
-            del cp.segments[key]
+            self.fw.forget_segment(key)
         self.order = sorted(seen.values(), key=lambda sc: sc[1].rank)
+        if self.lag() == 0:
+            self.caught_up_at = time.time()
 
     def forget(self, state: SegmentState) -> None:
         """A segment that can no longer be read (past the hold budget): count it as lost."""
         lost = max((state.end or state.size_seen) - state.offset, 0)
         self.fw.count_lost(self, state, lost)
-        self.fw.checkpoint.segments.pop(state.key, None)
+        self.fw.forget_segment(state.key)
         self.order = [(s, c) for s, c in self.order if s.key != state.key]
 
     def read(self, limit: int) -> List[Tuple[SegmentState, int, int, bytes]]:
@@ -684,6 +686,12 @@ class Forwarder:
             self.hold.release(state)
         self._dirty = True
 
+    def forget_segment(self, key: str) -> None:
+        """A segment left the family (forwarded and deleted, or lost): drop its state."""
+        self.checkpoint.segments.pop(key, None)
+        self._sent_high.pop(key, None)
+        self._dirty = True
+
     def mark_dirty(self) -> None:
         """The checkpoint changed outside the ack path (a new hold)."""
         self._dirty = True
@@ -719,6 +727,7 @@ class Forwarder:
             lag = source.lag()
             if lag == 0:
                 source.caught_up_at = now
+            # caught_up_at is also refreshed by every scan, so this is right without readers of stats.
             files.append({"path": source.base, "lag_bytes": lag,
                           "lag_seconds": round(now - source.caught_up_at, 3)})
         return {
