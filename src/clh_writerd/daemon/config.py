@@ -81,6 +81,20 @@ def _listen(key: str, value: Any) -> str:
     return value
 
 
+def _globs(key: str, value: Any) -> Tuple[str, ...]:
+    if type(value) is not list or not all(type(v) is str and v for v in value):
+        raise ConfigError(f"{key} must be a list of file paths or glob patterns")
+    return tuple(os.path.abspath(v) for v in value)
+
+
+def _hostname(key: str, value: Any) -> str:
+    value = _string(key, value)
+    # RFC 5424 HOSTNAME: 1-255 printable US-ASCII characters, no space.
+    if len(value) > 255 or not all(33 <= ord(c) < 127 for c in value):
+        raise ConfigError(f"{key} must be printable ASCII without spaces (at most 255), got {value!r}")
+    return value
+
+
 def _group(key: str, value: Any) -> str:
     value = _string(key, value)
     if value and not value.isdigit():
@@ -141,6 +155,31 @@ OPTIONS: Tuple[Option, ...] = (
            'Default fsync policy: "never", "batch" (after every write) or "interval".'),
     Option("fsync", "interval", 1.0, _positive(float, 0.001, 3600.0),
            'Seconds between fsyncs under the "interval" policy.'),
+    # [forward]: at-least-once forwarding to a central rsyslog over RELP (docs/forwarding.md).
+    Option("forward", "target", "", _listen,
+           'Central RELP server as HOST:PORT (rsyslog imrelp); "" = no forwarding.'),
+    Option("forward", "paths", [], _globs,
+           "Files to forward (paths or glob patterns of the live files; rotated segments follow)."),
+    Option("forward", "state_file", "forward-checkpoint.json", _string,
+           "Checkpoint of acknowledged offsets per segment (written atomically)."),
+    Option("forward", "hostname", "", _hostname,
+           'HOSTNAME field of forwarded records; "" = this machine\'s hostname.'),
+    Option("forward", "window", 256, _positive(int, 1, 100_000),
+           "RELP frames sent and not yet acknowledged, at most (also the duplicate bound per reconnect)."),
+    Option("forward", "checkpoint_interval", 0.2, _positive(float, 0.0, 60.0),
+           "Seconds between checkpoint writes while acks arrive (bounds resends after a forwarder crash)."),
+    Option("forward", "timeout", 5.0, _positive(float, 0.1, 600.0),
+           "Seconds without any ack while frames are in flight before the session is dropped and resent."),
+    Option("forward", "hold_max_bytes", 1024 ** 3, _positive(int, 0, 2 ** 60),
+           "Disk budget for a long outage: rotated segments not yet forwarded are kept (hard links) up to "
+           "this many bytes after retention deletes them; beyond it they are counted as lost. 0 = off."),
+    Option("forward", "hold_dir", "", _string,
+           'Where held segments are linked (same filesystem as the logs); "" = "<state_file>.hold".'),
+    Option("forward", "tls", False, _boolean,
+           "RELP over TLS (imrelp tls=\"on\" with x509 certificates)."),
+    Option("forward", "tls_ca_file", "", _string, 'CA bundle that signed the server certificate ("" = system CAs).'),
+    Option("forward", "tls_cert_file", "", _string, 'Client certificate (PEM) for mutual TLS ("" = none).'),
+    Option("forward", "tls_key_file", "", _string, "Key of tls_cert_file."),
 )
 
 
@@ -176,6 +215,19 @@ class Config:
     fsync_interval: float
     files: Tuple[FileOverride, ...] = ()
     source: str = EMBEDDED
+    forward_target: str = ""
+    forward_paths: Tuple[str, ...] = ()
+    forward_state_file: str = "forward-checkpoint.json"
+    forward_hostname: str = ""
+    forward_window: int = 256
+    forward_checkpoint_interval: float = 0.2
+    forward_timeout: float = 5.0
+    forward_hold_max_bytes: int = 1024 ** 3
+    forward_hold_dir: str = ""
+    forward_tls: bool = False
+    forward_tls_ca_file: str = ""
+    forward_tls_cert_file: str = ""
+    forward_tls_key_file: str = ""
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
@@ -208,7 +260,7 @@ class Config:
 
 
 def _attr(opt: Option) -> str:
-    return f"fsync_{opt.key}" if opt.section == "fsync" else opt.key
+    return f"{opt.section}_{opt.key}" if opt.section in ("fsync", "forward") else opt.key
 
 
 def _toml_value(value: Any) -> str:
@@ -285,6 +337,9 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
         raw = data.get(opt.section, {}).get(opt.key, opt.default)
         values[_attr(opt)] = opt.check(f"{opt.section}.{opt.key}", raw)
     values["files"] = _files(data.get("files", []), values)
+    if values["forward_target"] and not values["forward_paths"]:
+        raise ConfigError("forward.target is set but forward.paths is empty: nothing to forward")
+    values["forward_state_file"] = os.path.abspath(values["forward_state_file"])
     return _check_endpoint(Config(source=source, **values))
 
 

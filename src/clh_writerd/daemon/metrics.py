@@ -47,6 +47,10 @@ class StatsCollector:
         yield from self._daemon(doc["daemon"])
         yield from self._files(doc["files"])
         yield from self._clients(doc["clients"])
+        if "forward" in doc:  # [forward] is on (docs/forwarding.md)
+            from ..forward.forwarder import forward_metrics
+
+            yield from forward_metrics(doc["forward"], PREFIX)
 
     def _daemon(self, d: Dict[str, Any]) -> Iterator[Any]:
         info = InfoMetricFamily(PREFIX + "build", "clh-writerd version and endpoint")

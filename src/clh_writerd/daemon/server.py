@@ -135,7 +135,11 @@ class ConnectionGuard:
 
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
-RESTART_ONLY = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
+RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
+# The forwarder reads its [forward] options once, at start.
+RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
+                                                   "checkpoint_interval", "timeout", "hold_max_bytes", "hold_dir", "tls", "tls_ca_file",
+                                                   "tls_cert_file", "tls_key_file"))
 
 
 def hard_frame_limit(max_message_bytes: int) -> int:
@@ -167,6 +171,7 @@ class Server:
         self._old_handlers: List[Any] = []
         self.notifier = SystemdNotifier()
         self.metrics: Optional[Any] = None
+        self.forwarder: Optional[Any] = None  # forward.Forwarder when [forward] target is set
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -210,6 +215,14 @@ class Server:
 
             self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+        if cfg.forward_target:
+            from ..forward import Forwarder, options_from_config
+
+            try:
+                self.forwarder = Forwarder(options_from_config(cfg))
+            except (RuntimeError, OSError) as exc:  # e.g. an unreadable checkpoint
+                raise StartupError(f"forward: {exc}") from None
+            self.forwarder.start()
         self._install_signal_handlers()
         self.notifier.ready(f"serving {cfg.endpoint}")
         log.info(
@@ -476,7 +489,10 @@ class Server:
             pass
 
     def snapshot(self) -> dict:
-        return self.stats.snapshot()
+        doc = self.stats.snapshot()
+        if self.forwarder is not None:
+            doc["forward"] = self.forwarder.snapshot()
+        return doc
 
     # -- resources -----------------------------------------------------------
     def _make_writer(self, target: Target, options: dict, lock_target: Optional[Target]) -> FileWriter:
@@ -576,6 +592,9 @@ class Server:
         self.reload_requested = True
 
     def _release(self) -> None:
+        if self.forwarder is not None:
+            self.forwarder.stop(timeout=self.config.drain_timeout)
+            self.forwarder = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -1,0 +1,786 @@
+"""Forward the daemon's files to a central RELP server, at least once.
+
+Pipeline stages, one method each: ``scan`` (find the segments of every
+forwarded file, oldest first) -> ``read`` (whole lines from the oldest
+unfinished segment) -> ``send`` (RELP ``syslog`` frames, at most ``window``
+unacknowledged) -> ``ack`` (advance each segment's offset over the contiguous
+acknowledged prefix only) -> ``commit`` (write the checkpoint atomically).
+
+The local files stay the source of truth. A lost connection drops everything
+in flight and re-reads from the checkpoint on the next session, so a record is
+sent again rather than lost; the central side can de-duplicate on the MSGID
+(``<segment id>.<byte offset>``), which is stable across restarts, renames
+and compression.
+"""
+
+import glob
+import gzip
+import logging
+import os
+import socket
+import ssl
+import stat
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import IO, Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+
+from .checkpoint import FINGERPRINT_BYTES, Checkpoint, SegmentState, fingerprint
+from .relp import RelpClient, RelpError
+
+log = logging.getLogger("clh_writerd.forward")
+
+READ_CHUNK = 64 * 1024
+# syslog PRI of every forwarded line: facility local0, severity info.
+PRI = 16 * 8 + 6
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """What the ``[forward]`` section configures (see daemon/config.py)."""
+
+    target: str
+    paths: Tuple[str, ...]
+    state_file: str
+    hostname: str = ""
+    window: int = 256
+    checkpoint_interval: float = 0.2
+    reconnect_interval: float = 1.0
+    scan_interval: float = 0.5
+    retention_grace: float = 5.0
+    max_line_bytes: int = 8000
+    timeout: float = 5.0
+    hold_dir: str = ""  # "" = "<state_file>.hold"
+    hold_max_bytes: int = 1024 ** 3
+    tls: bool = False
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+    def address(self) -> Tuple[str, int]:
+        """(host, port) of ``target`` ("HOST:PORT", "[v6]:PORT", optional relp:// prefix)."""
+        target = self.target[len("relp://"):] if self.target.startswith("relp://") else self.target
+        host, _, port = target.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def ssl_context(self) -> Optional[ssl.SSLContext]:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca_file or None)
+        if self.tls_cert_file:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file or None)
+        return context
+
+
+def options_from_config(config: Any) -> ForwardOptions:
+    """The forwarder's options from the daemon's Config ([forward] section)."""
+    return ForwardOptions(
+        target=config.forward_target, paths=tuple(config.forward_paths), state_file=config.forward_state_file,
+        hostname=config.forward_hostname, window=config.forward_window,
+        hold_dir=config.forward_hold_dir, hold_max_bytes=config.forward_hold_max_bytes,
+        checkpoint_interval=config.forward_checkpoint_interval, timeout=config.forward_timeout,
+        tls=config.forward_tls, tls_ca_file=config.forward_tls_ca_file,
+        tls_cert_file=config.forward_tls_cert_file, tls_key_file=config.forward_tls_key_file,
+    )
+
+
+class Candidate(NamedTuple):
+    name: str
+    rank: Tuple[int, int]
+    head: bytes
+    gz: bool
+    dev: int
+    ino: int
+    size: int
+
+
+def _regular(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_segment(path: str, gz: bool) -> IO[bytes]:
+    """Open a segment for reading without following a symlink.
+
+    Clients can create files in the log directories and the daemon may be
+    more privileged than they are: a planted ``app.log.7 -> /etc/shadow``
+    must not be forwarded (DESIGN.md, security). FIFOs and devices are
+    refused as well.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        raw = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    if not gz:
+        return raw
+    unpacked = gzip.GzipFile(fileobj=raw, mode="rb")
+    unpacked.myfileobj = raw  # type: ignore[assignment]  # close() closes it, as for gzip.open
+    return unpacked  # type: ignore[return-value]
+
+
+def family(base: str) -> List[Candidate]:
+    """The segments of one file, oldest first: ``.N(.gz)`` (highest N first), ``.rotate.*``, the live file.
+
+    A ``.rotate.*.gz`` is a compression in progress and is skipped; its
+    source (or the ``.1.gz`` it becomes) is the same segment.
+    """
+    directory, name = os.path.split(base)
+    out = []
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    for entry in names:
+        if entry == name:
+            rank = (2, 0)
+        elif entry.startswith(name + ".") and not entry.endswith(".lock"):
+            suffix = entry[len(name) + 1:]
+            if suffix.startswith("rotate."):
+                if suffix.endswith(".gz"):
+                    continue
+                rank = (1, 0)
+            else:
+                number = suffix[:-3] if suffix.endswith(".gz") else suffix
+                if not number.isdigit():
+                    continue
+                rank = (0, -int(number))
+        else:
+            continue
+        path = os.path.join(directory, entry)
+        gz = entry.endswith(".gz")
+        try:
+            with open_segment(path, gz) as f:
+                st = os.fstat(f.fileno())  # GzipFile.fileno() is the compressed file's
+                head = f.read(FINGERPRINT_BYTES)
+        except (OSError, EOFError, gzip.BadGzipFile):
+            continue  # vanished, still being written, or not a regular file: skipped
+        if head:
+            out.append(Candidate(path, rank, head, gz, st.st_dev, st.st_ino, st.st_size))
+    out.sort(key=lambda c: c.rank)
+    return out
+
+
+class SegmentMoved(OSError):
+    """A name no longer holds the segment the last scan saw there."""
+
+
+class SegmentReader:
+    """Reads whole lines of one segment from a byte offset (plain or gzip)."""
+
+    def __init__(self, state: SegmentState, path: str, gz: bool, max_line: int) -> None:
+        self.state = state
+        self.gz = gz
+        self.max_line = max_line
+        self.fh: IO[bytes] = open_segment(path, gz)
+        # The name may now be another segment (rotated since the last scan):
+        # check the content is the one the state describes before reading.
+        head = self.fh.read(state.fp_len)
+        if fingerprint(head) != state.key:
+            self.fh.close()
+            raise SegmentMoved(f"{path} is no longer segment {state.key}")
+        self.fh.seek(state.offset)
+        self.pos = state.offset  # offset of the next unread byte
+        self._buf = b""
+        self._at = 0
+        st = os.fstat(self.fh.fileno()) if not gz else None
+        self.dev, self.ino = (st.st_dev, st.st_ino) if st else (0, 0)
+        self.split_lines = 0
+
+    def read(self, limit: int) -> List[Tuple[int, int, bytes]]:
+        """Up to ``limit`` complete lines as (start, end, line without LF)."""
+        out: List[Tuple[int, int, bytes]] = []
+        while len(out) < limit:
+            nl = self._buf.find(b"\n", self._at)
+            if nl < 0:
+                if len(self._buf) - self._at >= self.max_line:
+                    # A line longer than the central accepts: send it in pieces.
+                    self.split_lines += 1
+                    out.append(self._take(self._at + self.max_line, 0))
+                    continue
+                more = self.fh.read(READ_CHUNK)
+                if not more:
+                    break
+                self._buf = self._buf[self._at:] + more
+                self._at = 0
+                continue
+            out.append(self._take(nl, 1))
+        return out
+
+    def read_tail(self) -> Optional[Tuple[int, int, bytes]]:
+        """What is left after the last LF of a finished segment (a torn last line), if anything."""
+        if self._at < len(self._buf):
+            return self._take(len(self._buf), 0)
+        return None
+
+    def _take(self, stop: int, skip: int) -> Tuple[int, int, bytes]:
+        line = self._buf[self._at:stop]
+        start = self.pos
+        self.pos += len(line) + skip
+        self._at = stop + skip
+        return start, self.pos, line
+
+    def is_live(self, base: str) -> bool:
+        """Is this segment still the file the daemon writes (not renamed away)?"""
+        if self.gz:
+            return False
+        try:
+            st = os.stat(base)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class Source:
+    """One forwarded file and its rotated segments."""
+
+    def __init__(self, base: str, forwarder: "Forwarder") -> None:
+        self.base = base
+        self.app = "".join(c if 33 <= ord(c) < 127 else "_" for c in os.path.basename(base))[:48] or "-"
+        self.fw = forwarder
+        self.order: List[Tuple[SegmentState, Candidate]] = []
+        self.reader: Optional[SegmentReader] = None
+        self.read_through: Set[str] = set()  # keys read to their end in this session
+        self.waiting = False
+        self.held_only: Set[str] = set()  # segments readable only through the hold (last scan)
+        self.caught_up_at = time.time()
+
+    def scan(self, now: float) -> None:
+        """Match the family's files to checkpoint states; count segments lost to retention."""
+        cp = self.fw.checkpoint
+        mine = {k: s for k, s in cp.segments.items() if s.source == self.base}
+        lengths = sorted({s.fp_len for s in mine.values()}, reverse=True)
+        seen: Dict[str, Tuple[SegmentState, Candidate]] = {}
+        self.held_only = set()
+        for cand in family(self.base):
+            state = None
+            for length in lengths:
+                if len(cand.head) >= length:
+                    state = mine.get(fingerprint(cand.head[:length]))
+                    if state is not None:
+                        break
+            if state is None:
+                key = fingerprint(cand.head)
+                state = cp.segments[key] = mine[key] = SegmentState(key, self.base, cand.name)
+                lengths = sorted(set(lengths) | {state.fp_len}, reverse=True)
+            if state.key in seen and not seen[state.key][1].gz:
+                continue
+            state.name, state.missing_since = cand.name, None
+            if not cand.gz:
+                state.size_seen, state.dev, state.ino = cand.size, cand.dev, cand.ino
+            if cand.rank[0] != 1 and not state.done and not state.held:
+                # Held from the first sight, live file included: a segment may be
+                # rotated, compressed and deleted between two scans.
+                self.fw.hold.take(state, cand)
+            seen[state.key] = (state, cand)
+        self.waiting = False
+        current = self.reader.state.key if self.reader else None
+        for key, state in mine.items():
+            if key in seen or key == current:
+                continue
+            if state.done:
+                self.fw.hold.release(state)
+                self.fw.forget_segment(key)
+                continue
+            if state.held and os.path.exists(state.held):
+                # Retention deleted its name; the hold keeps it until it is forwarded.
+                seen[key] = (state, self.fw.hold.candidate(state))
+                self.held_only.add(key)
+                continue
+            state.missing_since = state.missing_since or now
+            if now - state.missing_since < self.fw.options.retention_grace:
+                self.waiting = True  # renamed or being compressed; don't skip ahead of it
+                continue
+            lost = max((state.end or state.size_seen) - state.offset, 0)
+            self.fw.count_lost(self, state, lost)
+            self.fw.forget_segment(key)
+        self.order = sorted(seen.values(), key=lambda sc: sc[1].rank)
+        if self.lag() == 0:
+            self.caught_up_at = time.time()
+
+    def forget(self, state: SegmentState) -> None:
+        """A segment that can no longer be read (past the hold budget): count it as lost."""
+        lost = max((state.end or state.size_seen) - state.offset, 0)
+        self.fw.count_lost(self, state, lost)
+        self.fw.forget_segment(state.key)
+        self.order = [(s, c) for s, c in self.order if s.key != state.key]
+
+    def read(self, limit: int) -> List[Tuple[SegmentState, int, int, bytes]]:
+        """The next lines to send, oldest segment first."""
+        out: List[Tuple[SegmentState, int, int, bytes]] = []
+        while len(out) < limit:
+            if self.reader is None and not self._open_next():
+                break
+            reader = self.reader
+            assert reader is not None
+            lines = reader.read(limit - len(out))
+            out += [(reader.state, s, e, line) for s, e, line in lines]
+            if lines:
+                continue
+            if reader.is_live(self.base):
+                break
+            # Renamed away (or compressed): whatever was written before the
+            # rename is there now; read it to the end, then move on.
+            lines = reader.read(limit - len(out))
+            if lines:
+                out += [(reader.state, s, e, line) for s, e, line in lines]
+                continue
+            tail = reader.read_tail()
+            if tail is not None:
+                out.append((reader.state, *tail))
+            self.fw.segment_read(reader.state, reader.pos)
+            self.read_through.add(reader.state.key)
+            self._close_reader()
+        return out
+
+    def _open_next(self) -> bool:
+        if self.waiting:
+            return False
+        for state, cand in self.order:
+            if state.done or state.key in self.read_through:
+                continue
+            try:
+                self.reader = SegmentReader(state, cand.name, cand.gz, self.fw.options.max_line_bytes)
+            except (OSError, EOFError, gzip.BadGzipFile):
+                self.fw.rescan = True  # renamed under us: the next scan finds it
+                return False
+            return True
+        return False
+
+    def lag(self) -> int:
+        """Bytes not yet acknowledged, over this file's known segments."""
+        total = 0
+        for state, _ in self.order:
+            if not state.done:
+                total += max((state.end or state.size_seen) - state.offset, 0)
+        return total
+
+    def reset(self) -> None:
+        """Forget everything read in this session: re-read from the checkpoint."""
+        self._close_reader()
+        self.read_through.clear()
+
+    def _close_reader(self) -> None:
+        if self.reader is not None:
+            self.fw.split_lines += self.reader.split_lines
+            self.reader.close()
+            self.reader = None
+
+
+class Hold:
+    """Hard links that keep unforwarded segments alive after rotation and retention.
+
+    CLH compresses a rotated segment (a new inode; the plain one is unlinked)
+    and deletes the oldest backup beyond ``backupCount``. A hard link in the
+    hold directory (same filesystem), taken when the forwarder first sees a
+    segment, keeps its inode until the segment is acknowledged, so a long
+    outage costs disk, up to ``hold_max_bytes``, instead of records. Past the
+    budget new segments are not held, and one deleted before it is forwarded
+    is counted as lost and warned about.
+    """
+
+    def __init__(self, directory: str, max_bytes: int, forwarder: "Forwarder") -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.fw = forwarder
+        self.disabled = ""
+        self.released = 0  # holds let go because the budget was full
+
+    def used(self) -> int:
+        """Bytes kept alive only by the hold (links whose file has no other name left)."""
+        total = 0
+        for state in list(self.fw.checkpoint.segments.values()):
+            if state.held:
+                try:
+                    st = os.stat(state.held)
+                except OSError:
+                    continue
+                if st.st_nlink == 1:
+                    total += st.st_size
+        return total
+
+    def take(self, state: SegmentState, cand: Candidate) -> None:
+        """Link ``cand`` into the hold directory (free while the file keeps its own name)."""
+        if self.disabled or self.max_bytes <= 0 or state.held_seq < 0:
+            return
+        path = os.path.join(self.directory, state.key.replace(":", "-") + (".gz" if cand.gz else ""))
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)
+            os.link(cand.name, path)
+            linked = os.stat(path)
+        except FileNotFoundError:
+            return  # renamed meanwhile: the next scan holds it under its new name
+        except OSError as exc:
+            # Another filesystem (EXDEV) or no permission: hold nothing, say so once.
+            self.disabled = f"cannot hard-link into {self.directory}: {exc}"
+            log.warning("forward: hold disabled (%s); segments deleted by retention before they are "
+                        "forwarded will be counted as lost", self.disabled)
+            return
+        if (linked.st_dev, linked.st_ino) != (cand.dev, cand.ino):
+            os.unlink(path)  # the name was rotated to another segment since the scan; retry next scan
+            return
+        self.fw.hold_seq += 1
+        state.held, state.held_seq = path, self.fw.hold_seq
+        self.fw.mark_dirty()
+
+    def enforce(self, reading: Set[str], held_only: Set[str]) -> None:
+        """Over budget: let go of the oldest holds first (not a segment being read).
+
+        A segment that still has a name in the family (its ``.gz``) only frees
+        disk; one that exists only in the hold is counted as lost and warned.
+        """
+        over = self.used() - self.max_bytes
+        if over <= 0:
+            return
+        held = sorted((s for s in self.fw.checkpoint.segments.values() if s.held and s.key not in reading),
+                      key=lambda s: s.held_seq)
+        for state in held:
+            if over <= 0:
+                break
+            try:
+                st = os.stat(state.held)
+            except OSError:
+                continue
+            if st.st_nlink != 1:
+                continue
+            over -= st.st_size
+            self.release(state)
+            self.released += 1
+            state.held_seq = -1  # not held again
+            if state.key in held_only:
+                source = self.fw.sources.get(state.source)
+                if source is not None:
+                    source.forget(state)
+
+    def candidate(self, state: SegmentState) -> Candidate:
+        """A held segment as a family member older than every named one."""
+        return Candidate(state.held, (-1, state.held_seq), b"", state.held.endswith(".gz"), 0, 0, 0)
+
+    def release(self, state: SegmentState) -> None:
+        if state.held:
+            try:
+                os.unlink(state.held)
+            except OSError:
+                pass
+            state.held = ""
+
+    def sweep(self) -> None:
+        """Remove links no checkpoint entry refers to (left by a crash between link and commit)."""
+        known = {s.held for s in self.fw.checkpoint.segments.values() if s.held}
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            path = os.path.join(self.directory, name)
+            if path not in known:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+
+class InFlight(NamedTuple):
+    txnr: int
+    state: SegmentState
+    end: int
+
+
+class Forwarder:
+    """The forwarding thread: files -> RELP -> checkpoint."""
+
+    def __init__(self, options: ForwardOptions) -> None:
+        self.options = options
+        self.hostname = (options.hostname or socket.gethostname()).encode("ascii", "replace")
+        self.checkpoint = Checkpoint(options.state_file)
+        self.hold_seq = max((s.held_seq for s in self.checkpoint.segments.values()), default=0)
+        self.hold = Hold(options.hold_dir or options.state_file + ".hold", options.hold_max_bytes, self)
+        self.hold.sweep()
+        self.sources: Dict[str, Source] = {}
+        self.client: Optional[RelpClient] = None
+        self.in_flight: Deque[InFlight] = deque()
+        self._acked_early: Set[int] = set()
+        self._sent_high: Dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._dirty = False
+        self.rescan = False
+        self._last_save = 0.0
+        self._last_progress = 0.0
+        self.lock = threading.Lock()  # guards the counters read by snapshot()
+        self.sent = self.acked = self.resent = self.reconnects = self.split_lines = 0
+        self.lost_segments = self.lost_bytes = 0
+        self.connected_since: Optional[float] = None
+        self.last_error = ""
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Run the forwarding loop in a daemon thread."""
+        if self._thread is not None:
+            raise RuntimeError("forwarder already started")
+        self._thread = threading.Thread(target=self.run, name="clh-forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the session politely, save the checkpoint; idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def run(self) -> None:
+        """The loop: scan, read, send, ack, commit, until stop()."""
+        next_scan = next_connect = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_scan or self.rescan:
+                    self.rescan = False
+                    self.scan()
+                    next_scan = now + self.options.scan_interval
+                if self.client is None:
+                    if now < next_connect or not self.connect():
+                        if now >= next_connect:
+                            next_connect = now + self.options.reconnect_interval
+                        self.commit(force=False)
+                        self._stop.wait(0.1)
+                        continue
+                try:
+                    assert self.client is not None
+                    sent = self.send(self.read())
+                    full = len(self.in_flight) >= self.options.window
+                    self.ack(self.client.read_acks(0.5 if full else (0.0 if sent else 0.1)))
+                    if self.in_flight and time.monotonic() - self._last_progress > self.options.timeout:
+                        raise RelpError(f"no acknowledgement for {self.options.timeout:.1f}s")
+                except RelpError as exc:
+                    self.disconnect(str(exc))
+                    next_connect = time.monotonic() + self.options.reconnect_interval
+                self.commit(force=False)
+        except Exception:  # pragma: no cover - a bug must not kill the daemon silently
+            log.exception("forwarder stopped by an unexpected error")
+            self.last_error = "crashed; see the daemon log"
+        finally:
+            if self.client is not None:
+                # Acks that arrive while closing still move the checkpoint.
+                self.ack(self.client.close())
+                self.client = None
+            for source in self.sources.values():
+                source.reset()
+            self.commit(force=True)
+
+    # -- stages ----------------------------------------------------------------
+    def scan(self) -> None:
+        """Find forwarded files (glob patterns) and their segments."""
+        matches: Set[str] = set()
+        for pattern in self.options.paths:
+            matches.update(os.path.abspath(p) for p in glob.glob(pattern) if _regular(p))
+        # Rotated names (app.log.1.gz) of a matched file are its segments, not files.
+        bases = {m for m in matches if not any(m.startswith(o + ".") for o in matches if o != m)}
+        for base in bases - set(self.sources):
+            self.sources[base] = Source(base, self)
+        now = time.time()
+        for source in self.sources.values():
+            source.scan(now)
+        self.hold.enforce({s.reader.state.key for s in self.sources.values() if s.reader is not None},
+                          {k for s in self.sources.values() for k in s.held_only})
+
+    def connect(self) -> bool:
+        host, port = self.options.address()
+        client = RelpClient(host, port, self.options.timeout, self.options.ssl_context())
+        try:
+            client.open()
+        except RelpError as exc:
+            if self.last_error != str(exc):
+                log.warning("forward: %s", exc)
+            self.last_error = str(exc)
+            return False
+        self.client = client
+        self.connected_since = time.time()
+        self._last_progress = time.monotonic()
+        log.info("forward: connected to %s:%d", host, port)
+        return True
+
+    def read(self) -> List[Tuple[SegmentState, int, int, bytes]]:
+        """Lines to fill the window, taken round-robin from the files."""
+        room = self.options.window - len(self.in_flight)
+        out: List[Tuple[SegmentState, int, int, bytes]] = []
+        sources = list(self.sources.values())
+        if room <= 0 or not sources:
+            return out
+        share = max(room // len(sources), 1)
+        for source in sources:
+            out += source.read(min(share, room - len(out)))
+            if len(out) >= room:
+                break
+        return out
+
+    def send(self, lines: List[Tuple[SegmentState, int, int, bytes]]) -> int:
+        """One RELP syslog frame per line; MSGID = segment id + byte offset (stable)."""
+        assert self.client is not None
+        if not lines:
+            return 0
+        if not self.in_flight:
+            self._last_progress = time.monotonic()  # the ack clock starts with the first frame in flight
+        messages = []
+        for state, start, _end, line in lines:
+            app = self.sources[state.source].app.encode()
+            msgid = b"%s.%d" % (state.key.split(":", 1)[1][:10].encode(), start)
+            messages.append(b"<%d>1 - %s %s - %s - %s" % (PRI, self.hostname, app, msgid, line))
+        txnrs = self.client.send_many(messages)
+        for (state, start, end, _), txnr in zip(lines, txnrs):
+            self.in_flight.append(InFlight(txnr, state, end))
+            high = self._sent_high.get(state.key, 0)
+            if start < high:
+                self.resent += 1
+            else:
+                self._sent_high[state.key] = end
+        self.sent += len(lines)
+        return len(lines)
+
+    def ack(self, txnrs: List[int]) -> None:
+        """Advance offsets over the contiguous acknowledged prefix only."""
+        if not txnrs:
+            return
+        self._last_progress = time.monotonic()
+        self._acked_early.update(txnrs)
+        while self.in_flight and self.in_flight[0].txnr in self._acked_early:
+            entry = self.in_flight.popleft()
+            self._acked_early.discard(entry.txnr)
+            state = entry.state
+            if entry.end > state.offset:
+                state.offset = entry.end
+            if state.end is not None and state.offset >= state.end and not state.done:
+                state.done = True
+                self.hold.release(state)
+            self.acked += 1
+            self._dirty = True
+
+    def commit(self, force: bool) -> None:
+        """Write the checkpoint if offsets moved (at most every checkpoint_interval)."""
+        now = time.monotonic()
+        if self._dirty and (force or now - self._last_save >= self.options.checkpoint_interval):
+            self._dirty = False
+            self._last_save = now
+            try:
+                self.checkpoint.save()
+            except OSError as exc:
+                self._dirty = True
+                log.error("forward: cannot write checkpoint %s: %s", self.checkpoint.path, exc)
+
+    # -- events from sources -----------------------------------------------------
+    def segment_read(self, state: SegmentState, end: int) -> None:
+        """A rotated segment was read to its end: it is done once acked up to ``end``."""
+        state.end = end
+        if state.offset >= end:
+            state.done = True
+            self.hold.release(state)
+        self._dirty = True
+
+    def forget_segment(self, key: str) -> None:
+        """A segment left the family (forwarded and deleted, or lost): drop its state."""
+        self.checkpoint.segments.pop(key, None)
+        self._sent_high.pop(key, None)
+        self._dirty = True
+
+    def mark_dirty(self) -> None:
+        """The checkpoint changed outside the ack path (a new hold)."""
+        self._dirty = True
+
+    def count_lost(self, source: Source, state: SegmentState, lost: int) -> None:
+        """A segment vanished (retention) before it was acknowledged: count and warn, never silent."""
+        self.lost_segments += 1
+        self.lost_bytes += lost
+        self._dirty = True
+        log.warning("forward: %s segment %s was deleted before it was forwarded: about %d byte(s) lost",
+                    source.base, state.name, lost)
+
+    def disconnect(self, why: str) -> None:
+        """Drop the session and everything in flight; the next session re-reads from the checkpoint."""
+        log.warning("forward: connection lost (%s); %d record(s) in flight will be sent again",
+                    why, len(self.in_flight))
+        self.last_error = why
+        if self.client is not None:
+            self.client.abort()
+            self.client = None
+        self.connected_since = None
+        self.in_flight.clear()
+        self._acked_early.clear()
+        self.reconnects += 1
+        for source in self.sources.values():
+            source.reset()
+
+    def snapshot(self) -> Dict[str, Any]:
+        """The ``forward`` part of the stats document (docs/forwarding.md)."""
+        now = time.time()
+        files = []
+        for source in list(self.sources.values()):
+            lag = source.lag()
+            if lag == 0:
+                source.caught_up_at = now
+            # caught_up_at is also refreshed by every scan, so this is right without readers of stats.
+            files.append({"path": source.base, "lag_bytes": lag,
+                          "lag_seconds": round(now - source.caught_up_at, 3)})
+        return {
+            "target": self.options.target,
+            "connected": self.client is not None,
+            "connected_since": self.connected_since,
+            "last_error": self.last_error,
+            "sent": self.sent, "acked": self.acked, "resent": self.resent,
+            "in_flight": len(self.in_flight), "reconnects": self.reconnects,
+            "lost_segments": self.lost_segments, "lost_bytes": self.lost_bytes,
+            "split_lines": self.split_lines, "checkpoint_saves": self.checkpoint.saves,
+            "held_bytes": self.hold.used(), "hold_released": self.hold.released, "hold_disabled": self.hold.disabled,
+            "files": files,
+        }
+
+
+def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
+    """The FORWARD block of ``clh-writerd stats`` (``table`` is the stats module's column formatter)."""
+    state = "connected" if fwd["connected"] else f"DISCONNECTED ({fwd['last_error'] or 'not yet connected'})"
+    out = [
+        f"FORWARD to {fwd['target']}: {state}",
+        f"  sent={fwd['sent']} acked={fwd['acked']} resent={fwd['resent']} in_flight={fwd['in_flight']} "
+        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']} "
+        f"held_bytes={fwd['held_bytes']}",
+    ]
+    rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
+    return out + table(["path", "lag bytes", "lag s"], rows)
+
+
+FORWARD_COUNTERS = ("sent", "acked", "resent", "reconnects", "lost_segments", "lost_bytes", "split_lines")
+
+
+def forward_metrics(fwd: Dict[str, Any], prefix: str) -> Iterator[Any]:
+    """Prometheus families for the ``forward`` stats object (used by daemon/metrics.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    connected = GaugeMetricFamily(prefix + "forward_connected", "1 while a RELP session to the central is open",
+                                  labels=["target"])
+    connected.add_metric([fwd["target"]], 1.0 if fwd["connected"] else 0.0)
+    yield connected
+    events = CounterMetricFamily(prefix + "forward_events", "forwarding counters (docs/forwarding.md)",
+                                 labels=["event"])
+    for name in FORWARD_COUNTERS:
+        events.add_metric([name], fwd[name])
+    yield events
+    for key, doc in (("in_flight", "RELP frames waiting for an ack"),
+                     ("held_bytes", "bytes kept alive only by the hold (disk budget in use)")):
+        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc)
+        gauge.add_metric([], fwd[key])
+        yield gauge
+    for key, doc in (("lag_bytes", "bytes of the file not yet acknowledged by the central"),
+                     ("lag_seconds", "seconds since the file was last fully acknowledged")):
+        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc, labels=["path"])
+        for f in fwd["files"]:
+            gauge.add_metric([f["path"]], f[key])
+        yield gauge

@@ -1,0 +1,57 @@
+"""The [forward] section and `clh-writerd forward-config rsyslog`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from support import write_config
+
+from clh_writerd.daemon.config import ConfigError, config_from_mapping, load_config
+from clh_writerd.forward import options_from_config
+
+from .conftest import require_rsyslog
+
+
+def test_forwarding_is_off_by_default():
+    assert config_from_mapping({}).forward_target == ""
+
+
+def test_a_target_needs_paths():
+    with pytest.raises(ConfigError, match="forward.paths is empty"):
+        config_from_mapping({"forward": {"target": "10.0.0.1:2514"}})
+
+
+@pytest.mark.parametrize("target", ["central", "central:", ":2514", "central:99999"])
+def test_a_bad_target_is_refused_with_its_key(target):
+    with pytest.raises(ConfigError, match="forward.target"):
+        config_from_mapping({"forward": {"target": target, "paths": ["/var/log/a.log"]}})
+
+
+def test_the_section_round_trips_through_check_config(tmp_path):
+    path = write_config(str(tmp_path / "c.toml"), {"forward": {
+        "target": "central.example:2514", "paths": ["/var/log/app/*.log"], "window": 64, "hostname": "web1"}})
+    out = subprocess.run([sys.executable, "-m", "clh_writerd", "check-config", path],
+                         capture_output=True, text=True, timeout=30, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "[forward]" in out.stdout and 'target = "central.example:2514"' in out.stdout
+    (tmp_path / "again.toml").write_text(out.stdout)
+    again = load_config(str(tmp_path / "again.toml"))
+    options = options_from_config(again)
+    assert options.address() == ("central.example", 2514)
+    assert options.window == 64 and options.hostname == "web1" and options.paths == ("/var/log/app/*.log",)
+
+
+@pytest.mark.parametrize("output", ["/var/log/central.log", "/var/log/clh/%HOSTNAME%/%APP-NAME%"])
+def test_the_central_config_is_valid_rsyslog(tmp_path, output):
+    require_rsyslog()
+    conf = subprocess.run([sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--output", output,
+                           "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert conf.returncode == 0, conf.stderr
+    assert 'queue.type="Direct"' in conf.stdout  # part of the guarantee (docs/forwarding.md)
+    if "%" in output:  # a sender must not choose a path outside the output directory
+        assert "%HOSTNAME:::secpath-replace%/%APP-NAME:::secpath-replace%" in conf.stdout
+    (tmp_path / "central.conf").write_text(conf.stdout)
+    check = subprocess.run(["rsyslogd", "-N1", "-f", str(tmp_path / "central.conf")],
+                           capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr + check.stdout

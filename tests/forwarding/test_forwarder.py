@@ -1,0 +1,259 @@
+"""The forwarding thread against a real rsyslogd on loopback, over real CLH files.
+
+Rotation, gzip, retention and acknowledgements are driven by the real
+concurrent-log-handler and the real imrelp; only the network is loopback
+(the multi-host lab is test_multihost.py).
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+from concurrent_log_handler import ConcurrentRotatingFileHandler
+
+from support import check_sequences, per_writer_order, read_lines, seq_record, wait_for
+
+from clh_writerd.forward import Forwarder, ForwardOptions
+
+
+@pytest.fixture
+def forwarders():
+    made = []
+
+    def make(central, paths, state, **kw) -> Forwarder:
+        options = ForwardOptions(target=central.target, paths=tuple(paths), state_file=str(state), hostname="h1",
+                                 reconnect_interval=0.2, scan_interval=0.2, **kw)
+        fw = Forwarder(options)
+        made.append(fw)
+        fw.start()
+        return fw
+
+    yield make
+    for fw in made:
+        fw.stop()
+
+
+def clh_writer(path, max_bytes, backups):
+    handler = ConcurrentRotatingFileHandler(str(path), maxBytes=max_bytes, backupCount=backups, use_gzip=True)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"fwtest.{path}")
+    logger.propagate = False
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    return logger, handler
+
+
+def log(logger, writer, start, stop):
+    for n in range(start, stop):
+        logger.info(seq_record(writer, n, f"p{n}"))
+
+
+def checkpoint_offsets(state):
+    with open(state) as f:
+        return {k: v["offset"] for k, v in json.load(f)["segments"].items()}
+
+
+def live_file_held(fw, path) -> bool:
+    held = set()
+    for state in list(fw.checkpoint.segments.values()):
+        try:
+            held.add(os.stat(state.held).st_ino) if state.held else None
+        except OSError:
+            pass
+    return os.stat(path).st_ino in held
+
+
+def test_checkpoint_moves_only_over_acknowledged_records(central, forwarders, tmp_path):
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 10**8, 1)
+    log(logger, "w", 0, 100)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", window=50, timeout=2.0)
+    wait_for(lambda: len(central.lines()) == 100, 20, "the first 100 records")
+    wait_for(lambda: fw.checkpoint.saves and list(checkpoint_offsets(tmp_path / "cp.json").values()) == [path.stat().st_size],
+             10, "the checkpoint to reach the end of the file")
+    acked_size = path.stat().st_size
+    central.signal(signal.SIGSTOP)  # the central accepts bytes (kernel) but acknowledges nothing
+    try:
+        log(logger, "w", 100, 1000)
+        wait_for(lambda: fw.sent >= 150, 10, "a window of unacknowledged frames")
+        assert list(checkpoint_offsets(tmp_path / "cp.json").values()) == [acked_size]
+        wait_for(lambda: fw.reconnects >= 1, 10, "the ack timeout to drop the session")
+        assert list(checkpoint_offsets(tmp_path / "cp.json").values()) == [acked_size]
+    finally:
+        central.signal(signal.SIGCONT)
+    handler.close()
+    report = check_sequences(central.lines(), {"w": 1000}, payloads=False)
+    wait_for(lambda: check_sequences(central.lines(), {"w": 1000}, payloads=False).missing_count == 0, 30,
+             "every record after the central thawed")
+    report = check_sequences(central.lines(), {"w": 1000}, payloads=False)
+    assert report.duplicates <= 50  # at most the window was in flight when the session dropped
+    assert fw.resent >= report.duplicates
+
+
+def test_rotated_and_compressed_backlog_is_sent_oldest_first(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    fw = forwarders(central, [str(tmp_path / "*.log")], tmp_path / "cp.json")
+    logger, handler = clh_writer(path, 20_000, 100)
+    log(logger, "w", 0, 4000)  # ~70 KB: three .gz segments written while the central is down
+    handler.close()
+    wait_for(lambda: fw.last_error, 10, "a refused connection")
+    assert len(list(tmp_path.glob("app.log.*.gz"))) >= 3
+    central.start()
+    wait_for(lambda: check_sequences(central.lines(), {"w": 4000}, payloads=False).missing_count == 0, 30,
+             "the whole backlog at the central")
+    report = check_sequences(central.lines(), {"w": 4000}, payloads=False)
+    report.assert_complete()
+    assert per_writer_order(central.lines()) == {"w": True}
+    wait_for(lambda: fw.snapshot()["files"][0]["lag_bytes"] == 0, 10, "no lag")
+    assert fw.snapshot()["lost_segments"] == 0
+
+
+def test_restart_resumes_from_the_checkpoint_without_duplicates(central, forwarders, tmp_path):
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 20_000, 100)
+    log(logger, "w", 0, 1000)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) == 1000, 20, "1000 records")
+    fw.stop()  # a clean stop writes the checkpoint
+    log(logger, "w", 1000, 2000)
+    handler.close()
+    forwarders(central, [str(path)], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) >= 2000, 20, "2000 records")
+    check_sequences(central.lines(), {"w": 2000}, payloads=False).assert_complete()
+
+
+def test_segments_deleted_before_forwarding_are_counted_and_warned(central, forwarders, tmp_path, caplog):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 2)
+    log(logger, "w", 0, 50)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3, hold_max_bytes=0)
+    wait_for(lambda: fw.checkpoint.segments, 10, "the forwarder to see the file")
+    with caplog.at_level(logging.WARNING, logger="clh_writerd.forward"):
+        log(logger, "w", 50, 3000)  # many rotations, backupCount=2: old segments are deleted unforwarded
+        handler.close()
+        wait_for(lambda: fw.lost_segments >= 1, 10, "the loss to be counted")
+    assert fw.snapshot()["lost_bytes"] > 0
+    assert any("deleted before it was forwarded" in r.getMessage() for r in caplog.records)
+    central.start()
+    on_disk = read_lines(str(path))
+    wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "every record still on disk at the central")
+
+
+def test_the_hold_keeps_deleted_segments_within_the_disk_budget(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 2)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3)
+    for start in range(0, 3000, 300):  # ~50 KB, ten rotations, while the central is down
+        log(logger, "w", start, start + 300)
+        wait_for(lambda: live_file_held(fw, path), 10, "the forwarder to hold the live segment")
+    handler.close()
+    assert len(list(tmp_path.glob("app.log.*.gz"))) == 2  # retention did delete the older ones
+    central.start()
+    wait_for(lambda: check_sequences(central.lines(), {"w": 3000}, payloads=False).missing_count == 0, 30,
+             "every record, deleted segments included")
+    check_sequences(central.lines(), {"w": 3000}, payloads=False).assert_complete()
+    assert per_writer_order(central.lines()) == {"w": True}
+    wait_for(lambda: fw.snapshot()["held_bytes"] == 0, 10, "forwarded segments to be released")
+    assert fw.lost_segments == 0 and not fw.snapshot()["hold_disabled"]
+    # Only the live file is still held (it is never finished); every forwarded segment was let go.
+    assert [p.stat().st_ino for p in (tmp_path / "cp.json.hold").iterdir()] == [path.stat().st_ino]
+
+
+def test_past_the_budget_segments_are_counted_as_lost(central, forwarders, tmp_path):
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 5_000, 1)
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=0.3, hold_max_bytes=4_000)
+    for start in range(0, 3000, 300):
+        log(logger, "w", start, start + 300)
+        wait_for(lambda: live_file_held(fw, path), 10, "the forwarder to hold the live segment")
+    handler.close()
+    wait_for(lambda: fw.lost_segments >= 1, 10, "segments past the budget to be counted")
+    wait_for(lambda: fw.snapshot()["held_bytes"] <= 4_000, 10, "the hold to shrink to its budget")
+    snap = fw.snapshot()
+    assert snap["hold_released"] >= 1
+    central.start()
+    on_disk = read_lines(str(path))
+    wait_for(lambda: set(on_disk) <= set(central.lines()), 20, "what is still on disk")
+
+
+def test_a_planted_symlink_is_not_forwarded(central, forwarders, tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("SEQ secret 0 do-not-forward\n")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "app.log"
+    logger, handler = clh_writer(path, 10**8, 5)
+    log(logger, "w", 0, 100)
+    handler.close()
+    # A client that can write in the log directory plants rotated-looking and live-looking links.
+    os.symlink(secret, logs / "app.log.7")
+    os.symlink(secret, logs / "other.log")
+    central.start()
+    fw = forwarders(central, [str(logs / "*.log")], tmp_path / "cp.json")
+    wait_for(lambda: len(central.lines()) >= 100, 20, "the real records")
+    wait_for(lambda: fw.checkpoint.saves >= 1 and fw.snapshot()["in_flight"] == 0, 10, "quiet")
+    check_sequences(central.lines(), {"w": 100}, payloads=False).assert_complete()
+    assert not any("secret" in line for line in central.lines())
+    assert [f["path"] for f in fw.snapshot()["files"]] == [str(path)]
+
+
+def make_certificates(directory) -> dict:
+    """A throwaway CA and server/client certificates for 127.0.0.1 (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=clh-test-ca")
+    (directory / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
+    return {n: str(directory / n) for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+def test_relp_over_tls_with_certificates(central, forwarders, tmp_path):
+    certs = make_certificates(tmp_path)
+    central.extra_args = ["--tls", "--tls-ca", certs["ca.pem"], "--tls-cert", certs["server.pem"],
+                          "--tls-key", certs["server.key"]]
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 10**8, 1)
+    log(logger, "w", 0, 200)
+    handler.close()
+    # Without a client certificate imrelp refuses the session: nothing is acknowledged.
+    anonymous = forwarders(central, [str(path)], tmp_path / "anon.json", tls=True, tls_ca_file=certs["ca.pem"])
+    wait_for(lambda: anonymous.last_error, 20, "the refused session")
+    anonymous.stop()
+    assert anonymous.acked == 0 and central.lines() == []
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", tls=True, tls_ca_file=certs["ca.pem"],
+                    tls_cert_file=certs["client.pem"], tls_key_file=certs["client.key"])
+    wait_for(lambda: len(central.lines()) >= 200, 20, "200 records over TLS")
+    check_sequences(central.lines(), {"w": 200}, payloads=False).assert_complete()
+    assert fw.snapshot()["connected"]
+
+
+def test_a_name_that_now_holds_another_segment_is_not_read_as_the_old_one(tmp_path):
+    """The race found under load: a scan pairs segment B with "app.log", CLH rotates, the
+    reader then opens "app.log" (now segment C). It must refuse instead of sending C's lines under B's id."""
+    from clh_writerd.forward.checkpoint import SegmentState, fingerprint
+    from clh_writerd.forward.forwarder import SegmentMoved, SegmentReader
+
+    path = tmp_path / "app.log"
+    path.write_bytes(b"SEQ w 0 segment-b\n" * 100)
+    state = SegmentState(fingerprint(path.read_bytes()[:1024]), str(path), str(path), offset=18)
+    reader = SegmentReader(state, str(path), False, 8000)
+    assert reader.read(1)[0] == (18, 36, b"SEQ w 0 segment-b")
+    reader.close()
+    os.rename(path, tmp_path / "app.log.1")
+    path.write_bytes(b"SEQ w 1 segment-c\n" * 100)
+    with pytest.raises(SegmentMoved):
+        SegmentReader(state, str(path), False, 8000)
