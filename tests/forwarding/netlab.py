@@ -94,6 +94,21 @@ class LoopbackCentral:
         assert self.proc is not None
         self.proc.send_signal(sig)
 
+    def freeze(self) -> None:
+        """SIGSTOP, and wait until every thread is stopped (delivery is asynchronous)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+        task_dir = f"/proc/{self.proc.pid}/task"
+
+        def stopped() -> bool:
+            for tid in os.listdir(task_dir):
+                with open(f"{task_dir}/{tid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+                        return False
+            return True
+
+        wait_for(stopped, 10, "rsyslogd to stop")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)

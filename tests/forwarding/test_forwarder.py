@@ -77,7 +77,7 @@ def test_checkpoint_moves_only_over_acknowledged_records(central, forwarders, tm
     wait_for(lambda: fw.checkpoint.saves and list(checkpoint_offsets(tmp_path / "cp.json").values()) == [path.stat().st_size],
              10, "the checkpoint to reach the end of the file")
     acked_size = path.stat().st_size
-    central.signal(signal.SIGSTOP)  # the central accepts bytes (kernel) but acknowledges nothing
+    central.freeze()  # the central accepts bytes (kernel) but acknowledges nothing
     try:
         log(logger, "w", 100, 1000)
         wait_for(lambda: fw.sent >= 150, 10, "a window of unacknowledged frames")
@@ -245,7 +245,7 @@ def test_a_name_that_now_holds_another_segment_is_not_read_as_the_old_one(tmp_pa
     """The race found under load: a scan pairs segment B with "app.log", CLH rotates, the
     reader then opens "app.log" (now segment C). It must refuse instead of sending C's lines under B's id."""
     from clh_writerd.forward.checkpoint import SegmentState, fingerprint
-    from clh_writerd.forward.forwarder import SegmentMoved, SegmentReader
+    from clh_writerd.forward.segments import SegmentMoved, SegmentReader
 
     path = tmp_path / "app.log"
     path.write_bytes(b"SEQ w 0 segment-b\n" * 100)

@@ -72,7 +72,7 @@ def test_a_frozen_server_leaves_frames_unacked(central):
     central.start()
     client = RelpClient("127.0.0.1", central.port, timeout=2.0)
     client.open()
-    central.signal(signal.SIGSTOP)
+    central.freeze()
     try:
         client.send_many([b"<134>1 - h1 app - - - held"] * 10)
         assert client.read_acks(1.0) == []

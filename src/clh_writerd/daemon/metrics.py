@@ -48,7 +48,7 @@ class StatsCollector:
         yield from self._files(doc["files"])
         yield from self._clients(doc["clients"])
         if "forward" in doc:  # [forward] is on (docs/forwarding.md)
-            from ..forward.forwarder import forward_metrics
+            from ..forward.status import forward_metrics
 
             yield from forward_metrics(doc["forward"], PREFIX)
 

@@ -283,7 +283,7 @@ def render_table(doc: Dict[str, Any]) -> str:
     ]
     out += _table(["client", "program", "last seen", "records", "dropped", "fallback", "resent"], client_rows)
     if "forward" in doc:  # [forward] is on (docs/forwarding.md)
-        from ..forward.forwarder import render_forward
+        from ..forward.status import render_forward
 
         out += ["", *render_forward(doc["forward"], _table)]
     return "\n".join(out) + "\n"

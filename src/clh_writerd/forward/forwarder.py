@@ -11,6 +11,10 @@ in flight and re-reads from the checkpoint on the next session, so a record is
 sent again rather than lost; the central side can de-duplicate on the MSGID
 (``<segment id>.<byte offset>``), which is stable across restarts, renames
 and compression.
+
+Neighbours: segments.py (finding and reading segments), hold.py (the disk
+budget), checkpoint.py (progress), relp.py (the wire), status.py (stats and
+metrics), rsyslog.py (the central's configuration).
 """
 
 import glob
@@ -19,19 +23,19 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import IO, Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import Any, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
-from .checkpoint import FINGERPRINT_BYTES, Checkpoint, SegmentState, fingerprint
+from .checkpoint import Checkpoint, SegmentState, fingerprint
+from .hold import Hold
 from .relp import RelpClient, RelpError
+from .segments import Candidate, SegmentReader, family, is_regular
 
 log = logging.getLogger("clh_writerd.forward")
 
-READ_CHUNK = 64 * 1024
 # syslog PRI of every forwarded line: facility local0, severity info.
 PRI = 16 * 8 + 6
 
@@ -83,161 +87,6 @@ def options_from_config(config: Any) -> ForwardOptions:
         tls=config.forward_tls, tls_ca_file=config.forward_tls_ca_file,
         tls_cert_file=config.forward_tls_cert_file, tls_key_file=config.forward_tls_key_file,
     )
-
-
-class Candidate(NamedTuple):
-    name: str
-    rank: Tuple[int, int]
-    head: bytes
-    gz: bool
-    dev: int
-    ino: int
-    size: int
-
-
-def _regular(path: str) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
-def open_segment(path: str, gz: bool) -> IO[bytes]:
-    """Open a segment for reading without following a symlink.
-
-    Clients can create files in the log directories and the daemon may be
-    more privileged than they are: a planted ``app.log.7 -> /etc/shadow``
-    must not be forwarded (DESIGN.md, security). FIFOs and devices are
-    refused as well.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        raw = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    if not gz:
-        return raw
-    unpacked = gzip.GzipFile(fileobj=raw, mode="rb")
-    unpacked.myfileobj = raw  # type: ignore[assignment]  # close() closes it, as for gzip.open
-    return unpacked  # type: ignore[return-value]
-
-
-def family(base: str) -> List[Candidate]:
-    """The segments of one file, oldest first: ``.N(.gz)`` (highest N first), ``.rotate.*``, the live file.
-
-    A ``.rotate.*.gz`` is a compression in progress and is skipped; its
-    source (or the ``.1.gz`` it becomes) is the same segment.
-    """
-    directory, name = os.path.split(base)
-    out = []
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return []
-    for entry in names:
-        if entry == name:
-            rank = (2, 0)
-        elif entry.startswith(name + ".") and not entry.endswith(".lock"):
-            suffix = entry[len(name) + 1:]
-            if suffix.startswith("rotate."):
-                if suffix.endswith(".gz"):
-                    continue
-                rank = (1, 0)
-            else:
-                number = suffix[:-3] if suffix.endswith(".gz") else suffix
-                if not number.isdigit():
-                    continue
-                rank = (0, -int(number))
-        else:
-            continue
-        path = os.path.join(directory, entry)
-        gz = entry.endswith(".gz")
-        try:
-            with open_segment(path, gz) as f:
-                st = os.fstat(f.fileno())  # GzipFile.fileno() is the compressed file's
-                head = f.read(FINGERPRINT_BYTES)
-        except (OSError, EOFError, gzip.BadGzipFile):
-            continue  # vanished, still being written, or not a regular file: skipped
-        if head:
-            out.append(Candidate(path, rank, head, gz, st.st_dev, st.st_ino, st.st_size))
-    out.sort(key=lambda c: c.rank)
-    return out
-
-
-class SegmentMoved(OSError):
-    """A name no longer holds the segment the last scan saw there."""
-
-
-class SegmentReader:
-    """Reads whole lines of one segment from a byte offset (plain or gzip)."""
-
-    def __init__(self, state: SegmentState, path: str, gz: bool, max_line: int) -> None:
-        self.state = state
-        self.gz = gz
-        self.max_line = max_line
-        self.fh: IO[bytes] = open_segment(path, gz)
-        # The name may now be another segment (rotated since the last scan):
-        # check the content is the one the state describes before reading.
-        head = self.fh.read(state.fp_len)
-        if fingerprint(head) != state.key:
-            self.fh.close()
-            raise SegmentMoved(f"{path} is no longer segment {state.key}")
-        self.fh.seek(state.offset)
-        self.pos = state.offset  # offset of the next unread byte
-        self._buf = b""
-        self._at = 0
-        st = os.fstat(self.fh.fileno()) if not gz else None
-        self.dev, self.ino = (st.st_dev, st.st_ino) if st else (0, 0)
-        self.split_lines = 0
-
-    def read(self, limit: int) -> List[Tuple[int, int, bytes]]:
-        """Up to ``limit`` complete lines as (start, end, line without LF)."""
-        out: List[Tuple[int, int, bytes]] = []
-        while len(out) < limit:
-            nl = self._buf.find(b"\n", self._at)
-            if nl < 0:
-                if len(self._buf) - self._at >= self.max_line:
-                    # A line longer than the central accepts: send it in pieces.
-                    self.split_lines += 1
-                    out.append(self._take(self._at + self.max_line, 0))
-                    continue
-                more = self.fh.read(READ_CHUNK)
-                if not more:
-                    break
-                self._buf = self._buf[self._at:] + more
-                self._at = 0
-                continue
-            out.append(self._take(nl, 1))
-        return out
-
-    def read_tail(self) -> Optional[Tuple[int, int, bytes]]:
-        """What is left after the last LF of a finished segment (a torn last line), if anything."""
-        if self._at < len(self._buf):
-            return self._take(len(self._buf), 0)
-        return None
-
-    def _take(self, stop: int, skip: int) -> Tuple[int, int, bytes]:
-        line = self._buf[self._at:stop]
-        start = self.pos
-        self.pos += len(line) + skip
-        self._at = stop + skip
-        return start, self.pos, line
-
-    def is_live(self, base: str) -> bool:
-        """Is this segment still the file the daemon writes (not renamed away)?"""
-        if self.gz:
-            return False
-        try:
-            st = os.stat(base)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 class Source:
@@ -376,121 +225,6 @@ class Source:
             self.reader = None
 
 
-class Hold:
-    """Hard links that keep unforwarded segments alive after rotation and retention.
-
-    CLH compresses a rotated segment (a new inode; the plain one is unlinked)
-    and deletes the oldest backup beyond ``backupCount``. A hard link in the
-    hold directory (same filesystem), taken when the forwarder first sees a
-    segment, keeps its inode until the segment is acknowledged, so a long
-    outage costs disk, up to ``hold_max_bytes``, instead of records. Past the
-    budget new segments are not held, and one deleted before it is forwarded
-    is counted as lost and warned about.
-    """
-
-    def __init__(self, directory: str, max_bytes: int, forwarder: "Forwarder") -> None:
-        self.directory = directory
-        self.max_bytes = max_bytes
-        self.fw = forwarder
-        self.disabled = ""
-        self.released = 0  # holds let go because the budget was full
-
-    def used(self) -> int:
-        """Bytes kept alive only by the hold (links whose file has no other name left)."""
-        total = 0
-        for state in list(self.fw.checkpoint.segments.values()):
-            if state.held:
-                try:
-                    st = os.stat(state.held)
-                except OSError:
-                    continue
-                if st.st_nlink == 1:
-                    total += st.st_size
-        return total
-
-    def take(self, state: SegmentState, cand: Candidate) -> None:
-        """Link ``cand`` into the hold directory (free while the file keeps its own name)."""
-        if self.disabled or self.max_bytes <= 0 or state.held_seq < 0:
-            return
-        path = os.path.join(self.directory, state.key.replace(":", "-") + (".gz" if cand.gz else ""))
-        try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)
-            os.link(cand.name, path)
-            linked = os.stat(path)
-        except FileNotFoundError:
-            return  # renamed meanwhile: the next scan holds it under its new name
-        except OSError as exc:
-            # Another filesystem (EXDEV) or no permission: hold nothing, say so once.
-            self.disabled = f"cannot hard-link into {self.directory}: {exc}"
-            log.warning("forward: hold disabled (%s); segments deleted by retention before they are "
-                        "forwarded will be counted as lost", self.disabled)
-            return
-        if (linked.st_dev, linked.st_ino) != (cand.dev, cand.ino):
-            os.unlink(path)  # the name was rotated to another segment since the scan; retry next scan
-            return
-        self.fw.hold_seq += 1
-        state.held, state.held_seq = path, self.fw.hold_seq
-        self.fw.mark_dirty()
-
-    def enforce(self, reading: Set[str], held_only: Set[str]) -> None:
-        """Over budget: let go of the oldest holds first (not a segment being read).
-
-        A segment that still has a name in the family (its ``.gz``) only frees
-        disk; one that exists only in the hold is counted as lost and warned.
-        """
-        over = self.used() - self.max_bytes
-        if over <= 0:
-            return
-        held = sorted((s for s in self.fw.checkpoint.segments.values() if s.held and s.key not in reading),
-                      key=lambda s: s.held_seq)
-        for state in held:
-            if over <= 0:
-                break
-            try:
-                st = os.stat(state.held)
-            except OSError:
-                continue
-            if st.st_nlink != 1:
-                continue
-            over -= st.st_size
-            self.release(state)
-            self.released += 1
-            state.held_seq = -1  # not held again
-            if state.key in held_only:
-                source = self.fw.sources.get(state.source)
-                if source is not None:
-                    source.forget(state)
-
-    def candidate(self, state: SegmentState) -> Candidate:
-        """A held segment as a family member older than every named one."""
-        return Candidate(state.held, (-1, state.held_seq), b"", state.held.endswith(".gz"), 0, 0, 0)
-
-    def release(self, state: SegmentState) -> None:
-        if state.held:
-            try:
-                os.unlink(state.held)
-            except OSError:
-                pass
-            state.held = ""
-
-    def sweep(self) -> None:
-        """Remove links no checkpoint entry refers to (left by a crash between link and commit)."""
-        known = {s.held for s in self.fw.checkpoint.segments.values() if s.held}
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
-            return
-        for name in names:
-            path = os.path.join(self.directory, name)
-            if path not in known:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
-
-
 class InFlight(NamedTuple):
     txnr: int
     state: SegmentState
@@ -583,7 +317,7 @@ class Forwarder:
         """Find forwarded files (glob patterns) and their segments."""
         matches: Set[str] = set()
         for pattern in self.options.paths:
-            matches.update(os.path.abspath(p) for p in glob.glob(pattern) if _regular(p))
+            matches.update(os.path.abspath(p) for p in glob.glob(pattern) if is_regular(p))
         # Rotated names (app.log.1.gz) of a matched file are its segments, not files.
         bases = {m for m in matches if not any(m.startswith(o + ".") for o in matches if o != m)}
         for base in bases - set(self.sources):
@@ -742,45 +476,3 @@ class Forwarder:
             "held_bytes": self.hold.used(), "hold_released": self.hold.released, "hold_disabled": self.hold.disabled,
             "files": files,
         }
-
-
-def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
-    """The FORWARD block of ``clh-writerd stats`` (``table`` is the stats module's column formatter)."""
-    state = "connected" if fwd["connected"] else f"DISCONNECTED ({fwd['last_error'] or 'not yet connected'})"
-    out = [
-        f"FORWARD to {fwd['target']}: {state}",
-        f"  sent={fwd['sent']} acked={fwd['acked']} resent={fwd['resent']} in_flight={fwd['in_flight']} "
-        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']} "
-        f"held_bytes={fwd['held_bytes']}",
-    ]
-    rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
-    return out + table(["path", "lag bytes", "lag s"], rows)
-
-
-FORWARD_COUNTERS = ("sent", "acked", "resent", "reconnects", "lost_segments", "lost_bytes", "split_lines")
-
-
-def forward_metrics(fwd: Dict[str, Any], prefix: str) -> Iterator[Any]:
-    """Prometheus families for the ``forward`` stats object (used by daemon/metrics.py)."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-    connected = GaugeMetricFamily(prefix + "forward_connected", "1 while a RELP session to the central is open",
-                                  labels=["target"])
-    connected.add_metric([fwd["target"]], 1.0 if fwd["connected"] else 0.0)
-    yield connected
-    events = CounterMetricFamily(prefix + "forward_events", "forwarding counters (docs/forwarding.md)",
-                                 labels=["event"])
-    for name in FORWARD_COUNTERS:
-        events.add_metric([name], fwd[name])
-    yield events
-    for key, doc in (("in_flight", "RELP frames waiting for an ack"),
-                     ("held_bytes", "bytes kept alive only by the hold (disk budget in use)")):
-        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc)
-        gauge.add_metric([], fwd[key])
-        yield gauge
-    for key, doc in (("lag_bytes", "bytes of the file not yet acknowledged by the central"),
-                     ("lag_seconds", "seconds since the file was last fully acknowledged")):
-        gauge = GaugeMetricFamily(prefix + "forward_" + key, doc, labels=["path"])
-        for f in fwd["files"]:
-            gauge.add_metric([f["path"]], f[key])
-        yield gauge
