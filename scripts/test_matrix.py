@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run the unit tests and one end-to-end test on every CPython 3.8-3.13 found here.
+"""Run the unit tests and one end-to-end test on every CPython 3.6-3.13 found here.
 
 ``make test-matrix`` (or ``python3 scripts/test_matrix.py``). For each version
 it looks for an interpreter (pyenv's ``~/.pyenv/versions/3.X.Y`` first, then
@@ -8,6 +8,13 @@ project there (``pip install -e '.[test]'``, only when pyproject.toml or the
 interpreter changed), and runs ``TEST_FILES`` with pytest. Versions run one
 after the other. Prints which versions were found and which are missing, a
 summary table, and exits 1 if any version that was found failed.
+
+3.6 and 3.7 are client-only versions: the thread handler, ``protocol``,
+``_batchwrite`` and the fallback support them, the daemon and the asyncio
+handler do not. There the project's wheel (built by the newest full version,
+as a user on an old Python would install one built elsewhere) goes into the
+venv, ``CLIENT_TEST_FILES`` run, and their daemons run on the newest full
+version's venv (``CLH_WRITERD_DAEMON_PYTHON``).
 
 Options: ``--versions 3.8,3.12`` to pick some, ``--recreate`` to rebuild the
 venvs, and anything after ``--`` goes to pytest.
@@ -26,12 +33,22 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".venv-matrix")
-VERSIONS = ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+VERSIONS = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
+CLIENT_ONLY = ("3.6", "3.7")
 # Unit tests plus one end-to-end test; files that do not exist yet are skipped.
 TEST_FILES = (
     "tests/test_protocol.py",
     "tests/daemon/test_smoke.py",
 )
+# The thread client on Python 3.6/3.7, against a daemon on a newer Python.
+CLIENT_TEST_FILES = (
+    "tests/test_protocol.py",
+    "tests/test_batchwrite.py",
+    "tests/client/test_core.py",
+    "tests/client/test_options.py",
+    "tests/client/test_handler.py",
+)
+CLIENT_TEST_PACKAGES = ("pytest", "hypothesis")
 PYTEST_ARGS = ("-q", "-p", "no:cacheprovider")
 INSTALL_TIMEOUT = 600
 TEST_TIMEOUT = 600
@@ -92,10 +109,11 @@ def _stamp_text(interpreter: str) -> str:
     return f"{os.path.realpath(interpreter)}\n{digest}\n"
 
 
-def _run_logged(cmd: Sequence[str], log: List[str], timeout: float) -> bool:
+def _run_logged(cmd: Sequence[str], log: List[str], timeout: float, env: Optional[Dict[str, str]] = None) -> bool:
     log.append("$ " + " ".join(cmd))
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              env=dict(_env(), **(env or {})))
     except subprocess.TimeoutExpired:
         log.append(f"timed out after {timeout}s")
         return False
@@ -137,23 +155,56 @@ def prepare_venv(version: str, interpreter: str, recreate: bool, log: List[str])
     return True
 
 
-def run_tests(version: str, files: Sequence[str], extra: Sequence[str], log: List[str]) -> Tuple[bool, str]:
+def prepare_client_venv(version: str, interpreter: str, builder: str, recreate: bool, log: List[str]) -> bool:
+    """A 3.6/3.7 venv with this checkout's wheel (built by ``builder``) and the test runner."""
+    venv = os.path.join(MATRIX_DIR, version)
+    python = venv_python(version)
+    if recreate or not interpreter_version(python):
+        shutil.rmtree(venv, ignore_errors=True)
+        if not _run_logged([interpreter, "-m", "venv", venv], log, INSTALL_TIMEOUT):
+            return False
+        # Upgrades to the newest pip that still supports this Python (21.3 on 3.6).
+        if not _run_logged([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], log, INSTALL_TIMEOUT):
+            return False
+    wheels = os.path.join(MATRIX_DIR, "wheel")
+    shutil.rmtree(wheels, ignore_errors=True)
+    if not _run_logged([builder, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, ROOT], log,
+                       INSTALL_TIMEOUT):
+        return False
+    wheel = glob.glob(os.path.join(wheels, "clh_writerd-*.whl"))
+    if len(wheel) != 1:
+        log.append(f"expected one wheel in {wheels}, found {wheel}")
+        return False
+    return (_run_logged([python, "-m", "pip", "install", "--quiet", *CLIENT_TEST_PACKAGES], log, INSTALL_TIMEOUT)
+            and _run_logged([python, "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", wheel[0]],
+                            log, INSTALL_TIMEOUT)
+            and _run_logged([python, "-m", "pip", "install", "--quiet", wheel[0]], log, INSTALL_TIMEOUT))
+
+
+def run_tests(version: str, files: Sequence[str], extra: Sequence[str], log: List[str],
+              daemon_python: Optional[str] = None) -> Tuple[bool, str]:
     cmd = [venv_python(version), "-m", "pytest", *PYTEST_ARGS, *files, *extra]
-    ok = _run_logged(cmd, log, TEST_TIMEOUT)
+    env = {"CLH_WRITERD_DAEMON_PYTHON": daemon_python} if daemon_python else {}
+    ok = _run_logged(cmd, log, TEST_TIMEOUT, env)
     tail = [line for line in log[-1].splitlines() if line.strip()]
     return ok, (tail[-1].strip("= ") if tail else "no output")
 
 
 def run_version(version: str, interpreter: str, files: Sequence[str], extra: Sequence[str],
-                recreate: bool) -> Outcome:
+                recreate: bool, daemon_python: Optional[str] = None) -> Outcome:
+    """One version; a client-only one (``daemon_python`` given) gets the wheel and CLIENT_TEST_FILES."""
     started = time.monotonic()
     log: List[str] = []
     log_path = os.path.join(MATRIX_DIR, f"{version}.log")
     try:
-        if not prepare_venv(version, interpreter, recreate, log):
+        if daemon_python:
+            ready = prepare_client_venv(version, interpreter, daemon_python, recreate, log)
+        else:
+            ready = prepare_venv(version, interpreter, recreate, log)
+        if not ready:
             return Outcome(version, interpreter, "SETUP FAILED", time.monotonic() - started,
                            f"see {os.path.relpath(log_path, ROOT)}")
-        ok, summary = run_tests(version, files, extra, log)
+        ok, summary = run_tests(version, files, extra, log, daemon_python)
         return Outcome(version, interpreter, "passed" if ok else "FAILED", time.monotonic() - started, summary)
     finally:
         os.makedirs(MATRIX_DIR, exist_ok=True)
@@ -208,9 +259,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.flush()
 
     outcomes = []
-    for version, exe in found.items():
+    # Full versions first: the newest one that passes builds the wheel and runs
+    # the daemons of the client-only versions.
+    daemon_python: Optional[str] = None
+    order = [v for v in found if v not in CLIENT_ONLY] + [v for v in found if v in CLIENT_ONLY]
+    for version in order:
+        exe = found[version]
         print(f"--- {version}: ", end="", flush=True)
-        outcome = run_version(version, exe, files, extra, args.recreate)
+        if version in CLIENT_ONLY:
+            if daemon_python is None:
+                outcome = Outcome(version, exe, "SETUP FAILED", 0.0, "no full version (3.8+) passed to run its daemon")
+            else:
+                client_files = [f for f in CLIENT_TEST_FILES if os.path.exists(os.path.join(ROOT, f))]
+                outcome = run_version(version, exe, client_files, extra, args.recreate, daemon_python)
+        else:
+            outcome = run_version(version, exe, files, extra, args.recreate)
+            if outcome.result == "passed":
+                daemon_python = venv_python(version)
         outcomes.append(outcome)
         print(f"{outcome.result} in {outcome.seconds:.1f}s ({outcome.detail})", flush=True)
         if outcome.result != "passed":

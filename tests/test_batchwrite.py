@@ -365,7 +365,7 @@ def test_failed_write_raises_and_leaves_no_torn_line(tmp_path, chunk_chars):
     batches.write_text(json.dumps([first, second, third]))
     argv = [sys.executable, "-c", CHILD, path, str(limit), str(chunk_chars), str(batches)]
     proc = subprocess.run(argv,
-                          capture_output=True, text=True, timeout=60)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     outcome = json.loads(proc.stdout)
     assert outcome["second"] == "EFBIG"  # the call raised: nothing may be acknowledged
@@ -465,7 +465,7 @@ def test_batch_writer_and_clh_emit_share_a_file_without_tearing(tmp_path):
     path = str(tmp_path / "app.log")
     go = str(tmp_path / "go")
     procs = [subprocess.Popen([sys.executable, "-c", WRITER_CHILD, path, mode, name, go, TESTS_DIR],
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, universal_newlines=True)
              for mode, name in (("batch", "daemon"), ("emit", "fallback"))]
     try:
         ready = [f"{go}.daemon", f"{go}.fallback"]

@@ -20,6 +20,10 @@ from clh_writerd.client.control import DaemonUnavailable, request
 
 from .processes import DEFAULT_TIMEOUT, wait_for
 
+# The daemon needs Python 3.8+; the thread client is tested down to 3.6 against
+# a daemon on a newer interpreter (scripts/test_matrix.py sets this).
+DAEMON_PYTHON = os.environ.get("CLH_WRITERD_DAEMON_PYTHON") or sys.executable
+
 
 def short_socket_dir() -> str:
     """A fresh directory with a short path (unix socket paths are limited to 107 bytes)."""
@@ -80,7 +84,7 @@ class DaemonProcess:
         extra = env if env is not None else self.env
         stderr = open(self.stderr_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "clh_writerd", "--config", self.config_path],
+            [DAEMON_PYTHON, "-m", "clh_writerd", "--config", self.config_path],
             cwd=self.workdir, stdout=stderr, stderr=stderr, preexec_fn=self._preexec_fn,
             env={**os.environ, **extra} if extra else None,
         )

@@ -55,6 +55,12 @@ def utf8_size(line: str) -> int:
     return len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
 
 
+if not hasattr(str, "isascii"):  # Python 3.6: no str.isascii, so always encode.
+    def utf8_size(line: str) -> int:  # noqa: F811
+        """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
+        return len(line.encode("utf-8", "surrogatepass"))
+
+
 def too_large(line: str, limit: int = RECORD_LIMIT) -> bool:
     """Whether a rendered line is over ``limit`` bytes: it cannot travel in one frame."""
     # At most 4 bytes per character: short lines need no encoding to tell.

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
 from .._batchwrite import CLHHandler
+from .._compat import require_full_python
 from . import _process
 from ._asynclogger import AsyncLogger
 from ._base import WrappingHandler, build_clh
@@ -22,6 +23,8 @@ from ._loop_sender import LoopSender
 from ._options import ASYNC, HandlerOptions, split_kwargs
 from ._stages import DROP_WARNING_EVERY
 from ._stats import STATE_STOPPED
+
+require_full_python("AsyncConcurrentHandler")
 
 __all__ = ["AsyncConcurrentHandler", "AsyncLogger", "create_async_concurrent_handler"]
 
