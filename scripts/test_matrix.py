@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".venv-matrix")
 VERSIONS = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 CLIENT_ONLY = ("3.6", "3.7")
+LAST_PIP = {"3.6": "pip<22", "3.7": "pip<24.1"}
 # Unit tests plus one end-to-end test; files that do not exist yet are skipped.
 TEST_FILES = (
     "tests/test_protocol.py",
@@ -163,9 +164,10 @@ def prepare_client_venv(version: str, interpreter: str, builder: str, recreate: 
         shutil.rmtree(venv, ignore_errors=True)
         if not _run_logged([interpreter, "-m", "venv", venv], log, INSTALL_TIMEOUT):
             return False
-        # Upgrades to the newest pip that still supports this Python (21.3 on 3.6).
-        if not _run_logged([python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], log, INSTALL_TIMEOUT):
-            return False
+    # The bundled pip is too old to respect pip's own Requires-Python: name the last release for this Python.
+    if not _run_logged([python, "-m", "pip", "install", "--quiet", "--upgrade", LAST_PIP[version]], log,
+                       INSTALL_TIMEOUT):
+        return False
     wheels = os.path.join(MATRIX_DIR, "wheel")
     shutil.rmtree(wheels, ignore_errors=True)
     if not _run_logged([builder, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", wheels, ROOT], log,
