@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import zmq
 
@@ -75,44 +75,79 @@ def raise_fd_limit() -> int:
 
 def derived_limits(nofile: int, max_files: int) -> Dict[str, int]:
     """Files get at most half of the descriptors (FDS_PER_FILE each); connections
-    three quarters of the other half (the rest absorbs connections accepted
-    before the daemon sees them: libzmq aborts if accept() meets EMFILE)."""
-    usable = max(0, nofile - FD_RESERVE)
+    what is left after the files' share and a reserve (libzmq aborts the
+    process if accept() meets EMFILE, so connections must never take it all)."""
+    reserve = max(FD_RESERVE, nofile // 4)
+    usable = max(0, nofile - reserve)
     files = max(1, min(max_files, usable // 2 // FDS_PER_FILE))
-    return {"nofile": nofile, "max_files": files, "connections": max(8, usable // 2 * 3 // 4),
-            "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
+    return {"nofile": nofile, "max_files": files, "connections": max(8, usable - files * FDS_PER_FILE),
+            "fd_reserve": reserve, "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
+
+
+def open_fds() -> int:
+    """Descriptors this process has open now."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
 
 
 class ConnectionGuard:
-    """Counts the connections the ROUTER accepted (its socket monitor) and
-    shuts down each one beyond ``limit`` right away, so connections can never
-    take the descriptors that files and libzmq itself need."""
+    """Keeps connections from taking the descriptors files and libzmq need.
 
-    EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+    The ROUTER's socket monitor reports each accepted connection; if the
+    process then holds more descriptors than the limits leave for
+    connections (counted from /proc/self/fd, so nothing can drift), the new
+    connection is shut down at once and counted. Stateless on purpose: a
+    monitor event lost under a flood cannot skew it.
+    """
 
-    def __init__(self, sock: zmq.Socket, limit: int, stats: DaemonStats) -> None:
-        self.monitor = sock.get_monitor_socket(self.EVENTS)
-        self.limit = limit
+    def __init__(self, sock: zmq.Socket, limits: Dict[str, int], open_files: Callable[[], int],
+                 stats: DaemonStats, pause: Callable[[], None], resume: Callable[[], None]) -> None:
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        self.limits = limits
+        self.open_files = open_files
         self.stats = stats
-        self.live: set = set()
+        self.paused = False
+        self._pause, self._resume = pause, resume
+
+    def check(self) -> None:
+        """Stop listening while descriptors are short, listen again once half the reserve is back:
+        a paused listener accepts nothing, so a connection flood cannot reach EMFILE."""
+        fds = open_fds()
+        ceiling = self.ceiling()
+        if not self.paused and fds > ceiling:
+            self.paused = True
+            self.stats.count("listener_paused")
+            self._pause()
+        elif self.paused and fds < ceiling - self.limits["fd_reserve"] // 2:
+            self.paused = False
+            self._resume()
+
+    def ceiling(self) -> int:
+        """Descriptors the process may hold after an accept: all but the reserve and the free file slots."""
+        free_slots = max(0, self.limits["max_files"] - self.open_files())
+        return self.limits["nofile"] - self.limits["fd_reserve"] - free_slots * FDS_PER_FILE
 
     def handle(self) -> None:
+        """Read the accept events; shut down the newest connections beyond the ceiling; pause if short."""
         from zmq.utils.monitor import recv_monitor_message
 
+        accepted = []
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
-                return
-            kind, fd = event["event"], event["value"]
-            if kind == zmq.EVENT_ACCEPTED:
-                if len(self.live) >= self.limit:
-                    self._shut(fd)
-                    self.stats.count("connections_refused")
-                else:
-                    self.live.add(fd)
-            else:
-                self.live.discard(fd)
+                break
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                accepted.append(event["value"])
+        if not accepted:
+            return
+        excess = open_fds() - self.ceiling()  # one /proc listing per wake-up, not per event
+        for fd in reversed(accepted[-excess:] if excess > 0 else []):
+            self._shut(fd)
+            self.stats.count("connections_refused")
+        self.check()
 
     @staticmethod
     def _shut(fd: int) -> None:
@@ -123,7 +158,8 @@ class ConnectionGuard:
         except OSError:
             return  # already closed and reused by something that is not a socket
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            if sock.family == socket.AF_UNIX or sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         finally:
@@ -208,7 +244,8 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.router_socket = sock
-        self.guard = ConnectionGuard(sock, self.stats.limits["connections"], self.stats)
+        self.guard = ConnectionGuard(sock, self.stats.limits, lambda: len(self.router.writers) if self.router else 0,
+                                     self.stats, self._pause_listening, self._resume_listening)
         self._bind(sock)
         if cfg.metrics_listen:
             from .metrics import MetricsServer
@@ -309,6 +346,8 @@ class Server:
         assert self.router is not None and self.router_socket is not None
         self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files)
         self.router.max_files = self.stats.limits["max_files"]
+        if self.guard is not None:
+            self.guard.limits = self.stats.limits
         self.router.reload(new)
         self.router_socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(new.max_message_bytes))
         for writer in self.router.all_writers():
@@ -462,10 +501,30 @@ class Server:
                 self.stats.count("busy_map_evictions")
         blocked[(session, path)] = (seq, time.monotonic() + BLOCK_SECONDS)
 
+    def _pause_listening(self) -> None:
+        assert self.router_socket is not None
+        log.warning("descriptors nearly exhausted: not accepting connections until some close")
+        try:
+            self.router_socket.unbind(self.config.endpoint)
+        except zmq.ZMQError as exc:
+            log.error("cannot pause the listener: %s", exc)
+
+    def _resume_listening(self) -> None:
+        assert self.router_socket is not None
+        try:
+            self._listen(self.router_socket)
+            log.info("accepting connections again")
+        except (StartupError, OSError, zmq.ZMQError) as exc:
+            log.error("cannot listen again (will retry): %s", exc)
+            assert self.guard is not None
+            self.guard.paused = True
+
     def _sweep(self) -> None:
-        """Close idle files; forget expired busy entries."""
+        """Close idle files; forget expired busy entries; listen again when descriptors came back."""
         assert self.router is not None
         self.router.close_idle(self.config.idle_file_seconds)
+        if self.guard is not None and self.guard.paused:
+            self.guard.check()
         if self._blocked:
             now = time.monotonic()
             for key in [k for k, (_, expires) in self._blocked.items() if expires < now]:
@@ -522,13 +581,18 @@ class Server:
                     raise StartupError(f"cannot create allowed dir {directory}: {exc}") from None
 
     def _bind(self, sock: zmq.Socket) -> None:
-        endpoint = self.config.endpoint
         path = self.config.ipc_path
         if path is not None:
             self._prepare_socket_dir(os.path.dirname(path))
             self._take_lock(path + ".lock")
             if os.path.exists(path):  # left by a daemon that was killed
                 os.unlink(path)
+        self._listen(sock)
+
+    def _listen(self, sock: zmq.Socket) -> None:
+        """bind, then give the ipc socket file the directory's permissions."""
+        endpoint = self.config.endpoint
+        path = self.config.ipc_path
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:

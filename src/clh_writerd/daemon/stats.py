@@ -143,7 +143,8 @@ DAEMON_COUNTERS = (
     "files_closed",  # idle files closed (LRU), their descriptors released
     "unknown_counters",  # report entries with a name outside protocol.REPORT_COUNTERS (ignored)
     "busy_map_evictions",  # per-session ordering entries dropped to keep that map bounded
-    "connections_refused",  # connections shut down at once: more than limits.connections were open
+    "connections_refused",  # connections shut down at once: descriptors were short
+    "listener_paused",  # times the daemon stopped accepting connections until descriptors came back
 )
 
 
