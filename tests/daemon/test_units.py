@@ -1,31 +1,27 @@
 """Unit tests of daemon.writers without a subprocess: a FileWriter writing
-a real file and acking over a real inproc socket, and the Router's policy
-with a writer factory that records what it was asked. Stable interfaces
-only (Router.route, FileWriter.submit/stop/join, Work)."""
+a real file and acking through the AckQueue the main loop polls, and the
+Router's policy with a writer factory that records what it was asked.
+Stable interfaces only (Router.route, FileWriter.submit/stop/join, Work)."""
 
 import os
 from typing import Any, Dict, List, Tuple
 
 import pytest
-import zmq
 from support import check_sequences, read_lines, seq_record
 
 from clh_writerd import protocol
 from clh_writerd.daemon.config import config_from_mapping
 from clh_writerd.daemon.stats import DaemonStats, FileStats
-from clh_writerd.daemon.writers import FileWriter, Router, Work
+from clh_writerd.daemon.paths import Target
+from clh_writerd.daemon.writers import AckQueue, FileWriter, Router, Work
 
 
 @pytest.fixture
 def acks():
-    """(context, endpoint, PULL socket) the writer pushes its replies to."""
-    context = zmq.Context()
-    pull = context.socket(zmq.PULL)
-    endpoint = f"inproc://acks-{id(pull)}"
-    pull.bind(endpoint)
-    yield context, endpoint, pull
-    pull.close(linger=0)
-    context.term()
+    """The queue (and pipe) the writer threads hand their replies to."""
+    queue = AckQueue()
+    yield queue
+    queue.close()
 
 
 def _work(seq: int, lines: List[str]) -> Work:
@@ -33,53 +29,57 @@ def _work(seq: int, lines: List[str]) -> Work:
 
 
 def test_file_writer_writes_every_batch_then_acks_each_one_in_order(tmp_path, acks):
-    context, endpoint, pull = acks
     path = str(tmp_path / "w.log")
     options = {"maxBytes": 2000, "backupCount": 50}
-    writer = FileWriter(path, options, FileStats(path, options, 64), context, endpoint, capacity=64, chunk_chars=4096)
+    writer = FileWriter(Target(str(tmp_path), ("w.log",)), options, FileStats(path, options, 64), acks,
+                        capacity=64, chunk_chars=4096)
     writer.start()
     for seq in range(1, 21):
         assert writer.submit(_work(seq, [seq_record("w", (seq - 1) * 10 + i) for i in range(10)]))
     writer.stop()
     assert writer.join(30)
     seqs = []
-    while pull.poll(0):
-        envelope, reply = pull.recv_multipart()
+    for envelope, reply in acks.drain():
         assert envelope == b"peer"
         seqs.append(protocol.decode_reply(reply).seq)
     assert seqs == list(range(1, 21))  # every batch acked, after its write
     check_sequences(read_lines(path), {"w": 200}).assert_complete()
 
 
-def test_file_writer_refuses_work_beyond_capacity_but_never_a_sync_record(tmp_path, acks):
-    context, endpoint, _ = acks
+def test_file_writer_bounds_batches_and_sync_records_apart_and_writes_sync_first(tmp_path, acks):
     path = str(tmp_path / "full.log")
-    writer = FileWriter(path, {}, FileStats(path, {}, 2), context, endpoint, capacity=2, chunk_chars=4096)
+    writer = FileWriter(Target(str(tmp_path), ("full.log",)), {}, FileStats(path, {}, 2), acks,
+                        capacity=2, chunk_chars=4096)
     # Not started: nothing drains the queue.
     assert writer.submit(_work(1, ["a"])) and writer.submit(_work(2, ["b"]))
     assert not writer.submit(_work(3, ["c"]))
-    assert writer.submit(_work(4, ["d"]), sync=True)
+    assert writer.submit(_work(4, ["d"]), sync=True)  # sync records have places of their own
+    assert writer.submit(_work(6, ["f"]), sync=True)
+    assert not writer.submit(_work(7, ["g"]), sync=True)  # ... and a bound of their own
     writer.start()
     writer.stop()
     assert not writer.submit(_work(5, ["e"]), sync=True)  # stopping: refused, the client falls back
     assert writer.join(30)
-    assert read_lines(path) == ["d", "a", "b"]  # sync work first
+    assert read_lines(path) == ["d", "f", "a", "b"]  # sync work first
 
 
 class Factory:
     def __init__(self) -> None:
         self.made: List[Tuple[str, Dict[str, Any]]] = []
 
-    def __call__(self, path: str, options: Dict[str, Any]) -> Any:
-        self.made.append((path, options))
-        return _FakeWriter(options)
+    def __call__(self, target: Target, options: Dict[str, Any], lock_target: Any) -> Any:
+        self.made.append((target.path, options))
+        return _FakeWriter(target.path, options)
 
 
 class _FakeWriter:
-    def __init__(self, options: Dict[str, Any]) -> None:
+    def __init__(self, path: str, options: Dict[str, Any]) -> None:
+        self.path = path
         self.options = options
         self.options_key = protocol.options_key(options)
-        self.stats = FileStats("x", options, 1)
+        self.stats = FileStats(path, options, 1)
+        self.last_used = 0.0
+        self.idle = False  # always busy: the Router may not close it for a new file
 
     def stop(self) -> None:
         pass
@@ -96,14 +96,17 @@ def _router(tmp_path: Any, **limits: Any) -> Tuple[Router, Factory, str]:
     return Router(config, DaemonStats("ipc:///unit", 10), factory), factory, logs
 
 
-def test_router_serves_one_writer_per_file_and_keeps_the_first_options(tmp_path):
+def test_router_serves_one_writer_per_file_and_refuses_other_options_for_it(tmp_path):
     router, factory, logs = _router(tmp_path)
     path = os.path.join(logs, "a.log")
-    first = router.route(path, {"maxBytes": 10})
-    assert router.route(path, {"maxBytes": 10}) is first
-    assert router.route(path, {"maxBytes": 99}) is first  # a conflict: counted, first options kept
+    options = {"maxBytes": 10, "backupCount": 1}
+    first = router.route(path, options)
+    assert router.route(path, dict(options)) is first
+    with pytest.raises(protocol.ProtocolError) as info:  # one file, one set of options
+        router.route(path, {"maxBytes": 99, "backupCount": 1})
+    assert info.value.code == protocol.E_OPTIONS_CONFLICT and "maxBytes" in str(info.value)
     assert first.stats.option_conflicts == 1
-    assert factory.made == [(path, {"maxBytes": 10})]
+    assert factory.made == [(path, options)]
 
 
 @pytest.mark.parametrize("path, options, code", [
@@ -111,6 +114,8 @@ def test_router_serves_one_writer_per_file_and_keeps_the_first_options(tmp_path)
     ("LOGS/../escape.log", {}, protocol.E_FORBIDDEN_PATH),
     ("LOGS/a.log", {"backupCount": 2000}, protocol.E_BAD_OPTIONS),
     ("LOGS/a.log", {"owner": ["root", "root"]}, protocol.E_BAD_OPTIONS),
+    ("LOGS/a.log", {"chmod": 0o4755}, protocol.E_BAD_OPTIONS),
+    ("LOGS/a.log", {"encoding": "latin-1"}, protocol.E_BAD_OPTIONS),
 ])
 def test_router_refuses_what_the_policy_forbids_with_an_error_code(tmp_path, path, options, code):
     router, factory, logs = _router(tmp_path)
@@ -119,10 +124,10 @@ def test_router_refuses_what_the_policy_forbids_with_an_error_code(tmp_path, pat
     assert info.value.code == code and factory.made == []
 
 
-def test_router_serves_at_most_max_files(tmp_path):
+def test_router_serves_at_most_max_files_while_none_is_idle(tmp_path):
     router, _, logs = _router(tmp_path, max_files=2)
     router.route(os.path.join(logs, "1.log"), {})
     router.route(os.path.join(logs, "2.log"), {})
     with pytest.raises(protocol.ProtocolError) as info:
         router.route(os.path.join(logs, "3.log"), {})
-    assert info.value.code == protocol.E_TOO_LARGE
+    assert info.value.code == protocol.E_BUSY
