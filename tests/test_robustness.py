@@ -238,6 +238,9 @@ def test_malformed_frames_while_a_correct_client_is_served(start_daemon, raw_cli
     good = raw_client(daemon.endpoint, "good")
     bad = raw_client(daemon.endpoint, "bad")
     path = os.path.join(daemon.log_dir, "good.log")
+    # The raw client writes a file of its own: one file has one set of options,
+    # and the handler declares other ones than the raw client's defaults.
+    raw_path = os.path.join(daemon.log_dir, "good-raw.log")
     handler = create_nonblocking_handler(path, endpoint=daemon.endpoint, maxBytes=256 * 1024, backupCount=1000,
                                          connect_timeout=20.0, ack_timeout=60.0, sync_timeout=60.0)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -257,7 +260,7 @@ def test_malformed_frames_while_a_correct_client_is_served(start_daemon, raw_cli
         # Between malformed frames: a raw batch that must be acked at once,
         # and records through the real handler.
         nonlocal good_batches, logged
-        reply = good.write(path, [seq_record(f"g{good_batches}", i) for i in range(10)])
+        reply = good.write(raw_path, [seq_record(f"g{good_batches}", i) for i in range(10)])
         assert isinstance(reply, protocol.Ack), reply
         good_batches += 1
         for _ in range(20):
@@ -301,31 +304,36 @@ def test_malformed_frames_while_a_correct_client_is_served(start_daemon, raw_cli
             sent["over REQ"] += 1
     finally:
         req.close(0)
-    # Envelopes the daemon cannot route a reply to: counted, not answered.
+    # Messages with extra frames: one payload frame per message, so answered
+    # `malformed` and counted (the daemon bounds what one message may carry).
     for frames in ([b"a", b"b", b"c"], [b"a", b"b", b"c", b"d"]):
         bad.dealer.send_multipart(frames)
-        sent["bad envelope"] += 1
+        reply = bad.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == protocol.E_MALFORMED, reply
+        replies[reply.code] += 1
+        sent["extra frames"] += 1
     serve_the_good_ones()
 
     total = sum(sent.values())
-    expected_malformed = replies["malformed"] + sent["bad envelope"]
+    expected_malformed = replies["malformed"]
     after = wait_for(lambda: (c := counters(daemon))["malformed"] - before["malformed"] >= expected_malformed
-                     and c, what="the bad envelopes to be counted")
+                     and c, what="the malformed frames to be counted")
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     for code in protocol.ERROR_CODES:
-        want = replies[code] + (sent["bad envelope"] if code == protocol.E_MALFORMED else 0)
+        want = replies[code]
         assert delta.get(code, 0) == want, (code, delta, replies)
     assert delta["frames_received"] >= total
-    assert bad.try_recv(0.5) is None, "a bad envelope was answered"
+    assert bad.try_recv(0.5) is None, "a frame was answered twice"
 
     assert handler.stop()
     stats = handler.get_stats()
     handler.close()
     assert stats["acked"] == logged and stats["fallback_written"] == 0 and stats["resent"] == 0, stats
-    report = check_sequences(read_lines(path), {"h": logged, **{f"g{k}": 10 for k in range(good_batches)}})
+    report = check_sequences(read_lines(path) + read_lines(raw_path),
+                             {"h": logged, **{f"g{k}": 10 for k in range(good_batches)}})
     report.assert_complete()
     assert report.foreign == 0, "a malformed frame wrote something"
-    assert isinstance(good.write(path, [seq_record("late", 0)]), protocol.Ack)
+    assert isinstance(good.write(raw_path, [seq_record("late", 0)]), protocol.Ack)
     rss_after = rss_kib(daemon.proc.pid)
     assert rss_after is not None and rss_after < RSS_BOUND_KIB, rss_after
     assert daemon.proc.poll() is None
