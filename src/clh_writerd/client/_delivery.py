@@ -280,6 +280,12 @@ class Delivery:
             self.daemon_stopping = True
             return
         self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
+        if reply.code == protocol.E_UNAUTHORIZED:
+            # This daemon does not admit this process (allowed_uids, peer_dirs),
+            # even for a ping: the fallback writes; ask again rarely (a reload may admit it).
+            self._enter_fallback(self.stats.last_error, probe_after=60.0)
+            self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
+            return
         if reply.seq is None:
             return  # a refused report or ping: nothing to write
         if reply.code in protocol.RETRYABLE_ERRORS:
