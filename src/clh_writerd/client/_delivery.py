@@ -308,6 +308,14 @@ class Delivery:
         self.transport.send(protocol.encode_ping(id))
 
     def _probe(self, now: float) -> None:
+        usable = getattr(self.transport, "usable", None)  # test fakes have no endpoint to check
+        problem = usable() if usable is not None else ""
+        if problem:
+            # Never connected: write through the fallback, look again soon
+            # (an lstat; the daemon may be starting).
+            self._enter_fallback(problem, probe_after=min(0.5, self.s.max_probe_interval))
+            self.stats.last_error = problem
+            return
         self._ping(self._next_id())
         self.probe_at = now + self.probe_interval
         self.probe_interval = min(self.s.max_probe_interval, self.probe_interval * 2)
