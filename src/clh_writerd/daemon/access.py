@@ -122,3 +122,29 @@ class AccessPolicy:
             if not any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in dirs):
                 raise ProtocolError(E_UNAUTHORIZED, f"{what} {real!r} is outside this peer's directories "
                                                     f"(peer_dirs: {list(dirs)})")
+
+
+def write_key_pair(directory: str, name: str) -> Tuple[str, str]:
+    """``clh-writerd keygen``: NAME.key (public, 0644) and NAME.key_secret (0600) in
+    ``directory`` (created 0700 if missing), zmq.auth's certificate format.
+    Refuses to overwrite an existing pair."""
+    import zmq
+    import zmq.auth
+
+    if not zmq.has("curve"):
+        raise RuntimeError("this libzmq has no CURVE support")
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"key name {name!r}: a plain file name is needed")
+    public, secret = (os.path.join(directory, f"{name}.{ext}") for ext in ("key", "key_secret"))
+    for path in (public, secret):
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path} exists; remove it first (keys are never overwritten)")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    old = os.umask(0o077)  # the secret is never readable by others, not even for a moment
+    try:
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    return public, secret
