@@ -346,14 +346,14 @@ class Server:
             # Who sent it, from the transport: the kernel's credentials on
             # ipc, the admitted CURVE key on tcp.
             last = parts[-1]
-            peer = Peer.from_metadata(last.get("Peer-Address"), self._user_id(last))
+            peer = Peer.from_metadata(str(last.get("Peer-Address") or ""), self._user_id(last))
             self.handle([p.bytes for p in parts], peer)
 
     def _user_id(self, frame: zmq.Frame) -> Optional[str]:
         if self.authenticator is None:
             return None
         try:
-            return frame.get("User-Id")
+            return str(frame.get("User-Id"))
         except zmq.ZMQError:
             return None
 
