@@ -12,7 +12,6 @@ once with the reason. tcp endpoints are authenticated with CURVE instead
 """
 
 import os
-import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -25,8 +24,7 @@ class EndpointTrust:
     def __init__(self, endpoint: str, daemon_user: Optional[str] = None, socket_group: Optional[str] = None) -> None:
         self.endpoint = endpoint
         self.directory = ipc_directory(endpoint)
-        self._warned = False
-        self._lock = threading.Lock()
+        self._warned = False  # a plain flag, no lock: survives fork(); a rare second warning is harmless
         self.trusted = {os.getuid(), 0}
         self.group: Optional[int] = None
         self.config_error = ""
@@ -52,10 +50,9 @@ class EndpointTrust:
         return reason
 
     def warn_once(self, reason: str) -> None:
-        with self._lock:
-            if self._warned:
-                return
-            self._warned = True
+        if self._warned:
+            return
+        self._warned = True
         warnings.warn(f"clh-writerd: not connecting to {self.endpoint}: {reason}; records are written "
                       "through the fallback (see docs/security.md, socket directory)", RuntimeWarning, stacklevel=2)
 
