@@ -28,8 +28,8 @@ def start_daemon(tmp_path) -> Callable[..., DaemonProcess]:
 def raw_client() -> Callable[[str], RawClient]:
     clients: List[RawClient] = []
 
-    def make(endpoint: str, program: str = "raw-test-client") -> RawClient:
-        client = RawClient(endpoint, program)
+    def make(endpoint: str, program: str = "raw-test-client", curve: Any = None) -> RawClient:
+        client = RawClient(endpoint, program, curve=curve)
         clients.append(client)
         return client
 

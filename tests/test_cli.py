@@ -61,7 +61,7 @@ def test_help_lists_the_commands():
 # -- check-config ---------------------------------------------------------------
 def test_check_config_prints_the_effective_config(tmp_path, no_daemon_env):
     path = write_config(str(tmp_path / "c.toml"),
-                        {"daemon": {"endpoint": "tcp://127.0.0.1:5599", "allowed_dirs": ["logs"]},
+                        {"daemon": {"endpoint": "tcp://127.0.0.1:5599", "allowed_dirs": ["logs"], "tcp_auth": "none"},
                          "fsync": {"policy": "batch"}},
                         files=[{"path": "/var/log/*.log", "fsync": "interval"}])
     result = cli("check-config", path, env=no_daemon_env, cwd=str(tmp_path))
@@ -162,9 +162,9 @@ def test_stats_table_shows_files_and_clients(start_daemon, raw_client, no_daemon
     assert dict(zip(header, row))["written"] == "30"
     assert dict(zip(header, row))["recv"] == "30"
     client = next(line for line in lines if "cli-table-prog" in line).split()
-    # client program last seen (two words) records dropped fallback resent
+    # client program last seen (two words) records dropped fallback resent uid/pid (from the kernel)
     assert client[1] == "cli-table-prog"
-    assert client[4:] == ["30", "4", "5", "0"]
+    assert client[4:] == ["30", "4", "5", "0", f"{os.getuid()}/{os.getpid()}"]
 
 
 def test_stats_json_has_the_documented_schema(start_daemon, raw_client, no_daemon_env):

@@ -138,7 +138,7 @@ def test_unit_is_a_hardened_notify_service_matching_its_config():
     assert one("User") not in ("", "root") and one("Group") == config["socket_group"]
     endpoint_dir = os.path.dirname(config["endpoint"][len("ipc://"):])
     assert endpoint_dir == "/run/" + one("RuntimeDirectory")
-    assert int(one("RuntimeDirectoryMode"), 8) == config["socket_dir_mode"] == 0o770
+    assert int(one("RuntimeDirectoryMode"), 8) == config["socket_dir_mode"] == 0o750
 
     # Write access only where the logs go.
     writable = " ".join(unit.get("ReadWritePaths", [])).split()
@@ -332,10 +332,13 @@ def test_compose_runs_writerd_as_a_sidecar_sharing_socket_and_logs():
         assert app["depends_on"]["writerd"]["condition"] == "service_healthy", name
         assert app["environment"]["CLH_WRITERD_ENDPOINT"] == config["endpoint"], name
         assert app["environment"]["APP_NAME"] == name
-        # The app's code is mounted from the repository, and it runs as the daemon's uid.
+        # The app's code is mounted from the repository; it runs as its own uid in the daemon's
+        # group (admitted by allowed_groups) and trusts the socket directory of the daemon's user.
         host_paths = [src for src in mounts if src.startswith(".")]
         assert all((COMPOSE.parent / src).exists() for src in host_paths), host_paths
-        assert app["user"] == "10001:10001"
+        assert app["user"] == "10002:10001"
+        assert app["environment"]["CLH_WRITERD_DAEMON_USER"] == "10001"
+        assert config["socket_dir_mode"] == 0o750 and config["allowed_groups"] == [10001]
 
 
 @pytest.mark.slow

@@ -145,6 +145,21 @@ def _endpoint(endpoint: Optional[str], config_path: Optional[str]) -> Optional[s
         sys.exit(EXIT_CONFIG)
 
 
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="clh-writerd", show_default=True, help="Base name of the two files.")
+def keygen(directory: str, name: str) -> None:
+    """Write a CURVE key pair for tcp: NAME.key (public) and NAME.key_secret (0600) in DIRECTORY."""
+    from .daemon.access import write_key_pair
+
+    try:
+        public, secret = write_key_pair(directory, name)
+    except (OSError, ValueError, RuntimeError) as exc:
+        click.echo(f"clh-writerd keygen: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
+
+
 @main.command("example-config")
 def example_config() -> None:
     """Print the commented reference config (every key, its default, what it does)."""

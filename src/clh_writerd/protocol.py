@@ -61,6 +61,7 @@ E_WRITE_FAILED = "write_failed"  # the write raised (disk full, permissions, ...
 E_SHUTTING_DOWN = "shutting_down"
 E_INTERNAL = "internal"  # the daemon failed on this message; it keeps serving the others
 E_OPTIONS_CONFLICT = "options_conflict"  # the file is already served with other options
+E_UNAUTHORIZED = "unauthorized"  # the peer (uid from the kernel, or CURVE key) may not use this daemon or path
 
 ERROR_CODES = (
     E_MALFORMED,
@@ -74,6 +75,7 @@ ERROR_CODES = (
     E_SHUTTING_DOWN,
     E_INTERNAL,
     E_OPTIONS_CONFLICT,
+    E_UNAUTHORIZED,
 )
 # A client may send the same records again later after one of these; the
 # others mean "this daemon will never write it": use the fallback.

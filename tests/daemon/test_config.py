@@ -57,7 +57,9 @@ def test_a_full_file_is_loaded_with_every_value(env, tmp_path):
     cfg = load_text(tmp_path, """
 [daemon]
 endpoint = "tcp://127.0.0.1:5599"
+tcp_auth = "none"
 socket_dir_mode = 0o770
+socket_group = "0"
 allowed_dirs = ["/var/log/a", "/var/log/b"]
 create_allowed_dirs = false
 allow_owner = true
@@ -195,9 +197,12 @@ def test_invalid_toml_and_missing_files_are_config_errors(env, tmp_path):
 # -- the endpoint -------------------------------------------------------------
 def test_endpoint_env_override_wins(env, tmp_path):
     env.setenv("CLH_WRITERD_ENDPOINT", "tcp://127.0.0.1:7001")
-    assert load_config(None).endpoint == "tcp://127.0.0.1:7001"
+    assert load_text(tmp_path, '[daemon]\ntcp_auth = "none"\n').endpoint == "tcp://127.0.0.1:7001"
+    # The embedded default has tcp_auth = "curve" and no keys: a tcp endpoint is refused.
+    with pytest.raises(ConfigError, match="tcp://127.0.0.1:7001 needs CURVE keys"):
+        load_config(None)
     # An explicit endpoint in the file wins over the environment.
-    cfg = load_text(tmp_path, '[daemon]\nendpoint = "tcp://127.0.0.1:7002"\n')
+    cfg = load_text(tmp_path, '[daemon]\nendpoint = "tcp://127.0.0.1:7002"\ntcp_auth = "none"\n')
     assert cfg.endpoint == "tcp://127.0.0.1:7002"
 
 
@@ -230,7 +235,8 @@ def test_too_long_ipc_path_is_refused(env, tmp_path):
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:5599", "tcp://127.9.9.9:5599", "tcp://localhost:5599",
                                       "tcp://[::1]:5599"])
 def test_loopback_tcp_is_accepted(env, tmp_path, endpoint):
-    assert load_text(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\n').endpoint == endpoint
+    assert load_text(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\ntcp_auth = "none"\n').endpoint == endpoint
+    assert "needs CURVE keys" in refused(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\n')
 
 
 @pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:5599", "tcp://*:5599", "tcp://10.1.2.3:5599",
@@ -238,7 +244,7 @@ def test_loopback_tcp_is_accepted(env, tmp_path, endpoint):
 def test_non_loopback_tcp_needs_allow_remote_tcp(env, tmp_path, endpoint):
     message = refused(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\n')
     assert "allow_remote_tcp" in message and endpoint in message
-    cfg = load_text(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\nallow_remote_tcp = true\n')
+    cfg = load_text(tmp_path, f'[daemon]\nendpoint = "{endpoint}"\nallow_remote_tcp = true\ntcp_auth = "none"\n')
     assert cfg.endpoint == endpoint
 
 

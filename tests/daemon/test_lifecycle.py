@@ -168,7 +168,9 @@ def test_second_sigint_forces_exit_while_draining(start_daemon, raw_client):
 
 
 def test_tcp_loopback_endpoint_serves(start_daemon, raw_client):
-    daemon = start_daemon(endpoint=f"tcp://127.0.0.1:{free_tcp_port()}")
+    # Plain tcp only when asked for (CURVE: tests/security/test_peers.py), and warned about.
+    daemon = start_daemon(endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", daemon={"tcp_auth": "none"})
+    assert 'tcp_auth = "none"' in daemon.stderr()
     client = raw_client(daemon.endpoint)
     path = os.path.join(daemon.log_dir, "tcp.log")
     assert isinstance(client.write(path, [seq_record("w", i) for i in range(50)]), protocol.Ack)
@@ -182,12 +184,13 @@ def test_non_loopback_tcp_needs_allow_remote_tcp(start_daemon, raw_client, tmp_p
     refused_dir, allowed_dir = tmp_path / "refused", tmp_path / "allowed"
     refused_dir.mkdir()
     allowed_dir.mkdir()
-    refused = start_daemon(wait=False, workdir=str(refused_dir), endpoint=f"tcp://0.0.0.0:{port}")
+    refused = start_daemon(wait=False, workdir=str(refused_dir), endpoint=f"tcp://0.0.0.0:{port}",
+                           daemon={"tcp_auth": "none"})
     assert _exit_code(refused) == EXIT_CONFIG
     assert "not a loopback address" in refused.stderr() and "allow_remote_tcp" in refused.stderr()
 
     daemon = start_daemon(wait=False, workdir=str(allowed_dir), endpoint=f"tcp://0.0.0.0:{port}",
-                          daemon={"allow_remote_tcp": True})
+                          daemon={"allow_remote_tcp": True, "tcp_auth": "none"})
     # 0.0.0.0 is an address to bind, not to connect to: reach it over loopback.
     daemon.endpoint = f"tcp://127.0.0.1:{port}"
     daemon.wait_ready()

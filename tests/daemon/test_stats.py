@@ -22,7 +22,7 @@ from clh_writerd.daemon.stats import (
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATS_DOC = os.path.join(REPO, "docs", "stats.md")
 
-DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters", "limits"}
+DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters", "refused_uids", "limits"}
 FILE_KEYS = {
     "path", "options", "queue_depth", "queue_capacity", "records_received", "bytes_received",
     "records_written", "bytes_written", "batches_written", "writes", "rotations", "write_errors",
@@ -31,7 +31,7 @@ FILE_KEYS = {
 }
 CLIENT_KEYS = {
     "host", "pid", "program", "session", "first_seen", "last_seen", "records_received",
-    "batches_received", "sync_records", "errors", "reported",
+    "batches_received", "sync_records", "errors", "reported", "peer_uid", "peer_gid", "peer_pid", "peer_key",
 }
 
 
@@ -205,7 +205,7 @@ def test_table_of_an_idle_daemon():
                                           "errors", "p50ms", "p99ms"]
     assert lines[files_at + 2] == ""
     assert lines[clients_at + 1].split() == ["client", "program", "last", "seen", "records", "dropped",
-                                            "fallback", "resent"]
+                                            "fallback", "resent", "uid/pid"]
     assert len(lines) == clients_at + 2
 
 
@@ -220,7 +220,7 @@ def test_table_shows_files_clients_and_nonzero_counters():
     assert row.split() == ["/var/log/app/requests.log", "3/256", "1500", "1234", "56789", "15", "2", "0",
                            "3.00", "100.00"]
     client = next(line for line in lines if line.startswith("host1:1001"))
-    assert client.split() == ["host1:1001", "billing-worker", "0.0s", "ago", "1234", "7", "11", "13"]
+    assert client.split() == ["host1:1001", "billing-worker", "0.0s", "ago", "1234", "7", "11", "13", "-"]
     assert "last error on /var/log/app/requests.log: OSError: disk full" in text
     assert "2 conflicting option declaration(s) on /var/log/app/requests.log" in text
 

@@ -44,7 +44,8 @@ class User:
         if pid == 0:  # pragma: no cover - the child
             code = 1
             try:
-                os.setgroups([])
+                # Its supplementary groups from the user database, as a login would set them.
+                os.setgroups(os.getgrouplist(self.name, self.gid))
                 os.setgid(self.gid)
                 os.setuid(self.uid)
                 action()

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import portalocker
 import zmq
@@ -37,6 +37,8 @@ def toml_value(value: Any) -> str:
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -154,11 +156,13 @@ class DaemonProcess:
 class RawClient:
     """A minimal protocol client: a DEALER for batches, a REQ for sync records."""
 
-    def __init__(self, endpoint: str, program: str = "raw-test-client") -> None:
+    def __init__(self, endpoint: str, program: str = "raw-test-client",
+                 curve: Optional[Tuple[bytes, bytes, bytes]] = None) -> None:
+        """``curve``: (daemon public key, client public key, client secret key) for a CURVE tcp endpoint."""
         self.endpoint = endpoint
+        self.curve = curve
         self.context = zmq.Context()
-        self.dealer = self.context.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer = self._socket(zmq.DEALER)
         self.dealer.connect(endpoint)
         self.client = protocol.new_client_id(program)
         self.seq = 0
@@ -186,8 +190,7 @@ class RawClient:
 
     def sync(self, path: str, record: str, options: Optional[Dict[str, Any]] = None,
              timeout: float = DEFAULT_TIMEOUT) -> protocol.Reply:
-        req = self.context.socket(zmq.REQ)
-        req.setsockopt(zmq.LINGER, 0)
+        req = self._socket(zmq.REQ)
         req.connect(self.endpoint)
         try:
             self.seq += 1
@@ -197,6 +200,13 @@ class RawClient:
             return protocol.decode_reply(req.recv())
         finally:
             req.close()
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
+        return sock
 
     def try_recv(self, timeout: float) -> Optional[protocol.Reply]:
         """The next reply, or None if none arrives within ``timeout`` seconds."""

@@ -21,6 +21,7 @@ from ._sender import SenderCore
 from ._stages import DROP_WARNING_EVERY, Renderer
 from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
+from ._trust import CurveKeys, EndpointTrust
 
 
 def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
@@ -52,6 +53,15 @@ class WrappingHandler(logging.Handler):
         # logging.Handler.__init__ registers us for logging.shutdown().
         self.opts = HandlerOptions.build(self.KIND, **options)
         path, file_options, refused = file_spec(handler)
+        opts = self.opts
+        self._curve: Optional[CurveKeys] = None
+        if str(opts.endpoint).startswith("tcp://") and (opts.curve_server_key or opts.curve_secret_key):
+            if not (opts.curve_server_key and opts.curve_secret_key):
+                raise ValueError(f"{self.KIND}: CURVE needs both curve_server_key and curve_secret_key")
+            try:
+                self._curve = CurveKeys(opts.curve_server_key, opts.curve_secret_key)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{self.KIND}: cannot read the CURVE keys: {exc}") from None
         super().__init__(self.opts.level)
         self.handler = handler
         self.path, self.options = path, file_options
@@ -60,6 +70,7 @@ class WrappingHandler(logging.Handler):
             warnings.warn(f"clh-writerd: the daemon would refuse {path} ({refused}); "
                           "this handler writes it through the fallback", RuntimeWarning, stacklevel=3)
         self._refused = refused if self.opts.endpoint is not None else ""
+        self._trust = EndpointTrust(self.endpoint, opts.daemon_user, opts.socket_group) if self.endpoint else None
         # Read on every emit(): plain attributes.
         self.queue_size = self.opts.queue_size
         self.sync_level = self.opts.sync_level
@@ -90,14 +101,14 @@ class WrappingHandler(logging.Handler):
         if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
             self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
-                                     self.path, self.options)
+                                     self.path, self.options, self._trust, self._curve)
             self._confirmed.sync = self._sync
 
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""
         self._open_sync()
         if self._context is not None and self.endpoint is not None:
-            self._transport = ZmqTransport(self._context, self.endpoint)
+            self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
         delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
         self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed)
         return self._core

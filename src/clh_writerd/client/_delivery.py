@@ -280,6 +280,12 @@ class Delivery:
             self.daemon_stopping = True
             return
         self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
+        if reply.code == protocol.E_UNAUTHORIZED:
+            # This daemon does not admit this process (allowed_uids, peer_dirs),
+            # even for a ping: the fallback writes; ask again rarely (a reload may admit it).
+            self._enter_fallback(self.stats.last_error, probe_after=60.0)
+            self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
+            return
         if reply.seq is None:
             return  # a refused report or ping: nothing to write
         if reply.code in protocol.RETRYABLE_ERRORS:
@@ -302,6 +308,14 @@ class Delivery:
         self.transport.send(protocol.encode_ping(id))
 
     def _probe(self, now: float) -> None:
+        usable = getattr(self.transport, "usable", None)  # test fakes have no endpoint to check
+        problem = usable() if usable is not None else ""
+        if problem:
+            # Never connected: write through the fallback, look again soon
+            # (an lstat; the daemon may be starting).
+            self._enter_fallback(problem, probe_after=min(0.5, self.s.max_probe_interval))
+            self.stats.last_error = problem
+            return
         self._ping(self._next_id())
         self.probe_at = now + self.probe_interval
         self.probe_interval = min(self.s.max_probe_interval, self.probe_interval * 2)

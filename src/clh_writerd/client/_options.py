@@ -120,6 +120,19 @@ def _max_nowait(value: Any) -> None:
         _positive(value)
 
 
+def from_env(name: str) -> Callable[[Any], Optional[str]]:
+    """None (the default) -> $``name`` if set; otherwise the value as a string."""
+
+    def convert(value: Any) -> Optional[str]:
+        if value is None:
+            return os.environ.get(name) or None
+        if isinstance(value, bool) or not isinstance(value, (str, int, os.PathLike)):
+            raise ValueError("must be a string (a name, number or path) or None")
+        return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+
+    return convert
+
+
 def option(default: Any, doc: str, check: Optional[Callable[[Any], Any]] = None,
            handlers: Tuple[str, ...] = BOTH, convert: Optional[Callable[[Any], Any]] = None,
            per_handler: Optional[Dict[str, Any]] = None, shown: str = "") -> Any:
@@ -164,6 +177,21 @@ class HandlerOptions:
     report_interval: float = option(5.0, "seconds between counter reports to the daemon", _seconds)
     level: int = option(logging.NOTSET, "the handler's level (a number or a name)", convert=parse_level)
     autostart: bool = option(True, "start the sender thread in the constructor", _flag, handlers=(THREAD,))
+    daemon_user: Optional[str] = option(None, "ipc: the user the daemon runs as (name or uid); a socket directory it"
+                                        " owns is trusted, as are this user's and root's", convert=from_env(
+                                            "CLH_WRITERD_DAEMON_USER"), shown="`$CLH_WRITERD_DAEMON_USER`")
+    socket_group: Optional[str] = option(None, "ipc: a group allowed to write in the socket directory (the daemon's"
+                                         " `socket_group`); any other group- or world-writable directory is refused",
+                                         convert=from_env("CLH_WRITERD_SOCKET_GROUP"),
+                                         shown="`$CLH_WRITERD_SOCKET_GROUP`")
+    curve_server_key: Optional[str] = option(None, "tcp: the daemon's public key file (`.key`, from"
+                                             " `clh-writerd keygen`)", convert=from_env(
+                                                 "CLH_WRITERD_CURVE_SERVER_KEY"),
+                                             shown="`$CLH_WRITERD_CURVE_SERVER_KEY`")
+    curve_secret_key: Optional[str] = option(None, "tcp: this client's key pair file (`.key_secret`); its public"
+                                             " key must be in the daemon's `curve_public_keys_dir`",
+                                             convert=from_env("CLH_WRITERD_CURVE_SECRET_KEY"),
+                                             shown="`$CLH_WRITERD_CURVE_SECRET_KEY`")
 
     @classmethod
     def names(cls, handler: str) -> Tuple[str, ...]:

@@ -9,6 +9,7 @@ import zmq
 
 from .. import protocol
 from ._stats import STATE_FALLBACK, ClientStats
+from ._trust import CurveKeys, EndpointTrust
 
 CONNECTED = "connected"
 DISCONNECTED = "disconnected"
@@ -16,10 +17,17 @@ DISCONNECTED = "disconnected"
 
 class ZmqTransport:
     """A DEALER socket and its monitor: ``send``/``recv`` never block, and
-    ``events`` reports connections made and lost."""
+    ``events`` reports connections made and lost. It connects only once
+    ``usable()`` found the endpoint trustworthy (``EndpointTrust``)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str, trust: Optional[EndpointTrust] = None,
+                 curve: Optional[CurveKeys] = None) -> None:
+        self.endpoint = endpoint
+        self.trust = trust
+        self.connected = False
         dealer = context.socket(zmq.DEALER)
+        if curve is not None:
+            curve.apply(dealer)
         dealer.setsockopt(zmq.LINGER, 0)
         # Queue only on completed connections: with no daemon, send() fails
         # at once instead of parking records in a zmq queue nobody drains.
@@ -31,8 +39,22 @@ class ZmqTransport:
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         self.monitor: Optional[zmq.Socket] = dealer.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        dealer.connect(endpoint)
         self.dealer: Optional[zmq.Socket] = dealer
+
+    def usable(self) -> str:
+        """"" once connected to a trusted endpoint; else why not (nothing is connected then)."""
+        problem = self.trust.problem() if self.trust is not None else ""
+        if self.dealer is None:
+            return problem
+        if problem:
+            if self.connected:
+                self.dealer.disconnect(self.endpoint)
+                self.connected = False
+            return problem
+        if not self.connected:
+            self.dealer.connect(self.endpoint)
+            self.connected = True
+        return ""
 
     def sockets(self) -> List[zmq.Socket]:
         """What a driver waits on for readability."""
@@ -89,8 +111,11 @@ class SyncChannel:
     """
 
     def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
-                 client_id: protocol.ClientId, path: str, options: Dict[str, Any]) -> None:
+                 client_id: protocol.ClientId, path: str, options: Dict[str, Any],
+                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None) -> None:
         self.context = context
+        self.trust = trust
+        self.curve = curve
         self.endpoint = endpoint
         self.s = settings
         self.stats = stats
@@ -127,7 +152,13 @@ class SyncChannel:
             return ok
 
     def _connect(self) -> Optional[zmq.Socket]:
+        problem = self.trust.problem() if self.trust is not None else ""
+        if problem:
+            self.stats.last_error = problem
+            return None
         req = self.context.socket(zmq.REQ)
+        if self.curve is not None:
+            self.curve.apply(req)
         req.setsockopt(zmq.LINGER, 0)
         req.setsockopt(zmq.IMMEDIATE, 1)
         req.connect(self.endpoint)

@@ -11,10 +11,11 @@ import grp
 import ipaddress
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .. import protocol
+from .._sockdir import group_id, user_id
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -24,6 +25,7 @@ else:  # pragma: no cover - exercised by the test matrix on older Pythons
 EMBEDDED = "<embedded default>"
 FSYNC_POLICIES = ("never", "batch", "interval")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TCP_AUTH = ("curve", "none")
 
 
 class ConfigError(ValueError):
@@ -105,6 +107,41 @@ def _group(key: str, value: Any) -> str:
     return value
 
 
+def _principals(kind: str) -> Callable[[str, Any], Tuple[int, ...]]:
+    """A list of user (or group) names and numbers -> their ids (resolved once, at load)."""
+    lookup = user_id if kind == "user" else group_id
+
+    def check(key: str, value: Any) -> Tuple[int, ...]:
+        if type(value) is not list or not all(type(v) in (str, int) and v != "" for v in value):
+            raise ConfigError(f"{key} must be a list of {kind} names or numbers")
+        out = []
+        for v in value:
+            try:
+                out.append(lookup(v))
+            except KeyError:
+                raise ConfigError(f"{key}: no such {kind} {v!r}") from None
+        return tuple(sorted(set(i for i in out if i is not None)))
+
+    return check
+
+
+def _peer_dirs(key: str, value: Any) -> Dict[str, Tuple[str, ...]]:
+    """{"user" or uid or "@group" or "@gid": [dirs]} -> {"<uid>" or "@<gid>": (real dirs)}."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{key} must be a table like {{ app = ["/var/log/app"], "@ops" = ["/var/log/ops"] }}')
+    out: Dict[str, Tuple[str, ...]] = {}
+    for who, dirs in value.items():
+        group = who.startswith("@")
+        try:
+            number = (group_id if group else user_id)(who[1:] if group else who)
+        except KeyError:
+            raise ConfigError(f"{key}: no such {'group' if group else 'user'} {who!r}") from None
+        if number is None:
+            raise ConfigError(f"{key}: empty name")
+        out[f"@{number}" if group else str(number)] = _dirs(f"{key}.{who}", dirs)
+    return out
+
+
 @dataclass(frozen=True)
 class Option:
     section: str
@@ -126,6 +163,22 @@ OPTIONS: Tuple[Option, ...] = (
            "Allow a tcp endpoint on a non-loopback address."),
     Option("daemon", "allowed_dirs", ["logs"], _dirs,
            "The only directories (real paths, subdirectories included) the daemon writes under."),
+    Option("daemon", "allowed_uids", [], _principals("user"),
+           "Users (names or uids) whose processes may use an ipc endpoint, besides the daemon's own uid and root "
+           "(the kernel's peer credentials decide, not what a client claims)."),
+    Option("daemon", "allowed_groups", [], _principals("group"),
+           "Groups (names or gids) whose members may use an ipc endpoint (primary or supplementary, "
+           "as the user database says)."),
+    Option("daemon", "peer_dirs", {}, _peer_dirs,
+           'Per user or "@group": the only directories (within allowed_dirs) its processes may write under; '
+           "a peer matching no entry may write under every allowed dir."),
+    Option("daemon", "tcp_auth", "curve", _choice(TCP_AUTH),
+           'tcp endpoints: "curve" (clients need a key in curve_public_keys_dir) or "none" (anyone who can '
+           "reach the port may write; warned at every start)."),
+    Option("daemon", "curve_secret_key", "", _string,
+           "The daemon's CURVE key pair (the .key_secret file of `clh-writerd keygen`), for tcp."),
+    Option("daemon", "curve_public_keys_dir", "", _string,
+           "Directory of the client public keys (.key files) admitted on tcp; re-read on reload."),
     Option("daemon", "create_allowed_dirs", True, _boolean,
            "Create missing allowed directories at start."),
     Option("daemon", "allow_owner", False, _boolean,
@@ -228,6 +281,12 @@ class Config:
     forward_tls_ca_file: str = ""
     forward_tls_cert_file: str = ""
     forward_tls_key_file: str = ""
+    allowed_uids: Tuple[int, ...] = ()
+    allowed_groups: Tuple[int, ...] = ()
+    peer_dirs: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    tcp_auth: str = "curve"
+    curve_secret_key: str = ""
+    curve_public_keys_dir: str = ""
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
@@ -270,6 +329,8 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -292,6 +353,10 @@ def _check_endpoint(config: Config) -> Config:
                 raise ConfigError(
                     f"endpoint: {endpoint} is not a loopback address; set allow_remote_tcp = true to bind it"
                 )
+        if config.tcp_auth == "curve" and not (config.curve_secret_key and config.curve_public_keys_dir):
+            raise ConfigError(
+                f"endpoint: {endpoint} needs CURVE keys: set curve_secret_key and curve_public_keys_dir "
+                '(clh-writerd keygen), or tcp_auth = "none" to accept unauthenticated tcp')
         return replace(config, endpoint=endpoint)
     raise ConfigError(f"endpoint must start with ipc:// or tcp://, got {endpoint!r}")
 
@@ -340,6 +405,19 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
     if values["forward_target"] and not values["forward_paths"]:
         raise ConfigError("forward.target is set but forward.paths is empty: nothing to forward")
     values["forward_state_file"] = os.path.abspath(values["forward_state_file"])
+    for who, dirs in values["peer_dirs"].items():
+        for d in dirs:
+            if not any(d == a or d.startswith(a.rstrip(os.sep) + os.sep) for a in values["allowed_dirs"]):
+                raise ConfigError(f"daemon.peer_dirs: {d} (for {who}) is not within allowed_dirs")
+    for key in ("curve_secret_key", "curve_public_keys_dir"):
+        if values[key]:
+            values[key] = os.path.abspath(values[key])
+    if values["socket_dir_mode"] & 0o002:
+        raise ConfigError("daemon.socket_dir_mode must not let others write in the socket directory "
+                          f"(got {oct(values['socket_dir_mode'])})")
+    if values["socket_dir_mode"] & 0o020 and not values["socket_group"]:
+        raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write: "
+                          "set socket_group (or use 0o700 / 0o750)")
     return _check_endpoint(Config(source=source, **values))
 
 

@@ -22,7 +22,9 @@ from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 import zmq
 
 from .. import protocol
+from .._sockdir import socket_dir_problem
 from .._version import __version__
+from .access import LOCAL, AccessPolicy, Peer
 from .config import Config, load_config
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
 from .notify import SystemdNotifier
@@ -102,9 +104,11 @@ class ConnectionGuard:
     monitor event lost under a flood cannot skew it.
     """
 
+    EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+
     def __init__(self, sock: zmq.Socket, limits: Dict[str, int], open_files: Callable[[], int],
                  stats: DaemonStats, pause: Callable[[], None], resume: Callable[[], None]) -> None:
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
+        self.monitor = sock.get_monitor_socket(self.EVENTS)
         self.limits = limits
         self.open_files = open_files
         self.stats = stats
@@ -141,6 +145,13 @@ class ConnectionGuard:
                 break
             if event["event"] == zmq.EVENT_ACCEPTED:
                 accepted.append(event["value"])
+            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                # tcp with CURVE: a key not in curve_public_keys_dir, or no
+                # CURVE at all (libzmq closes that connection itself).
+                self.stats.count("auth_failures")
+                log.warning("refused a tcp connection: CURVE handshake failed (%s)",
+                            "unknown client key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                            else "no or bad CURVE")
         if not accepted:
             return
         excess = open_fds() - self.ceiling()  # one /proc listing per wake-up, not per event
@@ -171,7 +182,8 @@ class ConnectionGuard:
 
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
-RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen")
+RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen", "tcp_auth",
+                                 "curve_secret_key")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
                                                    "checkpoint_interval", "timeout", "hold_max_bytes", "hold_dir", "tls", "tls_ca_file",
@@ -203,11 +215,13 @@ class Server:
         self.force_exit = False
         self.reload_requested = False
         self._writers_running = False
-        self._blocked: Dict[Tuple[str, str], Tuple[int, float]] = {}
+        self._blocked: Dict[Tuple[Any, str], Tuple[int, float]] = {}
         self._old_handlers: List[Any] = []
         self.notifier = SystemdNotifier()
         self.metrics: Optional[Any] = None
         self.forwarder: Optional[Any] = None  # forward.Forwarder when [forward] target is set
+        self.access = AccessPolicy(config, config.ipc_path is not None)
+        self.authenticator: Optional[Any] = None  # zmq.auth ThreadAuthenticator on a CURVE tcp endpoint
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -246,6 +260,7 @@ class Server:
         self.router_socket = sock
         self.guard = ConnectionGuard(sock, self.stats.limits, lambda: len(self.router.writers) if self.router else 0,
                                      self.stats, self._pause_listening, self._resume_listening)
+        self._secure(sock)
         self._bind(sock)
         if cfg.metrics_listen:
             from .metrics import MetricsServer
@@ -342,6 +357,9 @@ class Server:
         if new.log_level != self.config.log_level:
             logging.getLogger("clh_writerd").setLevel(new.log_level.upper())
         self.config = new
+        self.access = AccessPolicy(new, new.ipc_path is not None)
+        if self.authenticator is not None:
+            self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
         self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files)
@@ -363,19 +381,31 @@ class Server:
         assert sock is not None
         for _ in range(MAX_BURST):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.handle(frames)
+            # Who sent it, from the transport: the kernel's credentials on
+            # ipc, the admitted CURVE key on tcp.
+            last = parts[-1]
+            peer = Peer.from_metadata(str(last.get("Peer-Address") or ""), self._user_id(last))
+            self.handle([p.bytes for p in parts], peer)
 
-    def handle(self, frames: List[bytes]) -> None:
-        """decode -> route -> hand to the writer (which acks), or reply now.
+    def _user_id(self, frame: zmq.Frame) -> Optional[str]:
+        if self.authenticator is None:
+            return None
+        try:
+            return str(frame.get("User-Id"))
+        except zmq.ZMQError:
+            return None
+
+    def handle(self, frames: List[bytes], peer: Peer = LOCAL) -> None:
+        """authorize -> decode -> route -> hand to the writer (which acks), or reply now.
 
         Isolated: whatever one message raises becomes an ``internal`` error
         reply and a counter; the daemon goes on with the next message.
         """
         try:
-            self._handle(frames)
+            self._handle(frames, peer)
         except Exception as exc:
             self.stats.count(protocol.E_INTERNAL)
             log.error("internal error on a message (answered, daemon goes on): %s",
@@ -390,7 +420,7 @@ class Server:
                 reply = protocol.encode_error(protocol.E_INTERNAL, f"{type(exc).__name__}", seq=seq, id=rid)
                 self._send(frames[:-1] + [reply])
 
-    def _handle(self, frames: List[bytes]) -> None:
+    def _handle(self, frames: List[bytes], peer: Peer) -> None:
         self.stats.count("frames_received")
         # DEALER: [identity, payload]; REQ: [identity, b"", payload].
         if len(frames) < 2 or len(frames) > 3:
@@ -412,9 +442,11 @@ class Server:
                     protocol.E_TOO_LARGE, f"frame of {len(payload)} bytes exceeds max_message_bytes "
                     f"({self.config.max_message_bytes})")
             request = protocol.decode_request(payload)
-            reply = self._dispatch(envelope, request, len(payload))
+            reply = self._dispatch(envelope, request, len(payload), peer)
         except protocol.ProtocolError as exc:
             self.stats.count(exc.code)
+            if exc.code == protocol.E_UNAUTHORIZED:
+                self.stats.refused_peer(peer.uid)
             # Echo the batch seq / request id so the client knows what failed.
             seq = getattr(request, "seq", None)
             rid = getattr(request, "id", None)
@@ -424,30 +456,36 @@ class Server:
         if reply is not None:
             self._send(envelope + [reply])
 
-    def _dispatch(self, envelope: List[bytes], request: protocol.Request, size: int) -> Optional[bytes]:
+    def _dispatch(self, envelope: List[bytes], request: protocol.Request, size: int, peer: Peer) -> Optional[bytes]:
+        # Every message needs the same rights: stats reveal paths and clients.
+        dirs = self.access.admit(peer)
         if isinstance(request, protocol.Batch):
             return self._route(envelope, request.client, request.path, request.options, request.records,
-                               protocol.encode_ack(request.seq), request.seq, None, size)
+                               protocol.encode_ack(request.seq), request.seq, None, size, peer, dirs)
         if isinstance(request, protocol.SyncRecord):
             return self._route(envelope, request.client, request.path, request.options, [request.record],
-                               protocol.encode_ok(request.id), None, request.id, size)
+                               protocol.encode_ok(request.id), None, request.id, size, peer, dirs)
         if isinstance(request, protocol.StatsRequest):
             return protocol.encode_ok(request.id, self.snapshot())
         if isinstance(request, protocol.Ping):
             return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
                                                    "max_message_bytes": self.config.max_message_bytes})
         if isinstance(request, protocol.Report):
-            self.stats.report(request.client, request.counters)
+            self.stats.report(request.client, request.counters, peer)
             return protocol.encode_ok(request.id)
         raise protocol.ProtocolError(protocol.E_INTERNAL, "unhandled message")  # pragma: no cover
 
     def _route(self, envelope: List[bytes], client: protocol.ClientId, path: str, options: dict,
-               lines: List[str], ok_reply: bytes, seq: Optional[int], rid: Optional[int], size: int) -> Optional[bytes]:
-        client_stats = self.stats.client(client)
+               lines: List[str], ok_reply: bytes, seq: Optional[int], rid: Optional[int], size: int,
+               peer: Peer = LOCAL, dirs: Optional[Tuple[str, ...]] = None) -> Optional[bytes]:
+        client_stats = self.stats.client(client, peer)
         if self.should_exit:
             raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is stopping")
         assert self.router is not None
         try:
+            if dirs is not None:  # peer_dirs: checked before the file is opened or created
+                lock_dir = options.get("lock_file_directory") if isinstance(options, dict) else None
+                self.access.check_path(dirs, self.router.policy, path, lock_dir if isinstance(lock_dir, str) else None)
             writer = self.router.route(path, options)
             if not OptionPolicy.encodable(writer.options, lines):
                 raise protocol.ProtocolError(
@@ -457,11 +495,12 @@ class Server:
             client_stats.errors += 1
             raise
         sync = rid is not None
-        blocked = self._refused_batches(client, writer.path, seq)
+        session = (peer.identity, client.session)  # another peer cannot block this one
+        blocked = self._refused_batches(session, writer.path, seq)
         if blocked or not writer.submit(Work(envelope, lines, ok_reply, seq, rid), sync=sync):
             writer.stats.busy_refusals += 1
             if seq is not None and not blocked:
-                self._block(client.session, writer.path, seq)
+                self._block(session, writer.path, seq)
             raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full")
         writer.stats.records_received += len(lines)
         writer.stats.bytes_received += size
@@ -472,14 +511,14 @@ class Server:
             client_stats.batches += 1
         return None
 
-    def _refused_batches(self, client: protocol.ClientId, path: str, seq: Optional[int]) -> bool:
+    def _refused_batches(self, session: Any, path: str, seq: Optional[int]) -> bool:
         """Per-process order under backpressure: once a client's batch for a
         file was refused as busy, its later batches for that file are refused
         too until it sends the refused one again (or BLOCK_SECONDS pass, in
         case it wrote that batch through its fallback instead)."""
         if seq is None or not self._blocked:
             return False
-        key = (client.session, path)
+        key = (session, path)
         entry = self._blocked.get(key)
         if entry is None:
             return False
@@ -489,7 +528,7 @@ class Server:
             return False
         return True
 
-    def _block(self, session: str, path: str, seq: int) -> None:
+    def _block(self, session: Any, path: str, seq: int) -> None:
         """Remember a busy refusal (see _refused_batches); the map is bounded by max_clients."""
         blocked = self._blocked
         if len(blocked) >= self.config.max_clients:
@@ -600,21 +639,60 @@ class Server:
         if path is not None:
             # Connecting needs write permission on the socket file, which the
             # umask may have removed: the directory's mode decides who gets in.
-            os.chmod(path, self.config.socket_dir_mode & 0o666)
+            os.chmod(path, 0o660 if self.config.socket_group else 0o600)
             if self.config.socket_group:
                 os.chown(path, -1, self._socket_gid())
 
     def _prepare_socket_dir(self, directory: str) -> None:
+        """Create the directory (socket_dir_mode), or refuse one that someone
+        else controls: its owner could move the socket aside and listen in
+        the daemon's place (the rule of _sockdir, which clients apply too)."""
         cfg = self.config
+        group = self._socket_gid() if cfg.socket_group else None
         try:
-            os.makedirs(directory, mode=cfg.socket_dir_mode, exist_ok=True)
+            if not os.path.lexists(directory):
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+            problem = socket_dir_problem(directory, {os.getuid(), 0}, group)
+            if problem:
+                raise StartupError(f"refusing to serve from {directory}: {problem}; remove it or fix its owner "
+                                   "and mode (socket_dir_mode, socket_group)")
             st = os.stat(directory)
             if st.st_uid == os.getuid():
+                if group is not None:
+                    os.chown(directory, -1, group)
                 os.chmod(directory, cfg.socket_dir_mode)
-                if cfg.socket_group:
-                    os.chown(directory, -1, self._socket_gid())
         except OSError as exc:
             raise StartupError(f"cannot prepare socket directory {directory}: {exc}") from None
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        """tcp: CURVE with a ZAP handler that admits the keys in curve_public_keys_dir."""
+        cfg = self.config
+        if cfg.ipc_path is not None:
+            return
+        if cfg.tcp_auth == "none":
+            log.warning("tcp_auth = \"none\": anyone who can reach %s may write into every allowed directory "
+                        "and read the stats", cfg.endpoint)
+            return
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        try:
+            public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"cannot load curve_secret_key {cfg.curve_secret_key}: {exc}") from None
+        if not secret:
+            raise StartupError(f"curve_secret_key {cfg.curve_secret_key} holds no secret key "
+                               "(use the .key_secret file of clh-writerd keygen)")
+        if not os.path.isdir(cfg.curve_public_keys_dir):
+            raise StartupError(f"curve_public_keys_dir {cfg.curve_public_keys_dir} is not a directory")
+        assert self.context is not None
+        self.authenticator = ThreadAuthenticator(self.context, log=logging.getLogger("clh_writerd.daemon.zap"))
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain="*", location=cfg.curve_public_keys_dir)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        log.info("tcp: CURVE; client keys from %s", cfg.curve_public_keys_dir)
 
     def _socket_gid(self) -> int:
         group = self.config.socket_group
@@ -676,6 +754,9 @@ class Server:
         if self.acks is not None and not self._writers_running:
             self.acks.close()
             self.acks = None
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
         if self.context is not None:
             self.context.term()  # writers hold no zmq socket: nothing can make this wait
         self.context = None

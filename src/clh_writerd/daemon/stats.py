@@ -100,8 +100,9 @@ class FileStats:
 
 
 class ClientStats:
-    def __init__(self, client: ClientId) -> None:
+    def __init__(self, client: ClientId, peer: Any = None) -> None:
         self.client = client
+        self.peer = peer  # access.Peer: from the kernel / the CURVE handshake, not from the client
         self.first_seen = self.last_seen = time.time()
         self.records = 0
         self.batches = 0
@@ -113,6 +114,10 @@ class ClientStats:
         return {
             "host": self.client.host,
             "pid": self.client.pid,
+            "peer_uid": getattr(self.peer, "uid", None),
+            "peer_gid": getattr(self.peer, "gid", None),
+            "peer_pid": getattr(self.peer, "pid", None),
+            "peer_key": getattr(self.peer, "key", "") or None,
             "program": self.client.program,
             "session": self.client.session,
             "first_seen": self.first_seen,
@@ -139,13 +144,17 @@ DAEMON_COUNTERS = (
     "shutting_down",
     "internal",
     "options_conflict",
+    "unauthorized",
     "reloads",
     "files_closed",  # idle files closed (LRU), their descriptors released
     "unknown_counters",  # report entries with a name outside protocol.REPORT_COUNTERS (ignored)
     "busy_map_evictions",  # per-session ordering entries dropped to keep that map bounded
     "connections_refused",  # connections shut down at once: descriptors were short
     "listener_paused",  # times the daemon stopped accepting connections until descriptors came back
+    "auth_failures",  # tcp connections refused by CURVE (unknown key, or no CURVE)
 )
+# Refusals kept per peer uid at most (refused_uids in the stats document).
+MAX_REFUSED_UIDS = 256
 
 
 class DaemonStats:
@@ -155,7 +164,10 @@ class DaemonStats:
         self.max_clients = max_clients
         self.counters: Dict[str, int] = dict.fromkeys(DAEMON_COUNTERS, 0)
         self.files: "OrderedDict[str, FileStats]" = OrderedDict()
-        self.clients: "OrderedDict[ClientId, ClientStats]" = OrderedDict()
+        # Keyed by what the client claims *and* who the transport says it is,
+        # so no client can write into another's entry.
+        self.clients: "OrderedDict[Any, ClientStats]" = OrderedDict()
+        self.refused_uids: Dict[str, int] = {}
         self.limits: Dict[str, int] = {}
         self._lock = threading.Lock()  # writer threads count refusals too
 
@@ -171,22 +183,32 @@ class DaemonStats:
             for path in [p for p in self.files if p not in open_paths][: len(self.files) - keep]:
                 del self.files[path]
 
-    def report(self, client: ClientId, counters: Mapping[str, int]) -> None:
+    def report(self, client: ClientId, counters: Mapping[str, int], peer: Any = None) -> None:
         """A client's own counters; only the protocol's names are kept (bounded)."""
         known = {k: v for k, v in counters.items() if k in REPORT_COUNTERS}
         if len(known) != len(counters):
             self.count("unknown_counters", len(counters) - len(known))
-        self.client(client).reported.update(known)
+        self.client(client, peer).reported.update(known)
 
-    def client(self, client: ClientId) -> ClientStats:
-        """The entry for ``client``, marked as just seen (LRU-bounded)."""
-        entry = self.clients.get(client)
+    def refused_peer(self, uid: Optional[int]) -> None:
+        """One more refusal for ``uid`` ("unknown": no credentials); bounded."""
+        key = "unknown" if uid is None else str(uid)
+        with self._lock:
+            if key in self.refused_uids or len(self.refused_uids) < MAX_REFUSED_UIDS:
+                self.refused_uids[key] = self.refused_uids.get(key, 0) + 1
+            else:
+                self.counters["refused_uids_overflow"] = self.counters.get("refused_uids_overflow", 0) + 1
+
+    def client(self, client: ClientId, peer: Any = None) -> ClientStats:
+        """The entry for ``client`` as sent by ``peer``, marked as just seen (LRU-bounded)."""
+        key: Any = client if peer is None else (client, peer.identity)
+        entry = self.clients.get(key)
         if entry is None:
-            entry = self.clients[client] = ClientStats(client)
+            entry = self.clients[key] = ClientStats(client, peer)
             while len(self.clients) > self.max_clients:
                 self.clients.popitem(last=False)
         else:
-            self.clients.move_to_end(client)
+            self.clients.move_to_end(key)
             entry.last_seen = time.time()
         return entry
 
@@ -201,6 +223,7 @@ class DaemonStats:
                 "started": self.started,
                 "uptime_s": round(time.time() - self.started, 3),
                 "counters": self.counters.copy(),
+                "refused_uids": dict(self.refused_uids),
                 "limits": dict(self.limits),
             },
             # list() copies in one step: the metrics thread may read while
@@ -243,6 +266,8 @@ def render_table(doc: Dict[str, Any]) -> str:
     out = [
         f"clh-writerd {d['version']}  pid {d['pid']}  up {d['uptime_s']:.0f}s  endpoint {d['endpoint']}",
         "counters: " + ("  ".join(f"{k}={v}" for k, v in d["counters"].items() if v) or "none"),
+        *([("refused uids: " + "  ".join(f"{k}={v}" for k, v in d["refused_uids"].items()))]
+          if d.get("refused_uids") else []),
         "",
         "FILES",
     ]
@@ -279,10 +304,12 @@ def render_table(doc: Dict[str, Any]) -> str:
             str(c["reported"].get("dropped", 0)),
             str(c["reported"].get("fallback", 0)),
             str(c["reported"].get("resent", 0)),
+            "-" if c.get("peer_uid") is None else f"{c['peer_uid']}/{c['peer_pid']}",
         ]
         for c in doc["clients"]
     ]
-    out += _table(["client", "program", "last seen", "records", "dropped", "fallback", "resent"], client_rows)
+    out += _table(["client", "program", "last seen", "records", "dropped", "fallback", "resent", "uid/pid"],
+                  client_rows)
     if "forward" in doc:  # [forward] is on (docs/forwarding.md)
         from ..forward.status import render_forward
 
