@@ -176,13 +176,24 @@ def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(
             deaf.connect(daemon.endpoint)
             for n in range(100000):
                 deaf.send(protocol.encode_ping(n))
-            # Reports with many distinct counter names, from many sessions.
-            for n in range(2000):
-                client = protocol.new_client_id(f"r{n}")
-                names = {uuid.uuid4().hex: 1 for _ in range(protocol.MAX_COUNTERS)}
-                attacker.dealer.send(protocol.encode_report(client, names, id=n))
-            for _ in range(2000):
-                assert isinstance(attacker.recv(), protocol.Ok)
+            # Reports with many distinct counter names, from many sessions. Sent in windows
+            # below the reply cap: a client with reply_hwm replies unread loses the next ones
+            # (as the deaf one does), and this one must see every report answered.
+            reply_hwm = daemon.stats()["daemon"]["limits"]["reply_hwm"]
+            window = reply_hwm // 2
+            for start in range(0, 2000, window):
+                ids = range(start, min(start + window, 2000))
+                for n in ids:
+                    client = protocol.new_client_id(f"r{n}")
+                    names = {uuid.uuid4().hex: 1 for _ in range(protocol.MAX_COUNTERS)}
+                    attacker.dealer.send(protocol.encode_report(client, names, id=n))
+                for n in ids:
+                    reply = attacker.recv()
+                    assert isinstance(reply, protocol.Ok) and reply.id == n, (reply, n)
+            # The deaf client's replies beyond the cap were dropped, and counted.
+            unread_max = 4 * reply_hwm  # its pipes on both sides and the socket buffers
+            wait_for(lambda: daemon.stats()["daemon"]["counters"]["replies_dropped"] >= 100000 - unread_max,
+                     what="the deaf client's replies beyond the cap to be dropped and counted")
             # A multipart message that never ends (100 MB of 1 KB frames).
             endless = ctx.socket(zmq.DEALER)
             endless.setsockopt(zmq.LINGER, 0)
@@ -203,6 +214,7 @@ def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(
     size = len(msgpack.packb(doc))
     assert size < 2 * 1024 * 1024, size  # the stats reply stays small
     assert doc["daemon"]["counters"]["unknown_counters"] == 2000 * protocol.MAX_COUNTERS
+    dropped = doc["daemon"]["counters"]["replies_dropped"]
     after = resources(daemon.proc.pid)
     _within_bounds(daemon, during)
     _within_bounds(daemon, after)
@@ -210,5 +222,5 @@ def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(
          "x 32 unknown counters, a 100 MB endless multipart",
          f"sync records bounded by queue_batches ({QUEUE}) then busy; replies capped per peer (SNDHWM); unknown "
          "counter names ignored and counted; RSS bounded",
-         f"{busy} busy replies, {ok} written, stats reply {size // 1024} KiB, daemon RSS during {during['rss_kib'] // 1024} "
+         f"{busy} busy replies, {ok} written, {dropped} replies dropped, stats reply {size // 1024} KiB, daemon RSS during {during['rss_kib'] // 1024} "
          "MiB", honest, before, after)

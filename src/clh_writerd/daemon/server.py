@@ -252,6 +252,9 @@ class Server:
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(cfg.max_message_bytes))
         sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
+        # A reply that cannot be queued (the peer's REPLY_HWM is reached, or
+        # the peer is gone) raises instead of vanishing, so _send counts it.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.RCVHWM, REPLY_HWM)
         sock.setsockopt(zmq.LINGER, 1000)
         # Let zmq drop state of peers that vanished without closing.
@@ -582,9 +585,10 @@ class Server:
         try:
             self.router_socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
-            # The peer is gone or its pipe is full; it will resend what it
-            # has not seen acknowledged.
-            pass
+            # The peer is gone or has REPLY_HWM replies unread: dropped on
+            # purpose (never wait for one client) and counted; the client
+            # resends what it has not seen acknowledged.
+            self.stats.count("replies_dropped")
 
     def snapshot(self) -> dict:
         doc = self.stats.snapshot()

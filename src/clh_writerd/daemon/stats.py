@@ -152,6 +152,7 @@ DAEMON_COUNTERS = (
     "connections_refused",  # connections shut down at once: descriptors were short
     "listener_paused",  # times the daemon stopped accepting connections until descriptors came back
     "auth_failures",  # tcp connections refused by CURVE (unknown key, or no CURVE)
+    "replies_dropped",  # replies not queued: the peer had REPLY_HWM unread, or was gone
 )
 # Refusals kept per peer uid at most (refused_uids in the stats document).
 MAX_REFUSED_UIDS = 256
