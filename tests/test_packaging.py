@@ -106,9 +106,9 @@ def test_wheel_carries_the_code_the_guides_the_reference_config_and_the_metadata
     meta = email.message_from_bytes(wheel.read(meta_name))
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
     assert "Apache License" in wheel.read([n for n in names if n.endswith("licenses/LICENSE")][0]).decode()
-    assert meta["Requires-Python"] == ">=3.8" and meta["Author"] and meta["License"] == "Apache-2.0"
+    assert meta["Requires-Python"] == ">=3.6" and meta["Author"] and meta["License"] == "Apache-2.0"
     classifiers = meta.get_all("Classifier")
-    for wanted in ("Typing :: Typed", "Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3.8",
+    for wanted in ("Typing :: Typed", "Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3.6",
                    "Programming Language :: Python :: 3.13"):
         assert wanted in classifiers, wanted
     assert "metrics" in meta.get_all("Provides-Extra")
