@@ -128,7 +128,11 @@ class Client(NamedTuple):
 
 
 class Clients:
-    """Fork processes running log_paced; each can be SIGKILLed and replaced.
+    """Processes running log_paced; each can be SIGKILLed and replaced.
+
+    They start from a forkserver, not a fork of pytest: a forked child's RSS
+    counts the pages it shares with a pytest process that has grown through
+    the whole suite, and the memory bounds are about the client, not pytest.
 
     Writers are named ``<name><slot>g<n>``: a replacement gets a new name, so
     the oracle tells its records from those of the process it replaced.
@@ -139,7 +143,7 @@ class Clients:
     def __init__(self, tmp_path, path: str, kwargs: Dict[str, Any], slots: int, pad: str,
                  pace_every: int, pace: float, name: str = "c") -> None:
         self.name = name
-        self.ctx = multiprocessing.get_context("fork")
+        self.ctx = multiprocessing.get_context("forkserver")
         self.tmp_path = tmp_path
         self.path = path
         self.kwargs = kwargs
