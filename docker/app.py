@@ -19,6 +19,10 @@ logging.config.dictConfig({
             "maxBytes": 10 * 1024 * 1024,
             "backupCount": 5,
             "use_gzip": True,
+            # The apps and the daemon are different uids in one group: every
+            # file and lock either creates must stay writable by the group
+            # (the daemon after a fallback, the apps when they fall back).
+            "chmod": 0o660,
             "formatter": "plain",
         }
     },

@@ -1,7 +1,7 @@
 """An app container for tests/test_container.py.
 
 Runs inside the project's image as the app services of docker/compose.yaml do
-(uid 10001, the socket and log volumes, CLH_WRITERD_ENDPOINT): logs sequence
+(uid 10002, group 10001, the socket and log volumes, CLH_WRITERD_ENDPOINT): logs sequence
 records through NonBlockingConcurrentHandler until SIGTERM (``podman kill
 --signal TERM``) or ``limit`` records, closes the handler (which drains its
 queue to the daemon or the fallback) and prints one JSON line: how many
@@ -31,7 +31,9 @@ def main(writer: str, path: str, limit: int) -> None:
     stopping = []
     # As PID 1 of its container, the process ignores SIGTERM unless it handles it.
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-    handler = create_nonblocking_handler(path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT)
+    # chmod as docker/app.py: the apps (10002) and the daemon (10001) share
+    # the files through their group.
+    handler = create_nonblocking_handler(path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, chmod=0o660)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger(writer)
     logger.propagate = False
