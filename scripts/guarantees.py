@@ -29,25 +29,19 @@ def main() -> int:
     args = sys.argv[1:]
     if args[:2] == ["--doc", "security"]:
         return security(args[2:])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rows.jsonl")
-        env = dict(os.environ, CLH_GUARANTEES_OUT=out)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "guarantee"] + args
-        print("$", " ".join(cmd), flush=True)
-        result = subprocess.run(cmd, cwd=ROOT, env=env)
-        rows = []
-        if os.path.exists(out):
-            with open(out) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+    rows, code = _run_rows("CLH_GUARANTEES_OUT", ["-m", "guarantee"] + args)
     if not rows:
         print("no guarantee rows were recorded", file=sys.stderr)
         return 1
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
     with open(DOC, "w") as f:
-        f.write(render(rows, commit, result.returncode))
-    print(f"wrote {os.path.relpath(DOC, ROOT)}: {len(rows)} rows (pytest exit code {result.returncode})")
-    return result.returncode
+        f.write(render(rows, _commit(), code))
+    print(f"wrote {os.path.relpath(DOC, ROOT)}: {len(rows)} rows (pytest exit code {code})")
+    return code
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip() or "unknown"
 
 
 def _order(row: dict) -> tuple:
@@ -103,8 +97,7 @@ def security(args: list) -> int:
     if not rows:
         print("no security rows were recorded", file=sys.stderr)
         return 1
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = _commit()
     with open(SECURITY_DOC) as f:
         text = f.read()
     head, rest = text.split(BEGIN, 1)
