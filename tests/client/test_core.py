@@ -45,6 +45,7 @@ class FakeDaemon:
         self.pending_events: List[str] = []
         self.written: List[str] = []
         self.seqs: List[int] = []
+        self.reports: List[protocol.Report] = []
         self.closed = False
 
     def send(self, payload: bytes) -> bool:
@@ -61,6 +62,10 @@ class FakeDaemon:
                 self.replies.append(protocol.encode_ack(request.seq))
             elif self.batches == "busy":
                 self.replies.append(protocol.encode_error(protocol.E_BUSY, "busy", seq=request.seq))
+        elif isinstance(request, protocol.Report):
+            self.reports.append(request)
+            if self.pings:  # the daemon's main loop answers reports as it answers pings
+                self.replies.append(protocol.encode_ok(request.id))
         return True
 
     def recv(self) -> Optional[bytes]:
