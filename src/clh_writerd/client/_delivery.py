@@ -426,7 +426,7 @@ class Delivery:
         fails at once and the next interval tries again."""
         self.report_at = now + self.s.report_interval
         doc = self._report_doc()
-        if doc == self.reported:
+        if doc == self.reported or self.final_deadline is not None:  # the final report is the last one
             return
         if self._send_report(doc) is not None:
             self.report_pending = doc

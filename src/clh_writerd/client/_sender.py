@@ -162,7 +162,8 @@ class SenderCore:
         now = self.clock()
         delivery = self.delivery
         delivery.flushing = bool(self.flushes)
-        if self.deadline is not None and now >= self.deadline and not delivery.abandoned:
+        if (self.deadline is not None and now >= self.deadline and not delivery.abandoned
+                and delivery.final_deadline is None):  # (drained, the final report sent: nothing to abandon)
             delivery.abandon("stop deadline reached: unacknowledged records go to the fallback")
         self.pending += delivery.service(now)
         if delivery.notices:
