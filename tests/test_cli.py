@@ -188,7 +188,7 @@ def test_stats_json_has_the_documented_schema(start_daemon, raw_client, no_daemo
     result = cli("stats", "--json", "--endpoint", daemon.endpoint, env=no_daemon_env)
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert set(doc) == {"schema", "daemon", "files", "clients"}
+    assert set(doc) == {"schema", "daemon", "files", "clients", "clients_gone"}
     assert doc["schema"] == 1
     d = doc["daemon"]
     assert {"version", "endpoint", "uptime_s", "counters", "pid", "host", "started"} <= set(d)
