@@ -101,8 +101,16 @@ class WrappingHandler(logging.Handler):
         if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
             self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
-                                     self.path, self.options, self._trust, self._curve)
+                                     self.path, self.options, self._trust, self._curve, self._sync_refused)
             self._confirmed.sync = self._sync
+
+    def _sync_refused(self, code: str, message: str) -> None:
+        """A sync record refused (caller's thread): the sender decides on
+        the fallback and its warning, as for a refused batch (it looks within
+        half a second; no wake-up, which is not thread-safe on a loop)."""
+        core = self._core
+        if core is not None:
+            core.delivery.sync_refusals.append((code, message))
 
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""
