@@ -322,6 +322,32 @@ def test_drops_warn_once_below_a_thousand_with_the_fix(tmp_path, caplog):
         handler.close()
 
 
+def test_notices_skip_our_handlers_and_use_last_resort_only_when_nothing_else_would_show_them(
+        tmp_path, monkeypatch):
+    import io
+
+    from clh_writerd.client import _notices
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logging, "lastResort", logging.StreamHandler(stream))
+    root = logging.getLogger()
+    ours = create_nonblocking_handler(str(tmp_path / "root.log"), endpoint=None)
+    saved = root.handlers[:]
+    root.handlers[:] = [ours]  # pytest's own capture handlers aside, for this test
+    try:
+        _notices.emit(logging.WARNING, "clh-writerd: first")
+        ours.flush()
+        assert stream.getvalue() == "clh-writerd: first\n"  # only our handler: stderr via lastResort
+        other = io.StringIO()
+        root.addHandler(logging.StreamHandler(other))
+        _notices.emit(logging.WARNING, "clh-writerd: second")
+        assert other.getvalue() == "clh-writerd: second\n" and "second" not in stream.getvalue()
+    finally:
+        root.handlers[:] = saved
+        ours.close()
+    assert read_lines(str(tmp_path / "root.log")) == []  # never through the handler itself
+
+
 # -- start-up tells the truth --------------------------------------------------------------
 def test_start_line_prints_a_relative_allowed_dir_resolved_against_the_working_directory(start_daemon, tmp_path):
     daemon = start_daemon(daemon={"allowed_dirs": ["logs"]})

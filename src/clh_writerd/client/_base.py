@@ -24,6 +24,10 @@ from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
 
+# The logger a handler says things about itself on (never handled by one of ours).
+_OWN_LOGGER = _notices.LOGGER_NAME
+
+
 def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
     """(path, options, why the daemon would refuse them or ""). Bounds the
     daemon imposes are its policy, not the handler's: a file it would refuse
@@ -153,7 +157,7 @@ class WrappingHandler(logging.Handler):
         # ours (a root-logger handler would write its own fallback warnings
         # with the path they warn about, or loop); _notices.emit sends it
         # to stderr when no other handler is configured.
-        if record.name.startswith(_notices.LOGGER_NAME):
+        if record.name == _OWN_LOGGER:
             return False
         # emit() is thread-safe without Handler.lock: skip taking it.
         rv = self.filter(record)
