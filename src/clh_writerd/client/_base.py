@@ -114,7 +114,7 @@ class WrappingHandler(logging.Handler):
         half a second; no wake-up, which is not thread-safe on a loop)."""
         core = self._core
         if core is not None:
-            core.delivery.sync_refusals.append((code, message))
+            core.sync_refused(code, message)
 
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""

@@ -86,6 +86,11 @@ class SenderCore:
         for stderr)."""
         self.delivery.notices.append((level, message))
 
+    def sync_refused(self, code: str, message: str) -> None:
+        """The daemon refused a sync record (any thread): Delivery decides
+        on its next step whether that means the fallback."""
+        self.delivery.sync_refusals.append((code, message))
+
     def log_notices(self) -> None:
         """Log what Delivery and the handler had to say (sender's thread)."""
         notices = self.delivery.notices

@@ -425,6 +425,19 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
     return _check_endpoint(Config(source=source, **values))
 
 
+def config_warnings(config: Config) -> List[str]:
+    """What is valid but will not do what the file seems to ask (check-config
+    prints these on stderr; the exit status stays 0)."""
+    out: List[str] = []
+    if config.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            out.append(f"metrics_listen = {config.metrics_listen!r} needs prometheus-client, which is not "
+                       "installed for this Python: pip install 'clh-writerd[metrics]'")
+    return out
+
+
 def load_config(path: Optional[str] = None) -> Config:
     """Load and validate a TOML config file; ``None`` gives the embedded default."""
     if path is None:
