@@ -348,6 +348,23 @@ def test_notices_skip_our_handlers_and_use_last_resort_only_when_nothing_else_wo
     assert read_lines(str(tmp_path / "root.log")) == []  # never through the handler itself
 
 
+def test_closed_clients_fold_into_clients_gone_and_their_totals_stay(start_daemon, app_process):
+    daemon = start_daemon(daemon={"clients_gone_after": 1.0})
+    path = os.path.join(daemon.log_dir, "short-lived.log")
+    app = app_process(daemon.endpoint, [{"path": path, "kwargs": FAST}])
+    app.cmd("log 40")
+    final = app.close()
+    [session] = final["sessions"]
+
+    def folded() -> Any:
+        doc = daemon.stats()
+        return None if any(c["session"] == session for c in doc["clients"]) else doc["clients_gone"]
+
+    [group] = wait_for(folded, 10, "the closed client to be folded into clients_gone")
+    assert group["program"] == "monitoring_app.py" and group["file"] == path and group["clients"] == 1
+    assert group["reported"] == reported(final["stats"][0]) and group["records_received"] == 40
+
+
 # -- start-up tells the truth --------------------------------------------------------------
 def test_start_line_prints_a_relative_allowed_dir_resolved_against_the_working_directory(start_daemon, tmp_path):
     daemon = start_daemon(daemon={"allowed_dirs": ["logs"]})
