@@ -10,7 +10,7 @@ import click
 from . import _resources, protocol
 from ._version import __version__
 from .client.control import DaemonUnavailable, request
-from .daemon.config import ConfigError, load_config
+from .daemon.config import ConfigError, config_warnings, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging
 from .daemon.stats import render_table, render_watch
 
@@ -62,6 +62,8 @@ def check_config(config_path: Optional[str]) -> None:
         click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(config.as_toml(), nl=False)
+    for warning in config_warnings(config):
+        click.echo(f"clh-writerd: warning: {warning}", err=True)
 
 
 @main.command()

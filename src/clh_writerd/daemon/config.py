@@ -189,6 +189,9 @@ OPTIONS: Tuple[Option, ...] = (
            "Level of the daemon's own diagnostics on stderr."),
     Option("daemon", "metrics_listen", "", _listen,
            'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
+    Option("daemon", "clients_gone_after", 300.0, _positive(float, 1.0, 30 * 86400.0),
+           "Seconds after which a client not seen (or closed) leaves the stats client list; its reported totals "
+           'are kept in "clients_gone", per program and file.'),
     Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
            "Largest frame accepted; larger ones up to twice this are answered too_large, beyond that libzmq disconnects."),
     Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
@@ -287,6 +290,7 @@ class Config:
     tcp_auth: str = "curve"
     curve_secret_key: str = ""
     curve_public_keys_dir: str = ""
+    clients_gone_after: float = 300.0
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
@@ -419,6 +423,19 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
         raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write: "
                           "set socket_group (or use 0o700 / 0o750)")
     return _check_endpoint(Config(source=source, **values))
+
+
+def config_warnings(config: Config) -> List[str]:
+    """What is valid but will not do what the file seems to ask (check-config
+    prints these on stderr; the exit status stays 0)."""
+    out: List[str] = []
+    if config.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            out.append(f"metrics_listen = {config.metrics_listen!r} needs prometheus-client, which is not "
+                       "installed for this Python: pip install 'clh-writerd[metrics]'")
+    return out
 
 
 def load_config(path: Optional[str] = None) -> Config:
