@@ -578,7 +578,7 @@ def test_stats_watch_prints_refreshing_frames(start_daemon, raw_client):
     for frame in frames[1:]:
         assert daemon.endpoint in frame
         header = next(line for line in frame.splitlines() if line.startswith("path"))
-        assert header.split() == ["path", "rec/s", "KiB/s", "queue", "written", "rot", "errors", "p99ms"]
+        assert header.split() == ["path", "rec/s", "bytes/s", "queue", "written", "size", "rot", "errors", "p99ms"]
         (row,) = [line.split() for line in frame.splitlines() if line.startswith(path)]
         assert row[4] == "25", row  # written
     # Nothing was written between the two frames: the rate is 0.

@@ -189,6 +189,9 @@ OPTIONS: Tuple[Option, ...] = (
            "Level of the daemon's own diagnostics on stderr."),
     Option("daemon", "metrics_listen", "", _listen,
            'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
+    Option("daemon", "metrics_per_client", False, _boolean,
+           "Also expose one series per client process (pid, session labels): one new series per worker "
+           "restart; off = client series per (program, file) only."),
     Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
            "Largest frame accepted; larger ones up to twice this are answered too_large, beyond that libzmq disconnects."),
     Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
@@ -287,6 +290,7 @@ class Config:
     tcp_auth: str = "curve"
     curve_secret_key: str = ""
     curve_public_keys_dir: str = ""
+    metrics_per_client: bool = False
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
