@@ -34,7 +34,12 @@ MAX_REPLY_ENTRIES = 100000
 MAX_INT = 2**63 - 1
 # The counters a client may report about itself (``report`` messages); the
 # daemon keeps only these names, so a client cannot grow its stats document.
-REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize")
+REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
+                   "sent", "acked", "write_errors")
+# What a report may say about the client's state (client/_stats.py), and how
+# much of its last error the daemon keeps.
+REPORT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")
+MAX_REPORT_ERROR_CHARS = 256
 
 # -- message and reply types ----------------------------------------------
 T_BATCH = "batch"
@@ -206,11 +211,17 @@ class Ping(NamedTuple):
 
 
 class Report(NamedTuple):
-    """A client's own counters (dropped, fallback writes, resent, ...)."""
+    """A client's own counters (dropped, fallback writes, resent, ...), and
+    optionally its state, target file, last error, and whether it is the
+    final report sent at close()."""
 
     client: ClientId
     id: int
     counters: Dict[str, int]
+    state: Optional[str] = None
+    file: Optional[str] = None
+    error: Optional[str] = None
+    final: bool = False
 
 
 class Ack(NamedTuple):
@@ -326,11 +337,21 @@ def encode_ping(id: int = 0) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_PING, "id": id})
 
 
-def encode_report(client: ClientId, counters: Mapping[str, int], id: int = 0) -> bytes:
-    return msgpack.packb(
-        {"v": PROTOCOL_VERSION, "type": T_REPORT, "client": _client_map(client), "id": id,
-         "counters": dict(counters)}
-    )
+def encode_report(client: ClientId, counters: Mapping[str, int], id: int = 0, state: Optional[str] = None,
+                  file: Optional[str] = None, error: Optional[str] = None, final: bool = False) -> bytes:
+    """A client's report about itself; the optional keys are left out when
+    not given (an older daemon ignores them anyway)."""
+    msg: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": T_REPORT, "client": _client_map(client), "id": id,
+                           "counters": dict(counters)}
+    if state is not None:
+        msg["state"] = state
+    if file is not None:
+        msg["file"] = file
+    if error is not None:
+        msg["error"] = error[:MAX_REPORT_ERROR_CHARS]
+    if final:
+        msg["final"] = True
+    return msgpack.packb(msg)
 
 
 def encode_ack(seq: int) -> bytes:
@@ -438,6 +459,28 @@ def _check_record(record: Any) -> str:
     return record
 
 
+def _report_extras(obj: Mapping[str, Any]) -> Tuple[Optional[str], Optional[str], Optional[str], bool]:
+    """A report's optional state, file, error and final keys, checked."""
+    state = obj.get("state")
+    if state is not None and state not in REPORT_STATES:
+        raise ProtocolError(E_MALFORMED, f"report state must be one of {REPORT_STATES}")
+    path = obj.get("file")
+    if path is not None:
+        if type(path) is not str:
+            raise ProtocolError(E_MALFORMED, "field 'file' must be str")
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+            raise ProtocolError(E_TOO_LARGE, f"path is longer than {MAX_PATH_BYTES} bytes")
+    error = obj.get("error")
+    if error is not None:
+        if type(error) is not str:
+            raise ProtocolError(E_MALFORMED, "field 'error' must be str")
+        error = error[:MAX_REPORT_ERROR_CHARS]
+    final = obj.get("final", False)
+    if type(final) is not bool:
+        raise ProtocolError(E_MALFORMED, "field 'final' must be bool")
+    return state, path, error, final
+
+
 def decode_request(data: bytes) -> Request:
     """Decode a client->daemon frame; raises only ProtocolError."""
     obj = _unpack(data, MAX_RECORDS_PER_BATCH)
@@ -465,7 +508,7 @@ def decode_request(data: bytes) -> Request:
                 raise ProtocolError(E_TOO_LARGE, f"counter name is longer than {MAX_NAME_CHARS}")
             if type(value) is not int or not (0 <= value <= MAX_INT):
                 raise ProtocolError(E_MALFORMED, "counters map names to non-negative ints")
-        return Report(_client(obj), _int_field(obj, "id", 0), counters)
+        return Report(_client(obj), _int_field(obj, "id", 0), counters, *_report_extras(obj))
     if type(kind) is not str:
         raise ProtocolError(E_MALFORMED, "field 'type' must be str")
     raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {kind[:64]!r}")
@@ -495,7 +538,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
     "MAX_PATH_BYTES", "MAX_NAME_CHARS", "ProtocolError", "ClientId", "Batch", "SyncRecord",
     "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",
-    "FILE_OPTIONS", "REPORT_COUNTERS", "check_file_options", "options_key", "new_client_id", "default_endpoint",
+    "FILE_OPTIONS", "REPORT_COUNTERS", "REPORT_STATES", "check_file_options", "options_key", "new_client_id", "default_endpoint",
     "encode_batch", "encode_sync", "encode_stats_request", "encode_ping", "encode_report",
     "encode_ack", "encode_ok", "encode_error", "decode_request", "decode_reply",
 ]

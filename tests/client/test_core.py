@@ -45,6 +45,7 @@ class FakeDaemon:
         self.pending_events: List[str] = []
         self.written: List[str] = []
         self.seqs: List[int] = []
+        self.reports: List[protocol.Report] = []
         self.closed = False
 
     def send(self, payload: bytes) -> bool:
@@ -61,6 +62,12 @@ class FakeDaemon:
                 self.replies.append(protocol.encode_ack(request.seq))
             elif self.batches == "busy":
                 self.replies.append(protocol.encode_error(protocol.E_BUSY, "busy", seq=request.seq))
+            elif self.batches in protocol.ERROR_CODES:  # refused for good (forbidden path, conflict, ...)
+                self.replies.append(protocol.encode_error(self.batches, "refused", seq=request.seq))
+        elif isinstance(request, protocol.Report):
+            self.reports.append(request)
+            if self.pings:  # the daemon's main loop answers reports as it answers pings
+                self.replies.append(protocol.encode_ok(request.id))
         return True
 
     def recv(self) -> Optional[bytes]:
@@ -118,6 +125,7 @@ class Driver:
             ok = not self.fallback_fails
             if ok:
                 self.fallback += lines
+                self.stats.fallback_written += len(lines)  # as _direct.Fallback counts them
             self.core.written(lines, ok)
         for flush in self.core.settled():
             flush.release()
@@ -311,3 +319,102 @@ def test_collect_stops_at_a_flush_and_at_the_window_bound():
     d2 = Driver(FakeDaemon(batches="silent"), batch_size=2, window=2, linger=10.0)
     d2.log(*records(10))
     assert d2.core.collect(d2.queue) == 4 and len(d2.queue) == 6  # batch_size * window lines at most
+
+
+# -- reports and warnings (issue 15) ------------------------------------------------------
+def notices(d: Driver) -> List[str]:
+    return [message for _, message in d.logged]
+
+
+def monitored(options: Any = None, **kwargs: Any) -> Driver:
+    """A Driver whose core's notices are captured instead of logged."""
+    d = Driver(**kwargs) if options is None else Driver(options, **kwargs)
+    d.logged = []
+    d.core.log_notices = lambda: d.logged.extend(_drain(d.delivery.notices))  # type: ignore[assignment]
+    return d
+
+
+def _drain(queue: Any) -> List[Any]:
+    out = []
+    while queue:
+        out.append(queue.popleft())
+    return out
+
+
+def test_a_refused_path_warns_once_and_reports_in_fallback_until_the_final_report():
+    daemon = FakeDaemon(batches=protocol.E_FORBIDDEN_PATH)
+    d = monitored(daemon, report_interval=1.0)
+    d.log(*records(10))
+    d.run(lambda: d.core.drained() and d.stats.state == "fallback", seconds=2)
+    # Probes keep succeeding (pings are answered) and batches keep being refused:
+    # the episode is one warning, not one per probe.
+    for round in range(3):
+        d.run(lambda: d.stats.state == "daemon", seconds=120)
+        d.log(*records(5, f"later{round}"))
+        d.run(lambda: d.core.drained() and d.stats.state == "fallback", seconds=5)
+    assert len(notices(d)) == 1 and "forbidden path" in notices(d)[0] and "allowed_dirs" in notices(d)[0]
+    # Reports travel in the fallback state, carrying the file and the error.
+    d.run(lambda: daemon.reports[-1].counters["fallback"] == 25, seconds=2)
+    in_fallback = [r for r in daemon.reports if r.state == "fallback"]
+    assert in_fallback and in_fallback[-1].file == PATH and "forbidden_path" in in_fallback[-1].error
+    assert in_fallback[-1].counters["fallback"] == d.stats.fallback_written
+    d.core.request_stop(5.0)
+    d.run(lambda: d.core.finished(d.queue), seconds=6)
+    final = daemon.reports[-1]
+    assert final.final and final.state == "stopped" and final.counters["fallback"] == 25
+
+
+def test_back_on_the_daemon_is_warned_at_the_first_ack_with_the_direct_writes():
+    daemon = FakeDaemon(batches="silent")
+    d = monitored(daemon, batch_size=5, ack_timeout=60)
+    d.log(*records(10))
+    d.run(lambda: len(daemon.seqs) == 2, seconds=1)
+    daemon.go_away()
+    d.run(lambda: d.core.drained(), seconds=1)
+    daemon.batches = "ack"
+    daemon.come_back()
+    d.run(lambda: d.stats.state == "daemon", seconds=10)
+    assert len(notices(d)) == 1  # answering a ping is not yet being back
+    d.log(*records(3, "later"))
+    d.run(lambda: d.core.drained(), seconds=1)
+    fallback, back = notices(d)
+    assert "no daemon" in fallback and "daemon disconnected" in fallback
+    assert "back on the daemon" in back and "10 records were written directly" in back
+
+
+def test_unchanged_counters_are_reported_once_and_again_to_a_daemon_met_again():
+    daemon = FakeDaemon()
+    d = monitored(daemon, report_interval=1.0)
+    d.log(*records(5))
+    d.run(lambda: len(daemon.reports) >= 1 and d.core.drained(), seconds=3)
+    d.run(lambda: False if d.clock.now < 1010 else True, seconds=20)
+    settled = len(daemon.reports)
+    assert settled <= 3  # nothing changed: no report every interval
+    daemon.go_away()
+    d.run(lambda: d.stats.state == "fallback", seconds=3)
+    daemon.come_back()
+    d.run(lambda: len(daemon.reports) > settled and daemon.reports[-1].state == "daemon", seconds=10)
+    assert daemon.reports[-1].counters["acked"] == 5  # a restarted daemon learns the totals
+
+
+def test_the_final_report_waits_for_no_daemon_and_at_most_until_the_deadline():
+    d = monitored(FakeDaemon(connected=False), connect_timeout=0.5)
+    d.log(*records(3))
+    d.core.request_stop(5.0)
+    d.run(lambda: d.core.finished(d.queue), seconds=2)
+    assert d.clock.now - 1000.0 < 1.0  # nothing connected: no wait at all
+    mute = FakeDaemon(pings=False)  # connected, never answers anything
+    d = monitored(mute)
+    d.core.request_stop(0.3)
+    d.run(lambda: d.core.finished(d.queue), seconds=2)
+    assert [r.final for r in mute.reports] == [True]  # the last word, and only once
+    assert d.clock.now <= 1000.3 + 1e-6
+    assert notices(d) == []  # nothing was pending at the deadline: no transition to warn about
+
+
+def test_drops_are_warned_at_the_first_and_every_thousandth():
+    from clh_writerd.client._notices import drop_message
+
+    message = drop_message(PATH, 1, "fallback_on_full=False", "thread")
+    assert "1 records dropped" in message and "fallback_on_full=True" in message
+    assert "max_nowait" in drop_message(PATH, 1000, "fallback_mode='nowait'", "async")

@@ -32,6 +32,7 @@ FILE_KEYS = {
 CLIENT_KEYS = {
     "host", "pid", "program", "session", "first_seen", "last_seen", "records_received",
     "batches_received", "sync_records", "errors", "reported", "peer_uid", "peer_gid", "peer_pid", "peer_key",
+    "file", "state", "last_error", "closed",
 }
 
 
@@ -139,7 +140,7 @@ def test_count_starts_every_known_counter_at_zero():
 # -- the document -------------------------------------------------------------
 def test_snapshot_has_the_documented_schema():
     doc = populated().snapshot()
-    assert set(doc) == {"schema", "daemon", "files", "clients"}
+    assert set(doc) == {"schema", "daemon", "files", "clients", "clients_gone"}
     assert doc["schema"] == STATS_SCHEMA == 1
     assert set(doc["daemon"]) == DAEMON_KEYS
     assert set(doc["daemon"]["counters"]) == set(DAEMON_COUNTERS)
@@ -175,7 +176,7 @@ def _documented_keys() -> set:
 
 def test_docs_stats_md_documents_every_key():
     documented = _documented_keys()
-    every = {"schema", "daemon", "files", "clients"} | DAEMON_KEYS | FILE_KEYS | CLIENT_KEYS | set(DAEMON_COUNTERS)
+    every = {"schema", "daemon", "files", "clients", "clients_gone"} | DAEMON_KEYS | FILE_KEYS | CLIENT_KEYS | set(DAEMON_COUNTERS)
     missing = sorted(every - documented)
     assert not missing, f"docs/stats.md does not document {missing}"
 

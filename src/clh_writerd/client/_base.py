@@ -13,7 +13,7 @@ import zmq
 
 from .. import protocol
 from .._batchwrite import CLHHandler, describe_handler, rotating_part
-from . import _process
+from . import _notices, _process
 from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
@@ -110,7 +110,7 @@ class WrappingHandler(logging.Handler):
         if self._context is not None and self.endpoint is not None:
             self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
         delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
-        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed)
+        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed, summary=self.get_stats)
         return self._core
 
     def _release_sockets(self) -> None:
@@ -141,6 +141,12 @@ class WrappingHandler(logging.Handler):
         self.handler.setFormatter(fmt)
 
     def handle(self, record: logging.LogRecord) -> Any:
+        # What a handler says about itself never goes through a handler of
+        # ours (a root-logger handler would write its own fallback warnings
+        # with the path they warn about, or loop); _notices.emit sends it
+        # to stderr when no other handler is configured.
+        if record.name.startswith(_notices.LOGGER_NAME):
+            return False
         # emit() is thread-safe without Handler.lock: skip taking it.
         rv = self.filter(record)
         if isinstance(rv, logging.LogRecord):
@@ -180,14 +186,17 @@ class WrappingHandler(logging.Handler):
         self.handleError(item[0])
 
     def _drop(self, item: Any, policy: str) -> None:
-        """Count a record refused by policy; every DROP_WARNING_EVERY, a
-        warning line goes through the sender (not written here: dropping must
-        not make the caller wait for the disk)."""
+        """Count a record refused by policy; at the first drop and every
+        DROP_WARNING_EVERY, a warning through the sender: a line in the file
+        and a notice on the ``clh_writerd.client`` logger (neither written
+        here: dropping must not make the caller wait for the disk)."""
         self.stats.dropped_count += 1
         dropped = self.stats.dropped_count
-        if dropped % DROP_WARNING_EVERY == 0 and self._core is not None:
-            self._core.warn(self._warning_line(item[0], "queue full, %d records dropped so far (%s)",
-                                               dropped, policy))
+        if (dropped == 1 or dropped % DROP_WARNING_EVERY == 0) and self._core is not None:
+            if dropped % DROP_WARNING_EVERY == 0:
+                self._core.warn(self._warning_line(item[0], "queue full, %d records dropped so far (%s)",
+                                                   dropped, policy))
+            self._core.notify(logging.WARNING, _notices.drop_message(self.path, dropped, policy, self.KIND))
             self._wake()
 
     def _wake(self) -> None:

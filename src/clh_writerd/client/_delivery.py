@@ -8,13 +8,17 @@ no file I/O of its own: ``service()`` hands back the lines the driver must
 write through the fallback.
 """
 
+import logging
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
 
 from .. import protocol
 from ._options import HandlerOptions
+from . import _notices
 from ._stages import Batcher, Window, too_large
-from ._stats import RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, ClientStats
+from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
+                     ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
 
 try:
@@ -35,6 +39,12 @@ class Transport(Protocol):
 # Pause before sending again a batch the daemon refused as busy (doubling).
 MIN_BUSY_BACKOFF = 0.01
 MAX_BUSY_BACKOFF = 1.0
+# The final report at stop: how long to wait for the daemon's answer at most
+# (never past the stop deadline: close() keeps its drain_timeout bound).
+FINAL_REPORT_WAIT = 1.0
+# Report ids live above probe and ping ids: an answer to a report must not
+# pass for the answer to a probe.
+REPORT_IDS = 1 << 40
 
 class Delivery:
     """Batches, window, acks, probes and the daemon/fallback switch."""
@@ -72,7 +82,23 @@ class Delivery:
         self.resend_at = 0.0
         self.busy_backoff = MIN_BUSY_BACKOFF
         self.report_at = now + options.report_interval
-        self.reported: Dict[str, int] = {}
+        # The last report the daemon answered, and the one waiting for its answer.
+        self.reported: Optional[Tuple[Any, ...]] = None
+        self.report_pending: Optional[Tuple[Any, ...]] = None
+        self.report_id = REPORT_IDS
+        self.final_id = 0  # the final report's id, once sent
+        self.final_deadline: Optional[float] = None
+        self.final_answered = False
+        # Warnings for the driver to log (level, message), oldest first;
+        # appended from any thread (drops), popped by the sender.
+        self.notices: Deque[Tuple[int, str]] = deque()
+        # A fallback episode that was warned about: it ends (with one more
+        # warning) at the first batch the daemon acknowledges again, so a
+        # daemon that answers pings but refuses the path warns once, not at
+        # every probe.
+        self.episode: Optional[str] = None
+        self.episode_written = 0  # stats.fallback_written when it began
+        self.episode_started = now
         stats.state = STATE_EMBEDDED if transport is None else STATE_CONNECTING
 
     def close(self) -> None:
@@ -133,7 +159,7 @@ class Delivery:
         elif state == STATE_DAEMON:
             if self.daemon_stopping:
                 if not self.window.batches:  # everything it accepted is acked
-                    self._enter_fallback("the daemon is stopping")
+                    self._enter_fallback("the daemon is stopping", kind=_notices.STOPPING)
             else:
                 self._send_batches(now)
             self._check_liveness(now)
@@ -155,11 +181,12 @@ class Delivery:
             return
         if self.liveness_deadline is not None:
             if now > self.liveness_deadline:
-                self._enter_fallback(f"no ack within {self.ack_timeout():.1f}s and no answer to a ping")
+                self._enter_fallback(f"no ack within {self.ack_timeout():.1f}s and no answer to a ping",
+                                     kind=_notices.NOT_ANSWERING)
             return
         if now - self.last_progress > self.ack_timeout():
             if self.stop_deadline is not None and now >= self.stop_deadline - 0.5:
-                self._enter_fallback("stopping: no time left to wait for acks")
+                self._enter_fallback("stopping: no time left to wait for acks", kind=_notices.STOP_DEADLINE)
                 return
             self.liveness_id = self._next_id()
             self._ping(self.liveness_id)
@@ -182,6 +209,8 @@ class Delivery:
             due.append(self.probe_at)
         elif self.stats.state == STATE_CONNECTING:
             due.append(min(self.probe_at, self.connect_started + self.s.connect_timeout))
+        if self.final_deadline is not None and not self.final_answered:
+            due.append(self.final_deadline)
         return max(0.0, min(due) - now)
 
     def ack_timeout(self) -> float:
@@ -226,7 +255,7 @@ class Delivery:
         """Stop deadline: no more waiting for this daemon; every unacked and
         pending line goes to the fallback on the next service()."""
         self.abandoned = True
-        self._enter_fallback(reason)
+        self._enter_fallback(reason, kind=_notices.STOP_DEADLINE)
 
     def on_readable(self) -> None:
         """Drain replies, then connection events, without blocking.
@@ -255,8 +284,12 @@ class Delivery:
                     self.stats.acked += len(batch.lines)
                     self.last_progress = self.clock()
                     self.busy_backoff = MIN_BUSY_BACKOFF
+                    if self.episode is not None:
+                        self._back_on_daemon()
             elif isinstance(reply, protocol.Ok):
-                if reply.id == self.liveness_id and self.liveness_deadline is not None:
+                if reply.id >= REPORT_IDS:
+                    self._report_answered(reply.id)
+                elif reply.id == self.liveness_id and self.liveness_deadline is not None:
                     self.last_progress = self.clock()  # slow, not gone: keep waiting
                     self.liveness_deadline = None
                 elif reply.id == self.probe_id and self.stats.state != STATE_DAEMON:
@@ -279,21 +312,27 @@ class Delivery:
             self.window.refuse(reply.seq)
             self.daemon_stopping = True
             return
+        if reply.id is not None and reply.id >= REPORT_IDS:
+            # A refused report (an older daemon, a malformed field): nothing
+            # to write, and not a reason to leave the daemon.
+            self._report_answered(reply.id)
+            return
         self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
+        kind = _notices.KIND_OF_ERROR.get(reply.code, _notices.POLICY)
         if reply.code == protocol.E_UNAUTHORIZED:
             # This daemon does not admit this process (allowed_uids, peer_dirs),
             # even for a ping: the fallback writes; ask again rarely (a reload may admit it).
-            self._enter_fallback(self.stats.last_error, probe_after=60.0)
+            self._enter_fallback(self.stats.last_error, probe_after=60.0, kind=kind)
             self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
             return
         if reply.seq is None:
-            return  # a refused report or ping: nothing to write
+            return  # a refused ping: nothing to write
         if reply.code in protocol.RETRYABLE_ERRORS:
-            self._enter_fallback(self.stats.last_error)
+            self._enter_fallback(self.stats.last_error, kind=kind)
         else:
             # This daemon will never take the file: stay in fallback and ask
             # again rarely (a config reload may allow it later).
-            self._enter_fallback(self.stats.last_error, probe_after=60.0)
+            self._enter_fallback(self.stats.last_error, probe_after=60.0, kind=kind)
 
     def _connection_events(self) -> None:
         assert self.transport is not None
@@ -313,7 +352,8 @@ class Delivery:
         if problem:
             # Never connected: write through the fallback, look again soon
             # (an lstat; the daemon may be starting).
-            self._enter_fallback(problem, probe_after=min(0.5, self.s.max_probe_interval))
+            self._enter_fallback(problem, probe_after=min(0.5, self.s.max_probe_interval),
+                                kind=_notices.NO_DAEMON if problem.startswith("no daemon") else _notices.UNTRUSTED)
             self.stats.last_error = problem
             return
         self._ping(self._next_id())
@@ -328,6 +368,10 @@ class Delivery:
         self.daemon_stopping = False
         self.liveness_deadline = None
         self.last_progress = self.clock()
+        # A daemon answers (again): tell it everything now, even what the
+        # previous one was told (a restarted daemon knows nothing).
+        self.reported = None
+        self.report_at = 0.0
         limit = info.get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             # Stay well under the daemon's frame limit (msgpack overhead).
@@ -335,18 +379,75 @@ class Delivery:
             # A record the daemon would refuse (or libzmq cut off) is never sent.
             self.stats.record_limit = min(RECORD_LIMIT, limit // 2)
 
-    def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
+    def _enter_fallback(self, reason: str, probe_after: Optional[float] = None,
+                        kind: str = _notices.NO_DAEMON) -> None:
         self.liveness_deadline = None
         self.daemon_stopping = False
-        if self.stats.state != STATE_FALLBACK:
+        entering = self.stats.state != STATE_FALLBACK
+        if entering:
             self.stats.last_error = reason
+            self.report_at = 0.0  # a daemon that refused us should know at once
         self.stats.state = STATE_FALLBACK
         self.probe_at = self.clock() + (probe_after if probe_after is not None else self.probe_interval)
+        if entering and self.episode is None:
+            self.episode = kind
+            self.episode_written = self.stats.fallback_written
+            self.episode_started = self.clock()
+            self.notices.append((logging.WARNING, _notices.fallback_message(kind, reason, self.path)))
+
+    def _back_on_daemon(self) -> None:
+        """The daemon acknowledged a batch after a warned fallback episode."""
+        written = self.stats.fallback_written - self.episode_written
+        self.notices.append((logging.WARNING, (
+            f"clh-writerd: {self.path}: back on the daemon after {self.clock() - self.episode_started:.1f}s in "
+            f"the fallback ({self.episode}); {written} records were written directly meanwhile "
+            f"({self.stats.resent} resent in all: records the daemon may also have written)")))
+        self.episode = None
+
+    # -- reports -------------------------------------------------------------------
+    def _report_doc(self, final: bool = False) -> Tuple[Any, ...]:
+        stats = self.stats
+        return (stats.report(), STATE_STOPPED if final else stats.state, stats.last_error)
+
+    def _send_report(self, doc: Tuple[Any, ...], final: bool = False) -> Optional[int]:
+        """Send a report; its id, or None when no daemon is connected."""
+        if self.transport is None:
+            return None
+        self.report_id += 1
+        counters, state, error = doc
+        payload = protocol.encode_report(self.client_id, counters, id=self.report_id, state=state,
+                                         file=self.path, error=error, final=final)
+        return self.report_id if self.transport.send(payload) else None
 
     def _report(self, now: float) -> None:
+        """Every report_interval (and at once after a transition): the
+        counters, state and last error, in every state, when they changed
+        since the last report a daemon answered. Nothing connected: the send
+        fails at once and the next interval tries again."""
         self.report_at = now + self.s.report_interval
-        counters = self.stats.report()
-        if counters == self.reported or self.stats.state != STATE_DAEMON or self.transport is None:
+        doc = self._report_doc()
+        if doc == self.reported or self.final_deadline is not None:  # the final report is the last one
             return
-        if self.transport.send(protocol.encode_report(self.client_id, counters, id=0)):
-            self.reported = counters
+        if self._send_report(doc) is not None:
+            self.report_pending = doc
+
+    def _report_answered(self, id: int) -> None:
+        if id == self.final_id:
+            self.final_answered = True
+        elif id == self.report_id and self.report_pending is not None:
+            self.reported, self.report_pending = self.report_pending, None
+
+    def final_report(self, now: float) -> bool:
+        """Stopping, everything written: send the final report once, then
+        True once the daemon answered it or the bounded wait is over (or no
+        daemon is connected: nothing to wait for)."""
+        if self.final_deadline is None:
+            sent = self._send_report(self._report_doc(final=True), final=True)
+            wait = FINAL_REPORT_WAIT
+            if self.stop_deadline is not None:
+                wait = max(0.0, min(wait, self.stop_deadline - now))
+            self.final_deadline = now if sent is None else now + wait
+            self.final_id = sent or 0
+        if not self.final_answered:
+            self._replies()
+        return self.final_answered or now >= self.final_deadline

@@ -174,7 +174,11 @@ class HandlerOptions:
     max_probe_interval: float = option(5.0, "in fallback, seconds between probes for the daemon at most", _seconds)
     drain_timeout: float = option(5.0, "`stop()`/`close()`/exit: seconds to drain; then the fallback writes"
                                   " every unacknowledged record", _seconds)
-    report_interval: float = option(5.0, "seconds between counter reports to the daemon", _seconds)
+    report_interval: float = option(5.0, "seconds between counter reports to the daemon (sent in every state,"
+                                    " and at once after a transition)", _seconds)
+    monitor_interval: float = option(0.0, "seconds between `get_stats()` summaries logged through the"
+                                     " `clh_writerd.client` logger (WARNING when drops or fallback writes grew,"
+                                     " else INFO); 0 = off", _seconds)
     level: int = option(logging.NOTSET, "the handler's level (a number or a name)", convert=parse_level)
     autostart: bool = option(True, "start the sender thread in the constructor", _flag, handlers=(THREAD,))
     daemon_user: Optional[str] = option(None, "ipc: the user the daemon runs as (name or uid); a socket directory it"

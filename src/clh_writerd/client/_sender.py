@@ -14,8 +14,9 @@ on the event loop.
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
+from . import _notices
 from ._delivery import Delivery
 from ._stages import Renderer
 from ._stats import ClientStats
@@ -42,7 +43,8 @@ class SenderCore:
     """Drives Delivery from queued items; see the module docstring."""
 
     def __init__(self, delivery: Delivery, renderer: Renderer, stats: ClientStats,
-                 on_render_error: Callable[[Any], None], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_render_error: Callable[[Any], None], clock: Callable[[], float] = time.monotonic,
+                 summary: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
         self.delivery = delivery
         self.renderer = renderer
         self.stats = stats
@@ -56,6 +58,11 @@ class SenderCore:
         self.retry_at = 0.0
         self.deadline: Optional[float] = None  # set by request_stop()
         self.lost = 0  # lines whose write still failed at the stop deadline
+        # monitor_interval: log ``summary()`` (the handler's get_stats()) that often.
+        self.summary = summary
+        self.monitor_interval = delivery.s.monitor_interval
+        self.monitor_at = clock() + self.monitor_interval if self.monitor_interval else None
+        self.monitored = (stats.dropped_count, stats.fallback_written)
 
     # -- requests from the handler (any thread) ---------------------------------
     def request_stop(self, timeout: float) -> None:
@@ -72,6 +79,33 @@ class SenderCore:
 
     def warn(self, line: str) -> None:
         self.warnings.append(line)
+
+    def notify(self, level: int, message: str) -> None:
+        """A notice for the ``clh_writerd.client`` logger, logged by the
+        sender (any thread may call this: the caller's thread must not wait
+        for stderr)."""
+        self.delivery.notices.append((level, message))
+
+    def log_notices(self) -> None:
+        """Log what Delivery and the handler had to say (sender's thread)."""
+        notices = self.delivery.notices
+        while notices:
+            level, message = notices.popleft()
+            _notices.emit(level, message)
+
+    def _monitor(self, now: float) -> None:
+        """monitor_interval: the get_stats() summary, at WARNING when drops
+        or fallback writes grew since the last one, else INFO."""
+        assert self.monitor_interval
+        self.monitor_at = now + self.monitor_interval
+        if self.summary is None:
+            return
+        snap = self.summary()
+        current = (snap["dropped_count"], snap["fallback_written"])
+        grew = current[0] > self.monitored[0] or current[1] > self.monitored[1]
+        self.monitored = current
+        _notices.emit(logging.WARNING if grew else logging.INFO, "%s", _notices.summary_line(
+            self.delivery.path, snap, self.monitor_interval))
 
     # -- the driver's loop ---------------------------------------------------------
     @property
@@ -128,9 +162,14 @@ class SenderCore:
         now = self.clock()
         delivery = self.delivery
         delivery.flushing = bool(self.flushes)
-        if self.deadline is not None and now >= self.deadline and not delivery.abandoned:
+        if (self.deadline is not None and now >= self.deadline and not delivery.abandoned
+                and delivery.final_deadline is None):  # (drained, the final report sent: nothing to abandon)
             delivery.abandon("stop deadline reached: unacknowledged records go to the fallback")
         self.pending += delivery.service(now)
+        if delivery.notices:
+            self.log_notices()
+        if self.monitor_at is not None and now >= self.monitor_at:
+            self._monitor(now)
         if not self.pending or now < self.retry_at:
             return []
         lines, self.pending = self.pending, []
@@ -164,8 +203,14 @@ class SenderCore:
         return not self.pending and not self.warnings and self.delivery.drained()
 
     def finished(self, queue: Deque[Any]) -> bool:
-        """Stopping, and nothing is left anywhere: the driver may end."""
-        return self.deadline is not None and not queue and self.drained()
+        """Stopping, nothing is left anywhere, and the final report was
+        answered (or its bounded wait is over): the driver may end."""
+        if not (self.deadline is not None and not queue and self.drained()):
+            return False
+        done = self.delivery.final_report(self.clock())
+        if done and self.delivery.notices:
+            self.log_notices()
+        return done
 
     def wait_time(self) -> float:
         """How long the driver may sleep before something is due."""
@@ -175,6 +220,8 @@ class SenderCore:
             due = min(due, self.retry_at - now)
         if self.deadline is not None:
             due = min(due, self.deadline - now)
+        if self.monitor_at is not None:
+            due = min(due, self.monitor_at - now)
         return max(0.0, due)
 
     def salvage(self, queue: Deque[Any]) -> List[str]:

@@ -49,6 +49,10 @@ class ClientStats:
             "resent": self.resent,
             "queue_full": self.fallback_count,
             "sync_timeouts": self.sync_timeouts,
+            "oversize": self.oversize,
+            "sent": self.sent,
+            "acked": self.acked,
+            "write_errors": self.write_errors,
         }
 
     def snapshot(self, queue_depth: int, capacity: int, in_flight: int) -> Dict[str, Any]:

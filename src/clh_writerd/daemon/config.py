@@ -192,6 +192,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("daemon", "metrics_per_client", False, _boolean,
            "Also expose one series per client process (pid, session labels): one new series per worker "
            "restart; off = client series per (program, file) only."),
+    Option("daemon", "clients_gone_after", 300.0, _positive(float, 1.0, 30 * 86400.0),
+           "Seconds after which a client not seen (or closed) leaves the stats client list; its reported totals "
+           'are kept in "clients_gone", per program and file.'),
     Option("limits", "max_message_bytes", 8 * 1024 * 1024, _positive(int, 1024, protocol.MAX_FRAME_BYTES),
            "Largest frame accepted; larger ones up to twice this are answered too_large, beyond that libzmq disconnects."),
     Option("limits", "queue_batches", 256, _positive(int, 1, 1_000_000),
@@ -291,6 +294,7 @@ class Config:
     curve_secret_key: str = ""
     curve_public_keys_dir: str = ""
     metrics_per_client: bool = False
+    clients_gone_after: float = 300.0
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""

@@ -204,7 +204,7 @@ class Server:
     def __init__(self, config: Config, config_path: Optional[str] = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.stats = DaemonStats(config.endpoint, config.max_clients)
+        self.stats = DaemonStats(config.endpoint, config.max_clients, config.clients_gone_after)
         self.context: Optional[zmq.Context] = None
         self.router_socket: Optional[zmq.Socket] = None
         self.acks: Optional[AckQueue] = None
@@ -376,6 +376,7 @@ class Server:
             writer.fsync_policy, writer.fsync_interval = new.fsync_for(writer.path)
             writer.capacity = writer.stats.capacity = new.queue_batches
         self.stats.max_clients = new.max_clients
+        self.stats.clients_gone_after = new.clients_gone_after
         self.stats.count("reloads")
         log.info("reloaded %s; allowed dirs: %s", new.source, ", ".join(new.allowed_dirs))
 
@@ -475,7 +476,8 @@ class Server:
             return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
                                                    "max_message_bytes": self.config.max_message_bytes})
         if isinstance(request, protocol.Report):
-            self.stats.report(request.client, request.counters, peer)
+            self.stats.report(request.client, request.counters, peer, request.state, request.file, request.error,
+                              request.final)
             return protocol.encode_ok(request.id)
         raise protocol.ProtocolError(protocol.E_INTERNAL, "unhandled message")  # pragma: no cover
 
@@ -566,6 +568,7 @@ class Server:
         """Close idle files; forget expired busy entries; listen again when descriptors came back."""
         assert self.router is not None
         self.router.close_idle(self.config.idle_file_seconds)
+        self.stats.fold_gone()
         if self.guard is not None and self.guard.paused:
             self.guard.check()
         if self._blocked:

@@ -14,9 +14,13 @@ from collections import OrderedDict, deque
 from typing import Any, Deque, Dict, Mapping, Optional
 
 from .._version import __version__
-from ..protocol import REPORT_COUNTERS, ClientId
+from ..protocol import MAX_REPORT_ERROR_CHARS, REPORT_COUNTERS, ClientId
 
 STATS_SCHEMA = 1
+# Groups of gone clients kept at most (per program and file); beyond, one
+# "(other)" group takes the rest, so totals never go down.
+MAX_GONE_GROUPS = 1000
+OTHER_PROGRAM = "(other)"
 
 # C0 and C1 controls, DEL, and the Unicode line/paragraph separators and
 # bidi overrides: anything that could move a terminal's cursor, forge a log
@@ -109,6 +113,11 @@ class ClientStats:
         self.sync_records = 0
         self.errors = 0
         self.reported: Dict[str, int] = {}
+        # From the latest report (None / "" before any).
+        self.file: Optional[str] = None
+        self.state: Optional[str] = None
+        self.last_error = ""
+        self.closed = False  # a final report arrived
 
     def snapshot(self) -> Dict[str, Any]:
         return {
@@ -127,7 +136,36 @@ class ClientStats:
             "sync_records": self.sync_records,
             "errors": self.errors,
             "reported": dict(self.reported),
+            "file": self.file,
+            "state": self.state or "daemon",  # sent batches, never reported (an older client)
+            "last_error": self.last_error,
+            "closed": self.closed,
         }
+
+
+class GoneClients:
+    """Clients no longer listed (not seen for clients_gone_after, or evicted
+    by max_clients), aggregated per (program, file): their reported totals
+    are kept, so per-(program, file) totals never go down. Bounded."""
+
+    def __init__(self, max_groups: int = MAX_GONE_GROUPS) -> None:
+        self.max_groups = max_groups
+        self.groups: Dict[Any, Dict[str, Any]] = {}
+
+    def add(self, entry: ClientStats) -> None:
+        key: Any = (entry.client.program, entry.file)
+        if key not in self.groups and len(self.groups) >= self.max_groups:
+            key = (OTHER_PROGRAM, None)
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = {"program": key[0], "file": key[1], "clients": 0, "reported": {}}
+        group["clients"] += 1
+        totals = group["reported"]
+        for name, value in entry.reported.items():
+            totals[name] = totals.get(name, 0) + value
+
+    def snapshot(self) -> List[Dict[str, Any]]:
+        return [{**g, "reported": dict(g["reported"])} for g in list(self.groups.values())]
 
 
 # Daemon-wide counters; the error ones are named after protocol error codes.
@@ -159,8 +197,10 @@ MAX_REFUSED_UIDS = 256
 
 
 class DaemonStats:
-    def __init__(self, endpoint: str, max_clients: int) -> None:
+    def __init__(self, endpoint: str, max_clients: int, clients_gone_after: float = 300.0) -> None:
         self.endpoint = endpoint
+        self.clients_gone_after = clients_gone_after
+        self.gone = GoneClients()
         self.started = time.time()
         self.max_clients = max_clients
         self.counters: Dict[str, int] = dict.fromkeys(DAEMON_COUNTERS, 0)
@@ -184,12 +224,23 @@ class DaemonStats:
             for path in [p for p in self.files if p not in open_paths][: len(self.files) - keep]:
                 del self.files[path]
 
-    def report(self, client: ClientId, counters: Mapping[str, int], peer: Any = None) -> None:
-        """A client's own counters; only the protocol's names are kept (bounded)."""
+    def report(self, client: ClientId, counters: Mapping[str, int], peer: Any = None, state: Optional[str] = None,
+               file: Optional[str] = None, error: Optional[str] = None, final: bool = False) -> None:
+        """A client's own counters (its cumulative totals: a report replaces
+        the previous values, so a client that reconnects, or a daemon that
+        restarted, loses nothing); only the protocol's names are kept (bounded)."""
         known = {k: v for k, v in counters.items() if k in REPORT_COUNTERS}
         if len(known) != len(counters):
             self.count("unknown_counters", len(counters) - len(known))
-        self.client(client, peer).reported.update(known)
+        entry = self.client(client, peer)
+        entry.reported.update(known)
+        if state is not None:
+            entry.state = state
+        if file is not None:
+            entry.file = file
+        if error is not None:
+            entry.last_error = error[:MAX_REPORT_ERROR_CHARS]
+        entry.closed = entry.closed or final
 
     def refused_peer(self, uid: Optional[int]) -> None:
         """One more refusal for ``uid`` ("unknown": no credentials); bounded."""
@@ -207,11 +258,25 @@ class DaemonStats:
         if entry is None:
             entry = self.clients[key] = ClientStats(client, peer)
             while len(self.clients) > self.max_clients:
-                self.clients.popitem(last=False)
+                self.gone.add(self.clients.popitem(last=False)[1])
         else:
             self.clients.move_to_end(key)
             entry.last_seen = time.time()
         return entry
+
+    def fold_gone(self, now: Optional[float] = None) -> int:
+        """Move clients not seen for clients_gone_after seconds (closed ones
+        included) into the gone groups; how many. Called by the daemon's
+        main loop (the only thread that changes the client table)."""
+        cutoff = (time.time() if now is None else now) - self.clients_gone_after
+        old = []
+        for key, entry in self.clients.items():  # least recently seen first
+            if entry.last_seen > cutoff:
+                break
+            old.append(key)
+        for key in old:
+            self.gone.add(self.clients.pop(key))
+        return len(old)
 
     def snapshot(self) -> Dict[str, Any]:
         return {
@@ -231,6 +296,7 @@ class DaemonStats:
             # the main loop adds entries.
             "files": [f.snapshot() for f in list(self.files.values())],
             "clients": [c.snapshot() for c in list(self.clients.values())],
+            "clients_gone": self.gone.snapshot(),
         }
 
 

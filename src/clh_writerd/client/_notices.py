@@ -1,0 +1,126 @@
+"""What a handler says about itself: one warning per transition (fallback,
+back to the daemon, drops) and the ``monitor_interval`` summary, through the
+``clh_writerd.client`` logger.
+
+Two rules shape ``emit``:
+
+- Never through a handler of ours. A handler attached to the root logger
+  would otherwise receive its own warnings (and, in fallback, write them
+  with the very path it warns about); ``WrappingHandler.handle`` skips every
+  record of this logger.
+- Always somewhere. When the only handlers on the way are ours (the usual
+  case: our handler on the root logger, nothing else configured), logging
+  finds "a handler" and never uses ``logging.lastResort``; the notice would
+  vanish. So ``emit`` hands it to ``logging.lastResort`` (stderr) itself then.
+"""
+
+import logging
+from typing import Any, Dict, Optional
+
+from .. import protocol
+
+LOGGER_NAME = "clh_writerd.client"
+log = logging.getLogger(LOGGER_NAME)
+
+# Why a client entered the fallback (the kinds of docs/client.md "Warnings").
+NO_DAEMON = "no daemon"
+FORBIDDEN_PATH = "forbidden path"
+OPTION_CONFLICT = "option conflict"
+TOO_LARGE = "too large"
+POLICY = "refused by policy"
+STOPPING = "stopping"
+WRITE_FAILED = "daemon write failed"
+UNTRUSTED = "untrusted endpoint"
+NOT_ANSWERING = "daemon not answering"
+STOP_DEADLINE = "stop deadline"
+
+# What to do about each kind (the warning names it).
+ADVICE = {
+    NO_DAEMON: "start clh-writerd (or check the endpoint and that the daemon is running)",
+    FORBIDDEN_PATH: "add {dir} to allowed_dirs in the daemon's config and reload it (SIGHUP), "
+                    "or log under one of its allowed_dirs",
+    OPTION_CONFLICT: "give every process writing {path} the same maxBytes/backupCount/when/... "
+                     "(the daemon keeps the options declared first)",
+    TOO_LARGE: "raise max_message_bytes in the daemon's [limits], or lower this handler's batch_bytes",
+    POLICY: "admit this process in the daemon's config (allowed_uids / peer_dirs / options), then reload it",
+    WRITE_FAILED: "check the daemon's log and the file system (disk full, permissions)",
+    UNTRUSTED: "fix the socket directory's owner and mode, or set daemon_user / socket_group "
+               "(docs/security.md, socket directory)",
+    NOT_ANSWERING: "check the daemon (stopped, overloaded, frozen?) with `clh-writerd stats`; "
+                   "records it may have written already are written again (counted as resent)",
+    STOP_DEADLINE: "raise drain_timeout, or find why the daemon acknowledges slowly (`clh-writerd stats`)",
+    STOPPING: "nothing, if the daemon is being restarted; records are written directly until it is back",
+}
+
+KIND_OF_ERROR = {
+    protocol.E_FORBIDDEN_PATH: FORBIDDEN_PATH,
+    protocol.E_OPTIONS_CONFLICT: OPTION_CONFLICT,
+    protocol.E_TOO_LARGE: TOO_LARGE,
+    protocol.E_UNAUTHORIZED: POLICY,
+    protocol.E_BAD_OPTIONS: POLICY,
+    protocol.E_SHUTTING_DOWN: STOPPING,
+    protocol.E_WRITE_FAILED: WRITE_FAILED,
+}
+
+
+def advice(kind: str, path: str) -> str:
+    import os
+
+    return ADVICE.get(kind, ADVICE[POLICY]).format(dir=os.path.dirname(path) or path, path=path)
+
+
+def fallback_message(kind: str, reason: str, path: str) -> str:
+    """The warning for entering the fallback."""
+    return (f"clh-writerd: {path}: writing through the fallback (in this process) instead of the daemon: "
+            f"{kind}: {reason}. To fix: {advice(kind, path)}.")
+
+
+def drop_message(path: str, dropped: int, policy: str, kind: str) -> str:
+    """The drop warning (the first drop, then every DROP_WARNING_EVERY)."""
+    if "fallback_on_full" in policy:
+        fix = "raise queue_size, or set fallback_on_full=True to write them synchronously instead"
+    elif "nowait" in policy:
+        fix = "raise queue_size or max_nowait"
+    else:
+        fix = "raise queue_size, or use fallback_mode='nowait' (or 'block') to write them instead"
+    return (f"clh-writerd: {path}: queue full, {dropped} records dropped so far ({policy}); "
+            f"the next warning comes at every 1000 more. To fix: {fix}.")
+
+
+def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:
+    """The monitor_interval line: what get_stats() says, in one line."""
+    line = (f"clh-writerd: {path}: {snap['state']}; queue {snap['queue_depth']}/{snap['capacity']}, "
+            f"in flight {snap['in_flight']}; sent {snap['sent']} acked {snap['acked']} "
+            f"fallback {snap['fallback_written']} dropped {snap['dropped_count']} resent {snap['resent']} "
+            f"queue_full {snap['fallback_count']} oversize {snap['oversize']} write_errors {snap['write_errors']}")
+    if snap.get("last_error"):
+        line += f"; last error: {snap['last_error']}"
+    return line
+
+
+def _ours(handler: logging.Handler) -> bool:
+    from ._base import WrappingHandler  # here: _base imports this module
+
+    return isinstance(handler, WrappingHandler)
+
+
+def emit(level: int, msg: str, *args: Any, logger: Optional[logging.Logger] = None) -> None:
+    """Log ``msg`` on the ``clh_writerd.client`` logger; see the module
+    docstring for where it goes when only our handlers are configured."""
+    logger = logger or log
+    if not logger.isEnabledFor(level):
+        return
+    record = logger.makeRecord(logger.name, level, "(clh-writerd)", 0, msg, args, None)
+    logger.handle(record)
+    found = others = 0
+    current: Optional[logging.Logger] = logger
+    while current is not None:
+        for handler in current.handlers:
+            found += 1
+            others += not _ours(handler)
+        if not current.propagate:
+            break
+        current = current.parent  # type: ignore[assignment]
+    # found == 0: logging itself used lastResort already.
+    if found and not others and logging.lastResort is not None and level >= logging.lastResort.level:
+        logging.lastResort.handle(record)
