@@ -222,8 +222,8 @@ def test_table_shows_files_clients_and_nonzero_counters():
     assert row.split() == ["/var/log/app/requests.log", "3/256", "1500", "1234", "56789", "15", "2", "0",
                            "3.00", "100.00"]
     client = next(line for line in lines if line.startswith("host1 "))
-    # No file or state (a client that never said), sent/acked never reported: "-".
-    assert client.split() == ["host1", "billing-worker", "1001", "-", "-", "0.0s", "ago", "-", "-", "11", "7", "13",
+    # No file (a client that never said), state "daemon" (it sent batches), sent/acked never reported: "-".
+    assert client.split() == ["host1", "billing-worker", "1001", "-", "daemon", "0.0s", "ago", "-", "-", "11", "7", "13",
                               "0"]
     assert "last error on /var/log/app/requests.log: OSError: disk full" in text
     assert "2 conflicting option declaration(s) on /var/log/app/requests.log" in text

@@ -11,7 +11,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, Mapping, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional
 
 from .._version import __version__
 from ..protocol import MAX_REPORT_ERROR_CHARS, REPORT_COUNTERS, ClientId
