@@ -48,7 +48,7 @@ def human_count(n: float) -> str:
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.1f}{unit}"
-    return f"{n:.0f}" if n == int(n) else f"{n:.1f}"
+    return f"{n:.0f}" if n == int(n) or abs(n) >= 100 else f"{n:.1f}"
 
 
 def _ago(ts: float, now: float) -> str:
