@@ -185,7 +185,7 @@ def test_docs_stats_md_names_the_table_columns_and_exit_codes():
     with open(STATS_DOC) as f:
         text = f.read()
     for column in ("path", "queue", "recv", "written", "bytes", "batches", "rot", "errors", "p50ms", "p99ms",
-                   "host", "program", "pid", "file", "state", "last seen", "sent", "acked", "dropped", "fallback",
+                   "host", "program", "pid", "file", "state", "last seen", "recv", "sent", "acked", "dropped", "fallback",
                    "resent", "rec/s", "bytes/s", "size", "recv/s", "drop/s", "fback/s", "resent/s"):
         assert f"`{column}`" in text, column
     for code in ("0", "1", "2"):
@@ -206,8 +206,8 @@ def test_table_of_an_idle_daemon():
     assert lines[files_at + 1].split() == ["path", "queue", "recv", "written", "bytes", "batches", "rot",
                                           "errors", "p50ms", "p99ms"]
     assert lines[files_at + 2] == ""
-    assert lines[clients_at + 1].split() == ["host", "program", "pid", "file", "state", "last", "seen", "sent",
-                                            "acked", "fallback", "dropped", "resent", "errors"]
+    assert lines[clients_at + 1].split() == ["host", "program", "pid", "file", "state", "last", "seen", "recv",
+                                            "sent", "acked", "fallback", "dropped", "resent", "errors"]
     assert len(lines) == clients_at + 2
 
 
@@ -223,8 +223,8 @@ def test_table_shows_files_clients_and_nonzero_counters():
                            "3.00", "100.00"]
     client = next(line for line in lines if line.startswith("host1 "))
     # No file (a client that never said), state "daemon" (it sent batches), sent/acked never reported: "-".
-    assert client.split() == ["host1", "billing-worker", "1001", "-", "daemon", "0.0s", "ago", "-", "-", "11", "7", "13",
-                              "0"]
+    assert client.split() == ["host1", "billing-worker", "1001", "-", "daemon", "0.0s", "ago", "1234", "-", "-", "11",
+                              "7", "13", "0"]
     assert "last error on /var/log/app/requests.log: OSError: disk full" in text
     assert "2 conflicting option declaration(s) on /var/log/app/requests.log" in text
 
@@ -247,5 +247,5 @@ def test_table_shows_a_dash_for_counters_a_client_never_reported(missing):
     del entry.reported[missing]
     lines = render_table(stats.snapshot()).splitlines()
     cells = next(line for line in lines if line.startswith("host1 ")).split()
-    column = {"fallback": 9, "dropped": 10, "resent": 11}[missing]
+    column = {"fallback": 10, "dropped": 11, "resent": 12}[missing]
     assert cells[column] == "-"

@@ -65,8 +65,8 @@ def test_client_rows_show_file_state_counters_and_errors():
                sent=100, acked=90, fallback=10, dropped=0, resent=4, write_errors=2)
     text = render_table(document(c))
     (row,) = [line for line in client_lines(text) if line.startswith("h1 ")]
-    assert row.split() == ["h1", "billing", "7", "/var/log/b.log", "fallback", "0.0s", "ago", "100", "90", "10",
-                           "0", "4", "3"]
+    assert row.split() == ["h1", "billing", "7", "/var/log/b.log", "fallback", "0.0s", "ago", "0", "100", "90",
+                           "10", "0", "4", "3"]
     assert "  last error of h1:7 billing: forbidden_path" in text
 
 

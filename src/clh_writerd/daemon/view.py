@@ -128,13 +128,15 @@ def gone_line(doc: Dict[str, Any]) -> Optional[str]:
             + (f"  {shown}" if shown else ""))
 
 
-CLIENT_HEADERS = ["host", "program", "pid", "file", "state", "last seen", *CLIENT_COLUMNS, "errors"]
+# recv: what the daemon received from the client (its own count, also for a client that never reports).
+CLIENT_HEADERS = ["host", "program", "pid", "file", "state", "last seen", "recv", *CLIENT_COLUMNS, "errors"]
 
 
 def _client_row(c: Dict[str, Any], now: float) -> List[str]:
     return [
         c["host"], c["program"], str(c["pid"]), c.get("file") or "-", c.get("state") or "-",
-        _ago(c["last_seen"], now), *(_cell(c, k) for k in CLIENT_COLUMNS), str(client_errors(c)),
+        _ago(c["last_seen"], now), str(c.get("records_received", 0)), *(_cell(c, k) for k in CLIENT_COLUMNS),
+        str(client_errors(c)),
     ]
 
 
