@@ -82,6 +82,21 @@ def test_check_config_prints_the_effective_config(tmp_path, no_daemon_env):
     assert cli("check-config", str(again), env=no_daemon_env, cwd=str(tmp_path)).returncode == 0
 
 
+def test_check_config_warns_about_metrics_listen_without_prometheus_client(tmp_path, no_daemon_env):
+    path = write_config(str(tmp_path / "c.toml"), {"daemon": {"metrics_listen": "127.0.0.1:9464"}})
+    # A prometheus_client that cannot be imported, first on the path.
+    fake = tmp_path / "site" / "prometheus_client"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed (test)')\n")
+    env = {**no_daemon_env, "PYTHONPATH": str(tmp_path / "site")}
+    result = cli("check-config", path, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "metrics_listen = '127.0.0.1:9464' needs prometheus-client" in result.stderr
+    assert "pip install 'clh-writerd[metrics]'" in result.stderr
+    # Installed (this venv has the extra): no warning.
+    assert cli("check-config", path, env=no_daemon_env, cwd=str(tmp_path)).stderr == ""
+
+
 def test_check_config_without_a_file_prints_the_embedded_default(tmp_path, no_daemon_env):
     result = cli("check-config", env=no_daemon_env, cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr

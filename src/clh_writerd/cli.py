@@ -3,14 +3,14 @@
 import json
 import sys
 import time
-from typing import Optional
+from typing import List, Optional
 
 import click
 
 from . import _resources, protocol
 from ._version import __version__
 from .client.control import DaemonUnavailable, request
-from .daemon.config import ConfigError, load_config
+from .daemon.config import Config, ConfigError, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging
 from .daemon.view import render_table, render_watch
 
@@ -62,6 +62,21 @@ def check_config(config_path: Optional[str]) -> None:
         click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     click.echo(config.as_toml(), nl=False)
+    for warning in config_warnings(config):
+        click.echo(f"clh-writerd: warning: {warning}", err=True)
+
+
+def config_warnings(config: Config) -> List[str]:
+    """What is valid but will not do what the file seems to ask (check-config
+    prints these on stderr; the exit status stays 0)."""
+    out: List[str] = []
+    if config.metrics_listen:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            out.append(f"metrics_listen = {config.metrics_listen!r} needs prometheus-client, which is not "
+                       "installed for this Python: pip install 'clh-writerd[metrics]'")
+    return out
 
 
 @main.command()

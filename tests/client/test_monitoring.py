@@ -15,7 +15,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from typing import Any, Dict, List
 
 import pytest
@@ -245,6 +244,65 @@ def test_three_handlers_in_one_process_are_three_clients_summing_to_the_daemon_v
     assert daemon_sent == sum(s["sent"] for s in final["stats"]) == 450
     assert sum(f["records_written"] for f in doc["files"] if f["path"] in paths) == 450
     assert app.warnings() == []  # nothing went wrong: nothing said
+
+
+def test_async_handler_reports_its_fallback_and_warns_once(start_daemon, tmp_path, caplog):
+    """The asyncio handler drives the same core: the same reports and warnings."""
+    import asyncio
+
+    from clh_writerd.client.aio import create_async_concurrent_handler
+
+    caplog.set_level(logging.WARNING, logger=LOGGER_NAME)
+    daemon = start_daemon()
+    path = str(tmp_path / "outside" / "async.log")
+    os.makedirs(os.path.dirname(path))
+
+    async def app() -> Dict[str, Any]:
+        handler = create_async_concurrent_handler(path, endpoint=daemon.endpoint, **FAST)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("async-app")
+        logger.propagate = False
+        logger.addHandler(handler)
+        try:
+            async with handler:
+                for n in range(120):
+                    logger.warning("SEQ a %d %s", n, "x" * (n % 37))
+                await handler.aflush()
+        finally:
+            logger.removeHandler(handler)
+        return {"stats": [handler.get_stats()], "sessions": [handler._client_id.session]}
+
+    final = asyncio.run(app())
+    [entry] = wait_until_reported(daemon, final)
+    assert entry["reported"]["fallback"] == 120 and entry["state"] == "stopped" and entry["file"] == path
+    warned = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
+    assert len(warned) == 1 and "forbidden path" in warned[0], warned
+    check_sequences(read_lines(path), {"a": 120}).assert_complete()
+
+
+def test_drops_warn_once_below_a_thousand_with_the_fix(tmp_path, caplog):
+    from support import hold_clh_lock
+
+    caplog.set_level(logging.WARNING, logger=LOGGER_NAME)
+    path = str(tmp_path / "dropping.log")
+    handler = create_nonblocking_handler(path, endpoint=None, queue_size=10, fallback_on_full=False)
+    logger = logging.getLogger("dropping-app")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        with hold_clh_lock(path):  # the sender's write waits for the lock: the queue fills up
+            for n in range(300):
+                logger.warning("record %d", n)
+            dropped = handler.get_stats()["dropped_count"]
+        assert 0 < dropped < 1000
+        handler.flush()
+        warned = wait_for(lambda: [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME], 5,
+                          "the drop warning")
+        assert len(warned) == 1 and "queue full, 1 records dropped so far" in warned[0], warned
+        assert "fallback_on_full=True" in warned[0]
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 # -- start-up tells the truth --------------------------------------------------------------

@@ -14,6 +14,7 @@ from clh_writerd.daemon.stats import (
     DAEMON_COUNTERS,
     STATS_SCHEMA,
     DaemonStats,
+    GoneClients,
     FileStats,
     LatencyWindow,
     render_table,
@@ -249,3 +250,45 @@ def test_table_shows_a_dash_for_counters_a_client_never_reported(missing):
     cells = next(line for line in lines if line.startswith("host1 ")).split()
     column = {"fallback": 10, "dropped": 11, "resent": 12}[missing]
     assert cells[column] == "-"
+
+# -- reports and gone clients (issue 15) -----------------------------------------------------
+def test_a_report_keeps_state_file_error_and_closed_and_replaces_the_totals():
+    stats = DaemonStats("ipc:///x", max_clients=5)
+    stats.report(client_id(1), {"fallback": 10, "sent": 3}, state="fallback", file="/l/a.log",
+                 error="daemon error forbidden_path: " + "x" * 500)
+    stats.report(client_id(1), {"fallback": 12, "sent": 3}, state="stopped", final=True)
+    [c] = stats.snapshot()["clients"]
+    assert c["reported"] == {"fallback": 12, "sent": 3}  # totals, not increments
+    assert c["state"] == "stopped" and c["file"] == "/l/a.log" and c["closed"] is True
+    assert len(c["last_error"]) == protocol.MAX_REPORT_ERROR_CHARS
+    stats.client(client_id(2))  # sent a batch, never reported (an older client)
+    never = stats.snapshot()["clients"][1]
+    assert never["state"] == "daemon" and never["file"] is None and never["closed"] is False
+
+
+def test_gone_clients_are_folded_per_program_and_file_and_totals_never_go_down():
+    stats = DaemonStats("ipc:///x", max_clients=3, clients_gone_after=60.0)
+    for n in range(5):  # two evicted by max_clients at once
+        stats.report(client_id(n, "api"), {"dropped": n}, file="/l/api.log")
+        stats.client(client_id(n, "api")).records += 10
+    assert len(stats.clients) == 3
+    for entry in stats.clients.values():
+        entry.last_seen -= 120
+    assert stats.fold_gone() == 3
+    doc = stats.snapshot()
+    assert doc["clients"] == []
+    assert doc["clients_gone"] == [{"program": "api", "file": "/l/api.log", "clients": 5, "records_received": 50,
+                                    "reported": {"dropped": 0 + 1 + 2 + 3 + 4}}]
+    stats.report(client_id(9, "api"), {"dropped": 1}, file="/l/api.log")  # a recent one stays listed
+    assert stats.fold_gone() == 0 and len(stats.snapshot()["clients"]) == 1
+
+
+def test_gone_groups_are_bounded_by_an_other_group():
+    gone = GoneClients(max_groups=2)
+    stats = DaemonStats("ipc:///x", max_clients=10)
+    for n in range(4):
+        stats.report(client_id(n, f"p{n}"), {"fallback": 1}, file=f"/l/{n}.log")
+        gone.add(stats.clients[client_id(n, f"p{n}")])
+    groups = gone.snapshot()
+    assert len(groups) == 3 and groups[-1]["program"] == "(other)" and groups[-1]["clients"] == 2
+    assert sum(g["reported"]["fallback"] for g in groups) == 4

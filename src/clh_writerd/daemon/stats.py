@@ -158,8 +158,10 @@ class GoneClients:
             key = (OTHER_PROGRAM, None)
         group = self.groups.get(key)
         if group is None:
-            group = self.groups[key] = {"program": key[0], "file": key[1], "clients": 0, "reported": {}}
+            group = self.groups[key] = {"program": key[0], "file": key[1], "clients": 0, "records_received": 0,
+                                        "reported": {}}
         group["clients"] += 1
+        group["records_received"] += entry.records  # the metrics' records series never goes down
         totals = group["reported"]
         for name, value in entry.reported.items():
             totals[name] = totals.get(name, 0) + value
