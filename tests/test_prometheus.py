@@ -186,3 +186,63 @@ def test_client_in_fallback_alert_fires_for_the_falling_back_client(monitored, r
     assert [(a["program"], a["severity"]) for a in firing] == [("faller", "warning")], firing
     assert firing[0]["file"] == path
     assert not prometheus.firing("ClhWriterdClientDropping")
+
+
+# -- the scrape and `stats --json` agree --------------------------------------------------
+def _scrape(port: int) -> Dict[Any, float]:
+    parser = pytest.importorskip("prometheus_client.parser")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+
+def _group_totals(doc: Dict[str, Any]) -> Dict[Any, float]:
+    """What the metrics must show, summed from the stats document: per (program, file), live + gone."""
+    totals: Dict[Any, float] = {}
+    for entry in doc["clients"] + doc["clients_gone"]:
+        labels = (("file", entry["file"] or ""), ("program", entry["program"]))
+        key = ("clh_writerd_client_records_total", labels)
+        totals[key] = totals.get(key, 0) + entry["records_received"]
+        for name, value in entry["reported"].items():
+            key = ("clh_writerd_client_reported_total", tuple(sorted(labels + (("counter", name),))))
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def test_the_scrape_shows_the_stats_totals_before_and_after_clients_are_folded(start_daemon, tmp_path):
+    pytest.importorskip("prometheus_client")
+    port = free_tcp_port()
+    daemon = start_daemon(daemon={"metrics_listen": f"127.0.0.1:{port}", "clients_gone_after": 1.0})
+    clients = [TroubledClient(str(tmp_path), "flooder", os.path.join(daemon.log_dir, "flood.log"), daemon.endpoint,
+                              "drop"),
+               TroubledClient(str(tmp_path), "steady", os.path.join(daemon.log_dir, "steady.log"), daemon.endpoint,
+                              "steady")]
+    try:
+        def both() -> bool:
+            seen = {c["program"]: c for c in daemon.stats()["clients"]}
+            return bool(seen.get("flooder", {}).get("reported", {}).get("dropped")) and \
+                seen.get("steady", {}).get("reported", {}).get("acked", 0) > 0
+
+        wait_for(both, timeout=30, what="the flooder's drops and the steady client's acks reported")
+    finally:
+        stop_all(clients)  # killed: their last reports stand
+
+    def agree() -> Any:
+        doc = daemon.stats()
+        totals, scraped = _group_totals(doc), _scrape(port)
+        return (doc, scraped) if all(scraped.get(k) == v for k, v in totals.items()) else None
+
+    doc, listed = wait_for(agree, timeout=10, what="the scrape to show the stats document's totals")
+    assert doc["clients"] and any(v > 0 for (name, labels), v in listed.items()
+                                  if name == "clh_writerd_client_reported_total" and ("counter", "dropped") in labels)
+    # Not seen for clients_gone_after (1 s): folded into clients_gone, and the series do not move
+    # (tests/daemon/test_metrics.py shows that is the gone totals, not the exporter's held high).
+    folded = wait_for(lambda: (lambda d: d if not d["clients"] and d["clients_gone"] else None)(daemon.stats()),
+                      timeout=15, what="the killed clients folded into clients_gone")
+    assert {g["program"] for g in folded["clients_gone"]} == {"flooder", "steady"}
+    after = _scrape(port)
+    for key, value in _group_totals(folded).items():
+        assert after[key] == value == listed[key], key
+    assert after[("clh_writerd_clients_gone", (("file", os.path.join(daemon.log_dir, "flood.log")),
+                                               ("program", "flooder")))] == 1
