@@ -59,23 +59,14 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def table(headers: List[str], rows: List[List[str]]) -> List[str]:
-    """Aligned columns: the first and text columns left, numbers right."""
+def table(headers: List[str], rows: List[List[str]], left: int = 1) -> List[str]:
+    """Aligned columns: the first ``left`` (names, paths, states) left-aligned, the numbers right."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
 
     def line(cells: List[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return [line(headers)] + [line(r) for r in rows]
-
-
-def _left_table(headers: List[str], rows: List[List[str]], left: int) -> List[str]:
-    """Like table() with the first ``left`` columns left-aligned (host, program, file, state)."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-
-    def line(cells: List[str]) -> str:
-        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        text = "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        # A left-aligned last column would pad with spaces; the file table never did.
+        return text.rstrip() if left > 1 else text
 
     return [line(headers)] + [line(r) for r in rows]
 
@@ -183,7 +174,7 @@ def render_table(doc: Dict[str, Any]) -> str:
             out.append(f"  {f['option_conflicts']} conflicting option declaration(s) on {f['path']}")
     clients = sorted_clients(doc["clients"])
     out += ["", "CLIENTS"]
-    out += _left_table(CLIENT_HEADERS, [_client_row(c, now) for c in clients], left=5)
+    out += table(CLIENT_HEADERS, [_client_row(c, now) for c in clients], left=5)
     out += _client_errors_lines(clients)
     gone = gone_line(doc)
     if gone:
@@ -291,7 +282,7 @@ def render_watch(doc: Dict[str, Any], previous: Optional[Dict[str, Any]], elapse
             str(client_errors(c)), _ago(c["last_seen"], now),
         ])
         marked.append(r.in_trouble)
-    lines = _left_table([" ", "host", "program", "pid", "file", "state", "recv/s", "drop/s", "fback/s",
+    lines = table([" ", "host", "program", "pid", "file", "state", "recv/s", "drop/s", "fback/s",
                          "resent/s", "dropped", "fallback", "errors", "last seen"], client_rows, left=6)
     out += ["", "CLIENTS  (! = dropping, falling back or failing now)", lines[0]]
     for line, hot in zip(lines[1:], marked):
