@@ -9,7 +9,7 @@ command on stdout), its stderr left to the test.
 receive its own warnings); else handler i on logger ``app.i``, nothing on
 the root. Records are the oracle's ``SEQ w<i> <n> ...`` lines (w0 for root).
 
-Commands: ``log N``, ``load`` / ``stopload`` (log continuously on a thread),
+Commands: ``log N [LEVEL]`` (ERROR: sync records), ``load`` / ``stopload`` (log continuously on a thread),
 ``flush``, ``stats``, ``close`` (close every handler, reply with their
 get_stats(), exit).
 """
@@ -45,10 +45,10 @@ class App:
         self.halt = threading.Event()
         self.loader = None
 
-    def log(self, n: int) -> None:
+    def log(self, n: int, level: int = logging.INFO) -> None:
         for logger, writer in zip(self.loggers, self.writers):
             for _ in range(n):
-                logger.info(seq_record(writer, self.counts[writer]))
+                logger.log(level, seq_record(writer, self.counts[writer]))
                 self.counts[writer] += 1
 
     def _load(self) -> None:
@@ -58,8 +58,8 @@ class App:
 
     def command(self, line: str) -> Any:
         word, *args = line.split()
-        if word == "log":
-            self.log(int(args[0]))
+        if word == "log":  # log N [LEVEL]
+            self.log(int(args[0]), logging.getLevelName(args[1]) if len(args) > 1 else logging.INFO)
         elif word == "load":
             self.halt.clear()
             self.loader = threading.Thread(target=self._load)

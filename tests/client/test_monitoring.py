@@ -156,6 +156,23 @@ def test_forbidden_path_is_reported_in_fallback_and_warned_once_with_the_fix(sta
     check_sequences(read_lines(path), {"w0": 500}).assert_complete()
 
 
+def test_refused_sync_records_alone_warn_once_too(start_daemon, app_process, tmp_path):
+    """An app that logs only sync records (ERROR and above) gets the same one warning."""
+    daemon = start_daemon()
+    path = str(tmp_path / "elsewhere" / "errors.log")
+    os.makedirs(os.path.dirname(path))
+    app = app_process(daemon.endpoint, [{"path": path, "kwargs": FAST}])
+    app.cmd("log 5 ERROR")
+    wait_for(lambda: app.cmd("stats")["stats"][0]["state"] == "fallback", 5, "the fallback after a refused sync")
+    app.cmd("log 20 ERROR")
+    final = app.close()
+    [entry] = wait_until_reported(daemon, final)
+    assert entry["reported"]["fallback"] == 25 and "forbidden_path" in entry["last_error"]
+    lines = app.warnings()
+    assert len(lines) == 1 and "forbidden path" in lines[0] and "allowed_dirs" in lines[0], lines
+    check_sequences(read_lines(path), {"w0": 25}).assert_complete()
+
+
 def test_frozen_daemon_duplicates_show_as_resent_in_the_daemon_view(start_daemon, app_process):
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "frozen.log")
@@ -303,6 +320,32 @@ def test_drops_warn_once_below_a_thousand_with_the_fix(tmp_path, caplog):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+def test_notices_skip_our_handlers_and_use_last_resort_only_when_nothing_else_would_show_them(
+        tmp_path, monkeypatch):
+    import io
+
+    from clh_writerd.client import _notices
+
+    stream = io.StringIO()
+    monkeypatch.setattr(logging, "lastResort", logging.StreamHandler(stream))
+    root = logging.getLogger()
+    ours = create_nonblocking_handler(str(tmp_path / "root.log"), endpoint=None)
+    saved = root.handlers[:]
+    root.handlers[:] = [ours]  # pytest's own capture handlers aside, for this test
+    try:
+        _notices.emit(logging.WARNING, "clh-writerd: first")
+        ours.flush()
+        assert stream.getvalue() == "clh-writerd: first\n"  # only our handler: stderr via lastResort
+        other = io.StringIO()
+        root.addHandler(logging.StreamHandler(other))
+        _notices.emit(logging.WARNING, "clh-writerd: second")
+        assert other.getvalue() == "clh-writerd: second\n" and "second" not in stream.getvalue()
+    finally:
+        root.handlers[:] = saved
+        ours.close()
+    assert read_lines(str(tmp_path / "root.log")) == []  # never through the handler itself
 
 
 # -- start-up tells the truth --------------------------------------------------------------

@@ -24,6 +24,10 @@ from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
 
+# The logger a handler says things about itself on (never handled by one of ours).
+_OWN_LOGGER = _notices.LOGGER_NAME
+
+
 def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
     """(path, options, why the daemon would refuse them or ""). Bounds the
     daemon imposes are its policy, not the handler's: a file it would refuse
@@ -101,8 +105,16 @@ class WrappingHandler(logging.Handler):
         if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
             self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
-                                     self.path, self.options, self._trust, self._curve)
+                                     self.path, self.options, self._trust, self._curve, self._sync_refused)
             self._confirmed.sync = self._sync
+
+    def _sync_refused(self, code: str, message: str) -> None:
+        """A sync record refused (caller's thread): the sender decides on
+        the fallback and its warning, as for a refused batch (it looks within
+        half a second; no wake-up, which is not thread-safe on a loop)."""
+        core = self._core
+        if core is not None:
+            core.delivery.sync_refusals.append((code, message))
 
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""
@@ -145,7 +157,7 @@ class WrappingHandler(logging.Handler):
         # ours (a root-logger handler would write its own fallback warnings
         # with the path they warn about, or loop); _notices.emit sends it
         # to stderr when no other handler is configured.
-        if record.name.startswith(_notices.LOGGER_NAME):
+        if record.name == _OWN_LOGGER:
             return False
         # emit() is thread-safe without Handler.lock: skip taking it.
         rv = self.filter(record)

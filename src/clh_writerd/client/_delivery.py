@@ -45,6 +45,9 @@ FINAL_REPORT_WAIT = 1.0
 # Report ids live above probe and ping ids: an answer to a report must not
 # pass for the answer to a probe.
 REPORT_IDS = 1 << 40
+# Sync refusals that say the daemon will not take this file at all.
+SYNC_REFUSALS_FOR_THE_FILE = frozenset((protocol.E_FORBIDDEN_PATH, protocol.E_OPTIONS_CONFLICT,
+                                        protocol.E_UNAUTHORIZED))
 
 class Delivery:
     """Batches, window, acks, probes and the daemon/fallback switch."""
@@ -92,6 +95,8 @@ class Delivery:
         # Warnings for the driver to log (level, message), oldest first;
         # appended from any thread (drops), popped by the sender.
         self.notices: Deque[Tuple[int, str]] = deque()
+        # (code, message) of sync records the daemon refused, from callers' threads.
+        self.sync_refusals: Deque[Tuple[str, str]] = deque()
         # A fallback episode that was warned about: it ends (with one more
         # warning) at the first batch the daemon acknowledges again, so a
         # daemon that answers pings but refuses the path warns once, not at
@@ -150,6 +155,8 @@ class Delivery:
         if self.transport is None:
             return self.batcher.take_all()
         self.on_readable()
+        if self.sync_refusals:
+            self._sync_refused()
         state = self.stats.state
         if state == STATE_CONNECTING:
             if now >= self.probe_at:
@@ -334,6 +341,18 @@ class Delivery:
             # again rarely (a config reload may allow it later).
             self._enter_fallback(self.stats.last_error, probe_after=60.0, kind=kind)
 
+    def _sync_refused(self) -> None:
+        """A daemon that refuses this file's sync records (path, options,
+        policy) refuses its batches too: the fallback writes, and warns once,
+        as for a refused batch. A refusal about one record (too large, an
+        encoding) or a passing one (write failed) changes nothing."""
+        while self.sync_refusals:
+            code, message = self.sync_refusals.popleft()
+            if code in SYNC_REFUSALS_FOR_THE_FILE and self.stats.state != STATE_FALLBACK:
+                self.stats.last_error = f"daemon error {code}: {message}"
+                self._enter_fallback(self.stats.last_error, probe_after=60.0,
+                                     kind=_notices.KIND_OF_ERROR.get(code, _notices.POLICY))
+
     def _connection_events(self) -> None:
         assert self.transport is not None
         for event in self.transport.events():
@@ -412,6 +431,11 @@ class Delivery:
     def _send_report(self, doc: Tuple[Any, ...], final: bool = False) -> Optional[int]:
         """Send a report; its id, or None when no daemon is connected."""
         if self.transport is None:
+            return None
+        # Connect first if nothing did yet (the fallback may have begun
+        # before the first probe: a refused sync record).
+        usable = getattr(self.transport, "usable", None)  # test fakes have no endpoint to check
+        if usable is not None and usable():
             return None
         self.report_id += 1
         counters, state, error = doc

@@ -3,7 +3,7 @@ small interface ``Delivery`` drives, so tests give it a fake) and the REQ
 round trip for sync records."""
 
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import zmq
 
@@ -112,7 +112,11 @@ class SyncChannel:
 
     def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
                  client_id: protocol.ClientId, path: str, options: Dict[str, Any],
-                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None) -> None:
+                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None,
+                 on_refused: Optional[Callable[[str, str], None]] = None) -> None:
+        """``on_refused(code, message)``: the daemon refused a sync record
+        (called on the caller's thread; must not block)."""
+        self.on_refused = on_refused
         self.context = context
         self.trust = trust
         self.curve = curve
@@ -178,6 +182,8 @@ class SyncChannel:
         if isinstance(reply, protocol.Ok):
             return True, ""
         if isinstance(reply, protocol.Error):
+            if self.on_refused is not None:
+                self.on_refused(reply.code, reply.message)
             return False, f"daemon refused a sync record: {reply.code}: {reply.message}"
         return False, f"unexpected reply {reply!r}"
 
