@@ -510,26 +510,55 @@ def test_metrics_show_the_same_figures_as_stats(start_daemon, raw_client):
     assert depth == {p: f["queue_depth"] for p, f in files.items()}
 
     clients = {c["session"]: c for c in stats["clients"]}
-    assert len(clients) == 2
-    records = {dict(labels)["session"]: (dict(labels), value)
-               for labels, value in metrics["clh_writerd_client_records_total"].items()}
-    assert {s: v for s, (_, v) in records.items()} == {s: c["records_received"] for s, c in clients.items()}
     assert {s: c["records_received"] for s, c in clients.items()} == {first.client.session: 65,
                                                                       second.client.session: 14}
-    labels, _ = records[first.client.session]
-    assert (labels["host"], labels["pid"], labels["program"]) == (socket.gethostname(), str(os.getpid()), "app")
-
-    reported = {(dict(labels)["session"], dict(labels)["counter"]): value
-                for labels, value in metrics["clh_writerd_client_reported_total"].items()}
-    assert reported[(first.client.session, "dropped")] == 3
-    assert reported[(first.client.session, "fallback")] == 2
-    assert reported[(second.client.session, "dropped")] == 0
     assert clients[first.client.session]["reported"] == {"dropped": 3, "fallback": 2}
+    # Client series are per (program, file): the two clients of "app" are one
+    # group (raw clients name no file), and no pid or session label exists.
+    group = (("file", ""), ("program", "app"))
+    assert metrics["clh_writerd_client_records_total"] == {group: 65 + 14}
+    reported = {dict(labels)["counter"]: value for labels, value in metrics["clh_writerd_client_reported_total"].items()
+                if (dict(labels)["program"], dict(labels)["file"]) == ("app", "")}
+    assert reported["dropped"] == 3 and reported["fallback"] == 2 and reported["resent"] == 0
+    assert {len(labels) for labels in metrics["clh_writerd_client_reported_total"]} == {3}
+    states = {dict(labels)["state"]: value for labels, value in metrics["clh_writerd_clients"].items()}
+    assert states == {"connecting": 0, "daemon": 2, "fallback": 0, "embedded": 0, "stopped": 0}
+    assert metrics["clh_writerd_clients_gone"] == {group: 0}
+    assert "clh_writerd_process_records_total" not in metrics  # metrics_per_client is off by default
 
     (info,) = metrics["clh_writerd_build_info"]
     assert dict(info)["version"] == __version__ and dict(info)["endpoint"] == daemon.endpoint
     assert metrics["clh_writerd_events_total"][(("event", "frames_received"),)] >= 10
-    # docs/operations.md's table names every exposed metric with its exposed type.
+    # docs/operations.md's table names every exposed metric with its exposed type
+    # (and the metrics_per_client ones, checked below).
+    documented, exposed = _documented_metric_types(), _exposed_metric_types(port)
+    assert {name: documented.get(name) for name in exposed} == exposed
+    assert set(documented) - set(exposed) == set(PER_CLIENT_METRICS)
+
+
+PER_CLIENT_METRICS = ("clh_writerd_process_records_total", "clh_writerd_process_reported_total",
+                      "clh_writerd_process_last_seen_timestamp_seconds")
+
+
+def test_metrics_per_client_is_an_opt_in_with_pid_and_session(start_daemon, raw_client):
+    pytest.importorskip("prometheus_client")
+    port = free_tcp_port()
+    daemon = start_daemon(daemon={"metrics_listen": f"127.0.0.1:{port}", "metrics_per_client": True})
+    first, second = raw_client(daemon.endpoint, "app"), raw_client(daemon.endpoint, "app")
+    plain = os.path.join(daemon.log_dir, "plain.log")
+    assert isinstance(first.write(plain, [seq_record("a", i) for i in range(5)]), protocol.Ack)
+    assert isinstance(second.write(plain, [seq_record("b", i) for i in range(7)]), protocol.Ack)
+    second.send_raw(protocol.encode_report(second.client, {"dropped": 4}, id=1))
+    assert isinstance(second.recv(), protocol.Ok)
+    metrics = _scrape(port)
+    records = {(dict(labels)["pid"], dict(labels)["session"]): value
+               for labels, value in metrics["clh_writerd_process_records_total"].items()}
+    assert records == {(str(os.getpid()), first.client.session): 5, (str(os.getpid()), second.client.session): 7}
+    dropped = {dict(labels)["session"]: value for labels, value in metrics["clh_writerd_process_reported_total"].items()
+               if dict(labels)["counter"] == "dropped"}
+    assert dropped == {first.client.session: 0, second.client.session: 4}
+    # The per-(program, file) series are there too, and agree.
+    assert metrics["clh_writerd_client_records_total"] == {(("file", ""), ("program", "app")): 12}
     assert _documented_metric_types() == _exposed_metric_types(port)
 
 
@@ -578,7 +607,7 @@ def test_stats_watch_prints_refreshing_frames(start_daemon, raw_client):
     for frame in frames[1:]:
         assert daemon.endpoint in frame
         header = next(line for line in frame.splitlines() if line.startswith("path"))
-        assert header.split() == ["path", "rec/s", "KiB/s", "queue", "written", "rot", "errors", "p99ms"]
+        assert header.split() == ["path", "rec/s", "bytes/s", "queue", "written", "size", "rot", "errors", "p99ms"]
         (row,) = [line.split() for line in frame.splitlines() if line.startswith(path)]
         assert row[4] == "25", row  # written
     # Nothing was written between the two frames: the rate is 0.

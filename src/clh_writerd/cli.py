@@ -12,7 +12,7 @@ from ._version import __version__
 from .client.control import DaemonUnavailable, request
 from .daemon.config import ConfigError, config_warnings, load_config
 from .daemon.server import EXIT_CONFIG, Server, configure_logging
-from .daemon.stats import render_table, render_watch
+from .daemon.view import render_table, render_watch
 
 CONFIG_HELP = ("TOML config file (default: the embedded default). "
                "`clh-writerd example-config` prints the commented reference config.")
@@ -103,12 +103,15 @@ def _fetch_stats(endpoint: Optional[str], timeout: float) -> dict:
 
 def _watch(endpoint: Optional[str], timeout: float, interval: float, count: int) -> None:
     previous, taken, frames = None, time.monotonic(), 0
+    # On a terminal: redraw in place and highlight clients in trouble; piped: plain frames, one after the other.
+    tty = sys.stdout.isatty()
     try:
         while True:
             doc = _fetch_stats(endpoint, timeout)
             now = time.monotonic()
             # Clear the screen and home the cursor, as top does.
-            click.echo("\x1b[2J\x1b[H" + render_watch(doc, previous, now - taken), nl=False)
+            frame = render_watch(doc, previous, now - taken, tty=tty)
+            click.echo(("\x1b[2J\x1b[H" if tty else "") + frame, nl=False)
             previous, taken, frames = doc, now, frames + 1
             if count and frames >= count:
                 return

@@ -186,7 +186,8 @@ def test_docs_stats_md_names_the_table_columns_and_exit_codes():
     with open(STATS_DOC) as f:
         text = f.read()
     for column in ("path", "queue", "recv", "written", "bytes", "batches", "rot", "errors", "p50ms", "p99ms",
-                   "client", "program", "last seen", "records", "dropped", "fallback", "resent"):
+                   "host", "program", "pid", "file", "state", "last seen", "recv", "sent", "acked", "dropped", "fallback",
+                   "resent", "rec/s", "bytes/s", "size", "recv/s", "drop/s", "fback/s", "resent/s"):
         assert f"`{column}`" in text, column
     for code in ("0", "1", "2"):
         assert re.search(rf"^\|\s*`?{code}`?\s*\|", text, re.M), f"exit code {code}"
@@ -206,8 +207,8 @@ def test_table_of_an_idle_daemon():
     assert lines[files_at + 1].split() == ["path", "queue", "recv", "written", "bytes", "batches", "rot",
                                           "errors", "p50ms", "p99ms"]
     assert lines[files_at + 2] == ""
-    assert lines[clients_at + 1].split() == ["client", "program", "last", "seen", "records", "dropped",
-                                            "fallback", "resent", "uid/pid"]
+    assert lines[clients_at + 1].split() == ["host", "program", "pid", "file", "state", "last", "seen", "recv",
+                                            "sent", "acked", "fallback", "dropped", "resent", "errors"]
     assert len(lines) == clients_at + 2
 
 
@@ -221,8 +222,10 @@ def test_table_shows_files_clients_and_nonzero_counters():
     row = next(line for line in lines if line.startswith("/var/log/app/requests.log"))
     assert row.split() == ["/var/log/app/requests.log", "3/256", "1500", "1234", "56789", "15", "2", "0",
                            "3.00", "100.00"]
-    client = next(line for line in lines if line.startswith("host1:1001"))
-    assert client.split() == ["host1:1001", "billing-worker", "0.0s", "ago", "1234", "7", "11", "13", "-"]
+    client = next(line for line in lines if line.startswith("host1 "))
+    # No file (a client that never said), state "daemon" (it sent batches), sent/acked never reported: "-".
+    assert client.split() == ["host1", "billing-worker", "1001", "-", "daemon", "0.0s", "ago", "1234", "-", "-", "11",
+                              "7", "13", "0"]
     assert "last error on /var/log/app/requests.log: OSError: disk full" in text
     assert "2 conflicting option declaration(s) on /var/log/app/requests.log" in text
 
@@ -238,15 +241,15 @@ def test_table_columns_line_up():
 
 
 @pytest.mark.parametrize("missing", ["dropped", "fallback", "resent"])
-def test_table_shows_zero_for_counters_a_client_never_reported(missing):
+def test_table_shows_a_dash_for_counters_a_client_never_reported(missing):
+    # "0" would be a false all-clear for a client that never reported (issue 15).
     stats = populated()
     entry = next(iter(stats.clients.values()))
     del entry.reported[missing]
     lines = render_table(stats.snapshot()).splitlines()
-    cells = next(line for line in lines if line.startswith("host1:1001")).split()
-    column = {"dropped": 5, "fallback": 6, "resent": 7}[missing]
-    assert cells[column] == "0"
-
+    cells = next(line for line in lines if line.startswith("host1 ")).split()
+    column = {"fallback": 10, "dropped": 11, "resent": 12}[missing]
+    assert cells[column] == "-"
 
 # -- reports and gone clients (issue 15) -----------------------------------------------------
 def test_a_report_keeps_state_file_error_and_closed_and_replaces_the_totals():

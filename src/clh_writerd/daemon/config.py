@@ -189,6 +189,9 @@ OPTIONS: Tuple[Option, ...] = (
            "Level of the daemon's own diagnostics on stderr."),
     Option("daemon", "metrics_listen", "", _listen,
            'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
+    Option("daemon", "metrics_per_client", False, _boolean,
+           "Also expose one series per client process (pid, session labels): one new series per worker "
+           "restart; off = client series per (program, file) only."),
     Option("daemon", "clients_gone_after", 300.0, _positive(float, 1.0, 30 * 86400.0),
            "Seconds after which a client not seen (or closed) leaves the stats client list; its reported totals "
            'are kept in "clients_gone", per program and file.'),
@@ -290,6 +293,7 @@ class Config:
     tcp_auth: str = "curve"
     curve_secret_key: str = ""
     curve_public_keys_dir: str = ""
+    metrics_per_client: bool = False
     clients_gone_after: float = 300.0
 
     def fsync_for(self, path: str) -> Tuple[str, float]:

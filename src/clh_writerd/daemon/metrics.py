@@ -4,7 +4,8 @@ A custom collector renders the same snapshot `clh-writerd stats` shows, at
 scrape time, so there is one source of figures and nothing to keep in sync.
 """
 
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from .errors import StartupError
 
@@ -33,20 +34,31 @@ FILE_GAUGES = (
     ("queue_depth", "messages queued for the file"),
     ("queue_capacity", "batches the file's queue holds"),
 )
-CLIENT_REPORTED = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts")
+# What clients report about themselves (protocol.REPORT_COUNTERS, and the
+# names issue 15 adds); a name a client never sent shows as 0.
+CLIENT_REPORTED = ("sent", "acked", "dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
+                   "write_errors")
+# The states a client reports (client/_stats.py); every group shows all of
+# them, 0 included, so an alert on state="fallback" has a series to look at.
+CLIENT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")
+# Series whose highest value _monotonic() remembers at most.
+MAX_REMEMBERED = 100_000
 
 
 class StatsCollector:
     """Turns a stats snapshot into metric families on every scrape."""
 
-    def __init__(self, snapshot: Callable[[], Dict[str, Any]]) -> None:
+    def __init__(self, snapshot: Callable[[], Dict[str, Any]], per_client: bool = False) -> None:
         self.snapshot = snapshot
+        self.per_client = per_client  # [daemon] metrics_per_client: pid/session series too
+        self._high: Dict[Tuple[str, ...], float] = {}
+        self._lock = threading.Lock()  # the HTTP server may answer two scrapes at once
 
     def collect(self) -> Iterator[Any]:
         doc = self.snapshot()
         yield from self._daemon(doc["daemon"])
         yield from self._files(doc["files"])
-        yield from self._clients(doc["clients"])
+        yield from self._clients(doc)
         if "forward" in doc:  # [forward] is on (docs/forwarding.md)
             from ..forward.status import forward_metrics
 
@@ -84,38 +96,117 @@ class StatsCollector:
                     latency.add_metric([f["path"], quantile], f[key] / 1000.0)
         yield latency
 
-    def _clients(self, clients: List[Dict[str, Any]]) -> Iterator[Any]:
-        # session too: every handler in a process is a client of its own, and
-        # two series with the same labels make the exposition invalid.
-        labels = ["host", "pid", "program", "session"]
+    def _clients(self, doc: Dict[str, Any]) -> Iterator[Any]:
+        """Client series per (program, file): live clients plus the ``clients_gone`` groups.
+
+        A worker restart makes a new client (new pid, new session) but no new
+        series, and a client that goes away is folded into its group, so the
+        group's counters never go down (and ``increase()`` sees no reset).
+        """
+        groups: Dict[Tuple[str, str], Dict[str, Any]] = {}
+
+        def group(program: str, file: Optional[str]) -> Dict[str, Any]:
+            key = (program, file or "")
+            if key not in groups:
+                groups[key] = {"records": 0, "reported": dict.fromkeys(CLIENT_REPORTED, 0), "last_seen": None,
+                               "states": dict.fromkeys(CLIENT_STATES, 0), "gone": 0}
+            return groups[key]
+
+        for c in doc["clients"]:
+            g = group(c["program"], c.get("file"))
+            g["records"] += c["records_received"]
+            for name in CLIENT_REPORTED:
+                g["reported"][name] += c["reported"].get(name, 0)
+            g["last_seen"] = max(g["last_seen"] or 0.0, c["last_seen"])
+            state = c.get("state") or "daemon"  # a client that never said: it sends batches
+            g["states"][state] = g["states"].get(state, 0) + 1
+        for gone in doc.get("clients_gone") or []:
+            g = group(gone["program"], gone.get("file"))
+            g["records"] += gone.get("records_received", 0)
+            for name in CLIENT_REPORTED:
+                g["reported"][name] += gone.get("reported", {}).get(name, 0)
+            g["gone"] += gone.get("clients", 0)
+
+        labels = ["program", "file"]
+        records = CounterMetricFamily(PREFIX + "client_records", "records received from the clients of the group",
+                                      labels=labels)
+        reported = CounterMetricFamily(PREFIX + "client_reported",
+                                       "counters the clients of the group report about themselves",
+                                       labels=labels + ["counter"])
+        states = GaugeMetricFamily(PREFIX + "clients", "clients seen recently, by the state they last reported",
+                                   labels=labels + ["state"])
+        gone_clients = GaugeMetricFamily(PREFIX + "clients_gone", "clients no longer seen, folded into the group",
+                                         labels=labels)
+        seen = GaugeMetricFamily(PREFIX + "client_last_seen_timestamp_seconds",
+                                 "when a client of the group was last heard", labels=labels)
+        for (program, file), g in sorted(groups.items()):
+            ident = [program, file]
+            records.add_metric(ident, self._monotonic(("records",) + tuple(ident), g["records"]))
+            for name in CLIENT_REPORTED:
+                reported.add_metric(ident + [name],
+                                    self._monotonic(("reported", program, file, name), g["reported"][name]))
+            for state, n in g["states"].items():
+                states.add_metric(ident + [state], n)
+            gone_clients.add_metric(ident, g["gone"])
+            if g["last_seen"] is not None:
+                seen.add_metric(ident, g["last_seen"])
+        yield from (records, reported, states, gone_clients, seen)
+        if self.per_client:
+            yield from self._processes(doc["clients"])
+
+    def _monotonic(self, key: Tuple[str, ...], value: float) -> float:
+        """``value``, or the highest value this series showed before.
+
+        A group's total dips when a client leaves the live list before the
+        daemon has folded it into ``clients_gone`` (or when a gone group is
+        folded into "(other)"): a Prometheus counter that goes down reads as a
+        reset and ``increase()`` would invent a jump. Bounded: past
+        MAX_REMEMBERED series the memory starts over.
+        """
+        with self._lock:
+            if len(self._high) > MAX_REMEMBERED:
+                self._high.clear()
+            high = max(self._high.get(key, 0), value)
+            self._high[key] = high
+            return high
+
+    def _processes(self, clients: List[Dict[str, Any]]) -> Iterator[Any]:
+        """metrics_per_client = true: one series per live client (pid and session labels)."""
+        labels = ["host", "pid", "program", "session", "file"]
 
         def ident(c: Dict[str, Any]) -> List[str]:
-            return [c["host"], str(c["pid"]), c["program"], c["session"]]
+            return [c["host"], str(c["pid"]), c["program"], c["session"], c.get("file") or ""]
 
-        records = CounterMetricFamily(PREFIX + "client_records", "records received from the client", labels=labels)
-        seen = GaugeMetricFamily(PREFIX + "client_last_seen_timestamp_seconds", "when the client was last heard",
-                                 labels=labels)
-        reported = CounterMetricFamily(PREFIX + "client_reported", "counters the client reports about itself",
+        records = CounterMetricFamily(PREFIX + "process_records", "records received from one client process",
+                                      labels=labels)
+        reported = CounterMetricFamily(PREFIX + "process_reported", "counters one client process reports",
                                        labels=labels + ["counter"])
+        seen = GaugeMetricFamily(PREFIX + "process_last_seen_timestamp_seconds", "when the client was last heard",
+                                 labels=labels)
+        done = set()
         for c in clients:
+            # Two daemon entries may share the claims (another uid copied them):
+            # one series each would make the exposition invalid; the first wins.
+            key = tuple(ident(c))
+            if key in done:
+                continue
+            done.add(key)
             records.add_metric(ident(c), c["records_received"])
             seen.add_metric(ident(c), c["last_seen"])
             for name in CLIENT_REPORTED:
                 reported.add_metric(ident(c) + [name], c["reported"].get(name, 0))
-        yield records
-        yield seen
-        yield reported
+        yield from (records, reported, seen)
 
 
 class MetricsServer:
     """The HTTP endpoint; close() shuts it down."""
 
-    def __init__(self, listen: str, snapshot: Callable[[], Dict[str, Any]]) -> None:
+    def __init__(self, listen: str, snapshot: Callable[[], Dict[str, Any]], per_client: bool = False) -> None:
         if start_http_server is None:
             raise StartupError("metrics_listen needs prometheus-client: pip install 'clh-writerd[metrics]'")
         host, _, port = listen.rpartition(":")
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StatsCollector(snapshot))  # type: ignore[arg-type]
+        self.registry.register(StatsCollector(snapshot, per_client))  # type: ignore[arg-type]
         try:
             self._server, self._thread = _start(int(port), host.strip("[]"), self.registry)
         except OSError as exc:

@@ -183,6 +183,7 @@ class ConnectionGuard:
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
 RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen", "tcp_auth",
+                                 "metrics_per_client",
                                  "curve_secret_key")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
@@ -268,7 +269,7 @@ class Server:
         if cfg.metrics_listen:
             from .metrics import MetricsServer
 
-            self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot)
+            self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot, per_client=cfg.metrics_per_client)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
         if cfg.forward_target:
             from ..forward import Forwarder, options_from_config
