@@ -162,6 +162,9 @@ def test_refused_sync_records_alone_warn_once_too(start_daemon, app_process, tmp
     path = str(tmp_path / "elsewhere" / "errors.log")
     os.makedirs(os.path.dirname(path))
     app = app_process(daemon.endpoint, [{"path": path, "kwargs": FAST}])
+    # Connected first: a sync record logged while the handler is still
+    # connecting is written directly and never reaches the daemon to be refused.
+    wait_for(lambda: app.cmd("stats")["stats"][0]["state"] == "daemon", 10, "the client to connect")
     app.cmd("log 5 ERROR")
     wait_for(lambda: app.cmd("stats")["stats"][0]["state"] == "fallback", 5, "the fallback after a refused sync")
     app.cmd("log 20 ERROR")
