@@ -223,7 +223,7 @@ def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(
     after = resources(daemon.proc.pid)
     _within_bounds(daemon, during)
     _within_bounds(daemon, after)
-    _row(security_row, daemon, "floods: 3000 sync records to a locked file, 100k unread replies, 2000 reports "
+    _row(security_row, daemon, "floods: 3000 sync records to a locked file, 20k unread replies, 2000 reports "
          "x 32 unknown counters, a 100 MB endless multipart",
          f"sync records bounded by queue_batches ({QUEUE}) then busy; replies capped per peer (SNDHWM); unknown "
          "counter names ignored and counted; RSS bounded",
