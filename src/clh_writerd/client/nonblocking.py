@@ -9,6 +9,7 @@ before ``emit()`` returns.
 """
 
 import logging
+import math
 import os
 import threading
 import time
@@ -269,7 +270,9 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         # wake it explicitly.
         self._idle = not blocked and not core.lingering
         if blocked or not self._queue:  # re-check: a producer may have appended meanwhile
-            poller.poll(int(core.wait_time() * 1000))
+            # Rounded up: a sub-millisecond wait truncated to poll(0) spun,
+            # holding the GIL, until the interpreter forced a switch (5 ms).
+            poller.poll(math.ceil(core.wait_time() * 1000))
         self._idle = False
         try:
             os.read(self._wake_r, 4096)
