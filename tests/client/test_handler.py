@@ -84,7 +84,8 @@ def test_get_stats_has_every_key_and_counts_a_run_through_the_daemon(start_daemo
     assert stats["capacity"] == 5000
     assert stats["queue_depth"] == 0
     assert stats["enqueued"] == 2000
-    assert stats["sent"] == stats["acked"] == 2000
+    # 2001 when the sync record travelled behind records still queued (sync_order).
+    assert stats["sent"] == stats["acked"] in (2000, 2001)
     assert stats["sync_count"] == 1
     assert stats["dropped_count"] == stats["fallback_count"] == stats["resent"] == 0
     assert stats["sync_timeouts"] == 0

@@ -110,6 +110,7 @@ class WrappingHandler(logging.Handler):
         if self._context is not None and self.endpoint is not None:
             self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
         delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
+        delivery.renderer = self._renderer if self.opts.daemon_render else None
         self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed)
         return self._core
 

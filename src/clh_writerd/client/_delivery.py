@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from .. import protocol
 from ._options import HandlerOptions
-from ._stages import Batcher, Window, too_large
+from ._stages import Batcher, Item, Window, to_line, to_lines, too_large
 from ._stats import RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, ClientStats
 from ._transport import CONNECTED, DISCONNECTED
 
@@ -55,6 +55,9 @@ class Delivery:
         self.flushing = False  # a flush() waits: send without lingering
         self.abandoned = False  # the stop deadline passed: everything goes to the fallback
         self.transport = transport
+        # The handler's Renderer: told whether the daemon renders (protocol 2).
+        self.renderer: Optional[Any] = None
+        self.fields_ok = False
         now = clock()
         self.connect_started = now
         self.probe_at = 0.0
@@ -208,12 +211,27 @@ class Delivery:
             if not batcher.full and not hurry and now - batcher.first_at < self.s.linger:
                 return
             lines = batcher.take()
-            payload = protocol.encode_batch(self.client_id, window.next_seq, self.path, self.options, lines)
+            payload = self.encode(window.next_seq, lines)
             if not self._send(payload):
                 batcher.put_back(lines)  # written by the fallback, in order
                 return
             window.add(lines, payload)
             self.stats.sent += len(lines)
+
+    def encode(self, seq: int, items: List[Item]) -> bytes:
+        """A batch frame: field values go as they are when the daemon renders
+        (with the format of the first of them; another format's are rendered
+        here), else every item is rendered here."""
+        plan = None
+        if self.fields_ok:
+            for item in items:
+                if type(item) is not str:
+                    plan = item[0]  # type: ignore[index]
+                    break
+        if plan is None:
+            return protocol.encode_batch(self.client_id, seq, self.path, self.options, to_lines(items))
+        records = [i if type(i) is str else (i[1] if i[0] is plan else to_line(i)) for i in items]  # type: ignore[index]
+        return protocol.encode_batch(self.client_id, seq, self.path, self.options, records, format=plan.format)
 
     def _send(self, payload: bytes) -> bool:
         assert self.transport is not None
@@ -328,12 +346,16 @@ class Delivery:
         self.daemon_stopping = False
         self.liveness_deadline = None
         self.last_progress = self.clock()
+        self.fields_ok = info.get("protocol") == protocol.PROTOCOL_VERSION
         limit = info.get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             # Stay well under the daemon's frame limit (msgpack overhead).
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
             # A record the daemon would refuse (or libzmq cut off) is never sent.
             self.stats.record_limit = min(RECORD_LIMIT, limit // 2)
+        if self.renderer is not None:
+            self.renderer.limit = self.stats.record_limit
+            self.renderer.fields = self.fields_ok
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None) -> None:
         self.liveness_deadline = None

@@ -12,6 +12,7 @@ on the event loop.
 """
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, List, Optional
@@ -38,6 +39,26 @@ class Flush:
         self.release = release
 
 
+class SyncItem:
+    """A sync record queued behind the records before it (``sync_order``).
+    Whoever claims it first handles it: the sender (it travels in a batch),
+    or the waiting caller after ``sync_timeout`` (it writes it itself)."""
+
+    __slots__ = ("item", "owner")
+    _lock = threading.Lock()
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.owner = ""
+
+    def claim(self, owner: str) -> bool:
+        with self._lock:
+            if self.owner:
+                return False
+            self.owner = owner
+            return True
+
+
 class SenderCore:
     """Drives Delivery from queued items; see the module docstring."""
 
@@ -56,6 +77,9 @@ class SenderCore:
         self.retry_at = 0.0
         self.deadline: Optional[float] = None  # set by request_stop()
         self.lost = 0  # lines whose write still failed at the stop deadline
+        # True while collect() holds items between the queue and Delivery
+        # (read by callers deciding whether a sync record may skip the queue).
+        self.collecting = False
 
     # -- requests from the handler (any thread) ---------------------------------
     def request_stop(self, timeout: float) -> None:
@@ -92,6 +116,14 @@ class SenderCore:
         taken = 0
         until = None if budget is None else self.clock() + budget
         take = self.take
+        self.collecting = True
+        try:
+            return self._collect(queue, until, take)
+        finally:
+            self.collecting = False
+
+    def _collect(self, queue: Deque[Any], until: Optional[float], take: Callable[[Any], None]) -> int:
+        taken = 0
         while queue and self.accepting:
             # A run of items that cannot change ``accepting`` unless one is
             # a Flush or an oversize record: one check per run, not per item.
@@ -111,6 +143,10 @@ class SenderCore:
         if isinstance(item, Flush):
             self.flushes.append(item)
             return
+        if type(item) is SyncItem:
+            if not item.claim("sender"):
+                return  # its caller gave up waiting and wrote it
+            item = item.item
         try:
             line = self.renderer.render(item)
         except Exception:
@@ -163,6 +199,18 @@ class SenderCore:
     def drained(self) -> bool:
         return not self.pending and not self.warnings and self.delivery.drained()
 
+    @property
+    def lingering(self) -> bool:
+        """Lines wait for a batch to fill (the delivery's linger): the driver
+        will look again when it is due, without being woken."""
+        return bool(self.delivery.batcher.lines)
+
+    def idle(self, queue: Deque[Any]) -> bool:
+        """Nothing queued, being collected, pending or unacknowledged: every
+        record handed to this core is in the file (any thread may ask: the
+        order of the checks makes a record in transit count as busy)."""
+        return not queue and not self.collecting and not self.flushes and self.drained()
+
     def finished(self, queue: Deque[Any]) -> bool:
         """Stopping, and nothing is left anywhere: the driver may end."""
         return self.deadline is not None and not queue and self.drained()
@@ -188,6 +236,10 @@ class SenderCore:
             if isinstance(item, Flush):
                 self.flushes.append(item)
                 continue
+            if type(item) is SyncItem:
+                if not item.claim("sender"):
+                    continue
+                item = item.item
             try:
                 lines.append(self.renderer.render(item))
             except Exception:

@@ -72,7 +72,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         core = self._new_core()
         sockets = self._transport.sockets() if self._transport is not None else []
         self._sender = LoopSender(loop, core, self._queue, self._fallback, executor, sockets, self.stats,
-                                  self.drain_timeout)
+                                  self.drain_timeout, self.queue_size)
 
     async def __aenter__(self) -> "AsyncConcurrentHandler":
         if self._sender is None:
