@@ -25,6 +25,15 @@ import string
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+_ASCII_CHECK = hasattr(str, "isascii")  # Python 3.6 (thread client) has no str.isascii: encode there.
+
+
+def text_size(value: str) -> int:
+    """The UTF-8 size of ``value`` on the wire (ASCII needs no encoding to tell)."""
+    if _ASCII_CHECK and value.isascii():
+        return len(value)
+    return len(value.encode("utf-8", "surrogatepass"))
+
 STYLES = ("%", "{", "$")
 MAX_FORMAT_CHARS = 4096
 MAX_DATEFMT_CHARS = 256
@@ -177,7 +186,7 @@ class FieldFormat:
             kind = type(value)
             if kind is str:
                 chars += len(value)
-                wire += len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+                wire += text_size(value)
             elif kind is int:
                 if not MIN_INT <= value <= MAX_INT:
                     raise ValueError("an int value is out of range")

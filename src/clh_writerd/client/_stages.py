@@ -15,7 +15,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from .._batchwrite import CLHHandler
-from .._render import TIME_FIELD, FieldFormat
+from .._render import TIME_FIELD, FieldFormat, text_size
 from ._stats import RECORD_LIMIT
 
 DROP_WARNING_EVERY = 1000
@@ -185,16 +185,11 @@ class Renderer:
         return self.handler.formatter or logging.Formatter()
 
 
-_ASCII_CHECK = hasattr(str, "isascii")  # Python 3.6 has no str.isascii: always encode there.
-
-
 def utf8_size(line: Item) -> int:
     """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
     if type(line) is not str:
         return line[2]  # type: ignore[index,return-value]
-    if _ASCII_CHECK and line.isascii():  # type: ignore[union-attr]
-        return len(line)
-    return len(line.encode("utf-8", "surrogatepass"))  # type: ignore[union-attr]
+    return text_size(line)  # type: ignore[arg-type]
 
 
 def too_large(line: Item, limit: int = RECORD_LIMIT) -> bool:
