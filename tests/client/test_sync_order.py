@@ -8,7 +8,9 @@ import os
 
 from support import read_lines, seq_record
 
-from .test_handler import _logger, _wait_state, make_handler, sender_held  # noqa: F401 (fixture)
+from support.handlers import quiet_logger as _logger
+from support.handlers import sender_held
+from support.handlers import wait_state as _wait_state
 
 
 def _positions(path, prefix):

@@ -9,7 +9,7 @@ write through the fallback.
 """
 
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .. import protocol
 from ._options import HandlerOptions
@@ -97,10 +97,10 @@ class Delivery:
         """How many more lines the batcher takes before has_room turns false."""
         return max(0, self.s.batch_size * self.s.window - len(self.batcher.lines))
 
-    def add(self, line: str) -> None:
+    def add(self, line: Item) -> None:
         self.batcher.add(line)
 
-    def too_large(self, line: str) -> bool:
+    def too_large(self, line: Item) -> bool:
         """Whether ``line`` cannot travel to this daemon: the driver writes it
         through the fallback instead (counted as ``oversize``)."""
         return too_large(line, self.stats.record_limit)
@@ -218,7 +218,7 @@ class Delivery:
             window.add(lines, payload)
             self.stats.sent += len(lines)
 
-    def encode(self, seq: int, items: List[Item]) -> bytes:
+    def encode(self, seq: int, items: Sequence[Item]) -> bytes:
         """A batch frame: field values go as they are when the daemon renders
         (with the format of the first of them; another format's are rendered
         here), else every item is rendered here."""

@@ -2,10 +2,10 @@
 CLH handler, in this process) and the confirmed write of one sync record."""
 
 import threading
-from typing import Any, List, Optional
+from typing import Any, Optional, Sequence
 
 from .._batchwrite import BatchWriter, CLHHandler
-from ._stages import Item, to_line, to_lines, too_large
+from ._stages import Item, to_lines, too_large
 from ._stats import STATE_FALLBACK, ClientStats
 
 
@@ -19,7 +19,7 @@ class Fallback:
         self.stats = stats
         self._lock = threading.Lock()
 
-    def write(self, lines: List[Item]) -> bool:
+    def write(self, lines: Sequence[Item]) -> bool:
         """Write lines (field values are rendered here first); on error count
         it, keep last_error and return False."""
         if not lines:

@@ -12,6 +12,7 @@ import zmq
 
 from ._direct import Fallback
 from ._sender import Flush, SenderCore
+from ._stages import Item
 from ._stats import STATE_STOPPED, ClientStats
 
 log = logging.getLogger("clh_writerd.client")
@@ -59,7 +60,7 @@ class LoopSender:
         future.add_done_callback(self._direct_done)
         return future
 
-    def add_overflow(self, line: str) -> None:
+    def add_overflow(self, line: Item) -> None:
         """'nowait': one job at a time writes everything gathered so far in one
         write (one lock) through the fallback, so a daemon that is not keeping
         up is not asked once per record and the executor keeps room."""

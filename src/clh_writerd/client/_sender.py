@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Callable, Deque, List, Optional
 
 from ._delivery import Delivery
-from ._stages import Renderer
+from ._stages import Item, Renderer
 from ._stats import ClientStats
 
 log = logging.getLogger("clh_writerd.client")
@@ -113,7 +113,6 @@ class SenderCore:
         seconds of rendering, if given); return how many were taken."""
         while self.warnings:  # before a pending flush settles: they precede it
             self.delivery.add(self.warnings.popleft())
-        taken = 0
         until = None if budget is None else self.clock() + budget
         take = self.take
         self.collecting = True
@@ -225,7 +224,7 @@ class SenderCore:
             due = min(due, self.deadline - now)
         return max(0.0, due)
 
-    def salvage(self, queue: Deque[Any]) -> List[str]:
+    def salvage(self, queue: Deque[Any]) -> List[Item]:
         """The driver cannot go on (crash, loop gone): every line it still
         holds and every queued record, oldest first; releases all waiters."""
         lines = self.pending + self.delivery.take_all() + list(self.warnings)

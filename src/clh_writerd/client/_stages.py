@@ -12,7 +12,7 @@ import operator
 import sys
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .._batchwrite import CLHHandler
 from .._render import TIME_FIELD, FieldFormat, text_size
@@ -212,7 +212,7 @@ class Batcher:
         self.size = 0
         self.first_at = 0.0
 
-    def add(self, line: str) -> None:
+    def add(self, line: Item) -> None:
         if not self.lines:
             self.first_at = self.clock()
         self.lines.append(line)
@@ -271,7 +271,7 @@ class Window:
     def has_room(self) -> bool:
         return len(self) < self.size and not self.refused
 
-    def add(self, lines: List[str], payload: bytes) -> None:
+    def add(self, lines: Sequence[Item], payload: bytes) -> None:
         """A batch just sent with sequence number ``next_seq``."""
         self.batches[self.next_seq] = InFlight(lines, payload)
         self.next_seq += 1
