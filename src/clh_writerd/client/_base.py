@@ -18,7 +18,7 @@ from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
 from ._sender import SenderCore
-from ._stages import DROP_WARNING_EVERY, Renderer
+from ._stages import DROP_WARNING_EVERY, Item, Renderer
 from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
@@ -194,7 +194,7 @@ class WrappingHandler(logging.Handler):
     def _wake(self) -> None:
         """Make the sender look at its queue (subclasses)."""
 
-    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> str:
+    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> Item:
         """A WARNING line about the handler itself (drops, blocking), dated like ``near``."""
         record = logging.makeLogRecord({
             "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",

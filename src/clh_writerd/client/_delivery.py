@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from .. import protocol
 from ._options import HandlerOptions
-from ._stages import Batcher, Item, Window, to_line, to_lines, too_large
+from ._stages import Batcher, FieldPlan, Item, Window, to_line, to_lines, too_large
 from ._stats import RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, ClientStats
 from ._transport import CONNECTED, DISCONNECTED
 
@@ -112,16 +112,16 @@ class Delivery:
     def in_flight(self) -> int:
         return len(self.window)
 
-    def take_unsent(self) -> List[str]:
+    def take_unsent(self) -> List[Item]:
         """Lines batched but not sent, oldest first (they go ahead of an oversize record)."""
         return self.batcher.take_all()
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         """Every line not acknowledged, oldest first (salvage: the fallback writes them)."""
         return self.window.take_all() + self.batcher.take_all()
 
     # -- the step ------------------------------------------------------------
-    def service(self, now: float) -> List[str]:
+    def service(self, now: float) -> List[Item]:
         """Read replies, send what fits, and return lines the driver must
         write directly now, oldest first (fallback or embedded mode)."""
         if self.transport is None:
@@ -140,7 +140,7 @@ class Delivery:
             else:
                 self._send_batches(now)
             self._check_liveness(now)
-        direct: List[str] = []
+        direct: List[Item] = []
         if self.stats.state == STATE_FALLBACK:
             replayed = self.window.take_all()
             self.stats.resent += len(replayed)
@@ -222,16 +222,17 @@ class Delivery:
         """A batch frame: field values go as they are when the daemon renders
         (with the format of the first of them; another format's are rendered
         here), else every item is rendered here."""
-        plan = None
+        plan: Optional[FieldPlan] = None
         if self.fields_ok:
             for item in items:
                 if type(item) is not str:
-                    plan = item[0]  # type: ignore[index]
+                    plan = item[0]  # type: ignore[index,assignment]
                     break
         if plan is None:
-            return protocol.encode_batch(self.client_id, seq, self.path, self.options, to_lines(items))
+            return protocol.encode_batch(self.client_id, seq, self.path, self.options, list(to_lines(items)))
         records = [i if type(i) is str else (i[1] if i[0] is plan else to_line(i)) for i in items]  # type: ignore[index]
-        return protocol.encode_batch(self.client_id, seq, self.path, self.options, records, format=plan.format)
+        return protocol.encode_batch(self.client_id, seq, self.path, self.options, records,  # type: ignore[arg-type]
+                                     format=plan.format)
 
     def _send(self, payload: bytes) -> bool:
         assert self.transport is not None

@@ -38,7 +38,7 @@ class LoopSender:
         self.idle = False  # waiting with room for records: the next one must wake us
         self.stopping = False
         self.direct: "Set[asyncio.Future[Any]]" = set()  # executor writes stopping waits for
-        self.overflow: List[str] = []  # 'nowait' records waiting for their write
+        self.overflow: List[Item] = []  # 'nowait' records waiting for their write
         self.overflow_job: "Optional[asyncio.Future[Any]]" = None
         self.task = loop.create_task(self._run(sockets))
         self.task.add_done_callback(self._task_done)
@@ -101,8 +101,8 @@ class LoopSender:
 
     def salvage(self) -> bool:
         """The loop is gone or the task crashed: write what is left, here."""
-        lines, self.overflow = self.overflow, []
-        lines += self.core.salvage(self.queue)
+        lines: List[Item] = [*self.overflow, *self.core.salvage(self.queue)]
+        self.overflow = []
         self.stats.state = STATE_STOPPED
         return self.fallback.write(lines)
 
@@ -168,7 +168,7 @@ class LoopSender:
         backlog = len(self.queue) / self.queue_size
         return min(MAX_TURN_BUDGET, TURN_BUDGET * (1.0 + 8.0 * backlog))
 
-    async def _write(self, lines: List[str]) -> bool:
+    async def _write(self, lines: List[Item]) -> bool:
         """One fallback write in the executor. Cancelled meanwhile (asyncio.run
         ending), the lines are not lost: a write not started is called off and
         they go back to the core (the drain writes them, in order)."""

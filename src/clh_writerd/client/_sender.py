@@ -72,8 +72,8 @@ class SenderCore:
         self.flushes: List[Flush] = []
         # Lines about the handler itself (drops), appended from any thread;
         # they go ahead of the queue.
-        self.warnings: Deque[str] = deque()
-        self.pending: List[str] = []  # to write through the fallback, in order
+        self.warnings: Deque[Item] = deque()
+        self.pending: List[Item] = []  # to write through the fallback, in order
         self.retry_at = 0.0
         self.deadline: Optional[float] = None  # set by request_stop()
         self.lost = 0  # lines whose write still failed at the stop deadline
@@ -94,7 +94,7 @@ class SenderCore:
     def stopping(self) -> bool:
         return self.deadline is not None
 
-    def warn(self, line: str) -> None:
+    def warn(self, line: Item) -> None:
         self.warnings.append(line)
 
     # -- the driver's loop ---------------------------------------------------------
@@ -157,7 +157,7 @@ class SenderCore:
             return
         self.delivery.add(line)
 
-    def step(self) -> List[str]:
+    def step(self) -> List[Item]:
         """Read replies, send what fits, and return the lines the driver must
         write through the fallback now (then call ``written``)."""
         now = self.clock()
@@ -171,7 +171,7 @@ class SenderCore:
         lines, self.pending = self.pending, []
         return lines
 
-    def written(self, lines: List[str], ok: bool) -> None:
+    def written(self, lines: List[Item], ok: bool) -> None:
         """The fallback wrote ``lines`` (ok) or failed: keep them for a retry,
         unless the stop deadline passed."""
         if ok:
@@ -184,7 +184,7 @@ class SenderCore:
         self.put_back(lines)
         self.retry_at = now + RETRY_DELAY
 
-    def put_back(self, lines: List[str]) -> None:
+    def put_back(self, lines: List[Item]) -> None:
         """Lines handed out by step() but not written: ahead of the rest."""
         self.pending = lines + self.pending
 
@@ -227,7 +227,7 @@ class SenderCore:
     def salvage(self, queue: Deque[Any]) -> List[Item]:
         """The driver cannot go on (crash, loop gone): every line it still
         holds and every queued record, oldest first; releases all waiters."""
-        lines = self.pending + self.delivery.take_all() + list(self.warnings)
+        lines: List[Item] = [*self.pending, *self.delivery.take_all(), *self.warnings]
         self.pending = []
         self.warnings.clear()
         while queue:

@@ -124,10 +124,10 @@ def to_line(item: Item) -> str:
         return item  # type: ignore[return-value]
     from .. import protocol
 
-    return protocol.render_records(item[0].format, [item[1]])[0]  # type: ignore[index,union-attr]
+    return protocol.render_records(item[0].format, [item[1]])[0]  # type: ignore[index,union-attr,arg-type]
 
 
-def to_lines(items: List[Item]) -> List[str]:
+def to_lines(items: Sequence[Item]) -> List[str]:
     if all(type(i) is str for i in items):
         return items  # type: ignore[return-value]
     return [to_line(i) for i in items]
@@ -208,7 +208,7 @@ class Batcher:
         self.clock = clock
         self.max_records = max_records
         self.max_bytes = max_bytes
-        self.lines: List[str] = []
+        self.lines: List[Item] = []
         self.size = 0
         self.first_at = 0.0
 
@@ -222,7 +222,7 @@ class Batcher:
     def full(self) -> bool:
         return len(self.lines) >= self.max_records or self.size >= self.max_bytes
 
-    def take(self) -> List[str]:
+    def take(self) -> List[Item]:
         """Up to one batch's worth of lines, oldest first."""
         if len(self.lines) <= self.max_records and self.size <= self.max_bytes:
             lines, self.lines, self.size = self.lines, [], 0
@@ -238,11 +238,11 @@ class Batcher:
         self.size -= size
         return lines
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         lines, self.lines, self.size = self.lines, [], 0
         return lines
 
-    def put_back(self, lines: List[str]) -> None:
+    def put_back(self, lines: List[Item]) -> None:
         """Return lines taken but not sent, ahead of the rest (order kept)."""
         if lines:
             self.first_at = self.clock() if not self.lines else self.first_at
@@ -251,7 +251,7 @@ class Batcher:
 
 
 class InFlight(NamedTuple):
-    lines: List[str]
+    lines: Sequence[Item]
     payload: bytes  # kept encoded: a busy refusal sends the same bytes again
 
 
@@ -296,7 +296,7 @@ class Window:
         self.batches[seq] = batch
         self.batches.move_to_end(seq)
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         """Every unacknowledged line, in sequence order, for the fallback."""
         batches = sorted(list(self.batches.items()) + list(self.refused.items()))
         self.batches.clear()
