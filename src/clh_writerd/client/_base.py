@@ -23,6 +23,9 @@ from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
+# close(): seconds to wait for a write in progress before closing the file.
+CLOSE_WAIT = 5.0
+
 
 def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
     """(path, options, why the daemon would refuse them or ""). Bounds the
@@ -161,13 +164,22 @@ class WrappingHandler(logging.Handler):
         if self._closed:
             raise RuntimeError("handler is closed")
 
-    def _close_wrapped(self) -> None:
+    def _close_wrapped(self, close_file: bool = True) -> None:
+        """Closed for good; ``close_file=False``: the sender still writes,
+        it closes the file itself when it ends (``_close_file``)."""
         self._closed = True
         _process.unregister(self)
         try:
-            self.handler.close()
+            if close_file:
+                self._close_file()
         finally:
             super().close()
+
+    def _close_file(self) -> None:
+        """Close the wrapped handler's files once no write is in progress
+        (bounded: a write stuck on the disk leaves them open, and says so)."""
+        if not self._fallback.writer.close(timeout=CLOSE_WAIT):
+            self.stats.last_error = f"close: a write still held the file after {CLOSE_WAIT}s; left open"
 
     # -- policies shared by both handlers ------------------------------------------
     def _after_close(self, record: logging.LogRecord) -> None:
