@@ -421,7 +421,8 @@ def lag_child(kind: str, mode: str, path: str, endpoint: Optional[str], daemon_p
         async with handler:
             if endpoint is not None and kind == "sigstop":
                 await eventually(lambda: handler.get_stats()["state"] == "daemon", what="the handler to connect")
-            lags, emitted = await measure_under_load(log, "s", fault, duration)
+            # A loop blocked 50 ms per write ('block') needs few ticks to show it.
+            lags, emitted = await measure_under_load(log, "s", fault, duration, 50 if mode == "block" else 400)
             during = handler.get_stats()
             if kind == "sigstop":
                 os.kill(daemon_pid, signal.SIGCONT)
