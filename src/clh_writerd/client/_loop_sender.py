@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import time
 from concurrent.futures import Executor
 from typing import Any, Callable, Deque, List, Optional, Set
 
@@ -24,6 +25,9 @@ log = logging.getLogger("clh_writerd.client")
 # well under the 1 ms loop-lag goal.
 TURN_BUDGET = 0.0002
 MAX_TURN_BUDGET = 0.0006
+# A turn may go on rendering up to this long in all to catch up with what
+# the app queued since the last turn (a burst); under the 1 ms loop-lag goal.
+KEEP_UP_BUDGET = 0.001
 
 
 class LoopSender:
@@ -41,6 +45,7 @@ class LoopSender:
         self.direct: "Set[asyncio.Future[Any]]" = set()  # executor writes stopping waits for
         self.overflow: List[Item] = []  # 'nowait' records waiting for their write
         self.overflow_job: "Optional[asyncio.Future[Any]]" = None
+        self.seen = 0  # stats.enqueued at the last turn: what arrived since
         self.job: Optional[WriteJob] = None  # the fallback write in the executor, if any
         self.task = loop.create_task(self._run(sockets))
         self.task.add_done_callback(self._task_done)
@@ -152,7 +157,7 @@ class LoopSender:
         # One slice of rendering, then a step: a burst that keeps the queue
         # non-empty must not keep the sender from sending (or, before the
         # daemon answered, from probing it: the burst was shed as drops).
-        core.collect(queue, self.budget())
+        self._collect()
         if self.job is None:
             lines = core.step()
             if lines:
@@ -192,6 +197,26 @@ class LoopSender:
             wake.cancel()
             for waiter in waiters if cancel else ():
                 waiter.cancel()
+
+    def _collect(self) -> None:
+        """One slice of rendering; then more while it has not caught up with
+        what the app queued since the last turn, up to KEEP_UP_BUDGET in all.
+        A sender that renders less per turn than the app logs between two
+        yields falls behind until the queue is full: a burst was shed as
+        drops (measured: 2,700-3,000 of 20,000 with a yield every 200)."""
+        core, queue = self.core, self.queue
+        started = time.perf_counter()
+        arrived = self.stats.enqueued - self.seen
+        self.seen = self.stats.enqueued
+        taken = core.collect(queue, self.budget())
+        while taken < arrived and queue and core.accepting:
+            left = KEEP_UP_BUDGET - (time.perf_counter() - started)
+            if left <= 0:
+                break
+            more = core.collect(queue, left)
+            if not more:
+                break
+            taken += more
 
     def budget(self) -> float:
         """This turn's rendering budget: TURN_BUDGET, more with a backlog."""
