@@ -6,7 +6,8 @@ import sys
 from .harness import main
 
 # Each module registers its scenarios on import; add new ones here.
-SCENARIO_MODULES = ("benchmarks.ingest", "benchmarks.latency", "benchmarks.e2e", "benchmarks.aioloop")
+SCENARIO_MODULES = ("benchmarks.ingest", "benchmarks.latency", "benchmarks.e2e", "benchmarks.aioloop",
+                    "benchmarks.appcost")
 
 for _module in SCENARIO_MODULES:
     importlib.import_module(_module)

@@ -8,6 +8,12 @@ Modes (``spec["mode"]``):
 - ``coroutine``: the same calls from a coroutine under ``asyncio.run``,
   yielding to the loop (``await asyncio.sleep(0)``) every ``yield_every``
   calls, as request handlers do; every row yields the same way.
+- ``cpu``: ``calls`` untimed ``logger.info`` calls; the app process's CPU
+  (user + system, all its threads: ``getrusage(RUSAGE_SELF)``) from the
+  first call until the handler has written everything (closed: drained),
+  per record, in µs (metric ``cpu``).
+- ``error``: ``logger.error(MESSAGE, name, n)`` timed per call, a 1 ms
+  pause every 10 calls (a sync record with the default ``sync_level``).
 - ``lag``: a ticker coroutine measures how late ``asyncio.sleep(0.001)``
   wakes while a producer coroutine logs ``rate`` records/s for ``seconds``
   (``idle``: the ticker alone).
@@ -21,6 +27,7 @@ handler's documented policy, and counted by it), the handler's stats.
 
 import asyncio
 import json
+import resource
 import sys
 import time
 from typing import Any, Dict, List
@@ -49,6 +56,39 @@ def run_sync(spec: Dict[str, Any], built: Built) -> Dict[str, Any]:
         built.handler.flush()  # the warm-up's backlog must not land on the measured calls
     samples = timed_calls(info, spec["calls"], spec["warmup"])
     return {"samples": samples, "logged": spec["warmup"] + spec["calls"]}
+
+
+def run_cpu(spec: Dict[str, Any], built: Built) -> Dict[str, Any]:
+    info = new_logger("bench.cpu", built.handler).info
+    timed_calls(info, spec["warmup"])
+    if built.path is not None and hasattr(built.handler, "flush"):
+        built.handler.flush()
+    names = NAMES
+    first, calls = spec["warmup"], spec["calls"]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for i in range(calls):
+        info(MESSAGE, names[i & 63], first + i)
+    built.close()  # drains: the CPU spent writing every record is counted
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"samples": [], "metrics": {"cpu": cpu * 1e6 / calls}, "logged": first + calls, "closed": True}
+
+
+def run_error(spec: Dict[str, Any], built: Built) -> Dict[str, Any]:
+    logger = new_logger("bench.error", built.handler)
+    ns = time.perf_counter_ns
+    names = NAMES
+    error = logger.error
+    total = spec["warmup"] + spec["calls"]
+    samples = []
+    for i in range(total):
+        started = ns()
+        error(MESSAGE, names[i & 63], i)
+        if i >= spec["warmup"]:
+            samples.append(ns() - started)
+        if i % 10 == 9:
+            time.sleep(0.001)
+    return {"samples": samples, "logged": total}
 
 
 async def _coroutine_calls(info: Any, calls: int, first: int, yield_every: int) -> List[int]:
@@ -135,17 +175,23 @@ def main() -> None:
     built = build(spec["handler"], spec["dir"], spec.get("endpoint"))
     if spec["mode"] == "sync":
         result = run_sync(spec, built)
+    elif spec["mode"] == "cpu":
+        result = run_cpu(spec, built)
+    elif spec["mode"] == "error":
+        result = run_error(spec, built)
     elif spec["mode"] == "coroutine":
         result = asyncio.run(run_coroutine(spec, built))
     else:
         result = asyncio.run(run_lag(spec, built))
-    built.close()  # drains (async handlers are already closed: a no-op)
+    if not result.get("closed"):
+        built.close()  # drains (async handlers are already closed: a no-op)
     stats = built.stats()
     lines = count_lines(built.path) if built.path is not None else None
     dropped = int(stats.get("dropped_count", 0))
     # Dropping writes a warning line every DROP_WARNING_EVERY drops.
     expected = result["logged"] - dropped + dropped // DROP_WARNING_EVERY
-    out = {"percentiles": percentiles(result["samples"]), "samples": len(result["samples"]),
+    out = {"percentiles": result.get("metrics") or percentiles(result["samples"]),
+           "samples": len(result["samples"]) or result["logged"],
            "seconds": sum(result["samples"]) / 1e9,
            "logged": result["logged"], "lines": lines, "dropped": dropped,
            "files": len(log_files(built.path)) if built.path else 0,

@@ -89,6 +89,9 @@ class Goal:
     metric: Optional[str] = None
     max_value: Optional[float] = None
     max_ratio: Optional[float] = None
+    # With ``metric`` and ``max_ratio``: compare with this row instead of
+    # the row's own baseline (e.g. "<= half of FileHandler's CPU").
+    against: Optional[str] = None
 
     def describe(self) -> str:
         parts = []
@@ -99,7 +102,7 @@ class Goal:
         if self.max_value is not None:
             parts.append(f"{self.metric} <= {self.max_value:g}")
         if self.max_ratio is not None:
-            parts.append(f"{self.metric} <= {self.max_ratio:g}x its baseline")
+            parts.append(f"{self.metric} <= {self.max_ratio:g}x " + (self.against or "its baseline"))
         return f"{self.row}: " + " and ".join(parts)
 
 
@@ -211,6 +214,10 @@ def check_goals(spec: Scenario, summaries: List[Summary]) -> List[Dict[str, Any]
             met = met and s.ratio is not None and s.ratio >= goal.min_ratio
         value = s.metrics.get(goal.metric) if s is not None and goal.metric else None
         metric_ratio = s.ratios.get(goal.metric) if s is not None and goal.metric else None
+        if goal.against is not None and s is not None and goal.metric:
+            other = by_name.get(goal.against)
+            ref = other.metrics.get(goal.metric) if other is not None else None
+            metric_ratio = value / ref if value is not None and ref else None
         if goal.max_value is not None:
             met = met and value is not None and value <= goal.max_value
         if goal.max_ratio is not None:

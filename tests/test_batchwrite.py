@@ -493,3 +493,31 @@ def test_strict_encoding_drops_only_the_unencodable_lines(tmp_path):
                        ["plain 1", "caf\u00e9 2", "plain 3"])
     assert result.skipped == 1
     assert path.read_bytes() == b"plain 1\nplain 3\n"
+
+
+def test_close_waits_for_a_write_in_progress_and_later_writes_still_go_through(tmp_path):
+    """CLH's close() under another thread's write made that write skip
+    releasing CLH's thread lock: every later write of the process hung."""
+    entered, gate = threading.Event(), threading.Event()
+
+    class StuckCLH(ConcurrentRotatingFileHandler):
+        def do_write(self, msg):
+            entered.set()
+            gate.wait(10)
+            super().do_write(msg)
+
+    path = str(tmp_path / "app.log")
+    writer = BatchWriter(StuckCLH(path))
+    first = threading.Thread(target=writer.write, args=(["first"],), daemon=True)
+    first.start()
+    assert entered.wait(10)
+    assert writer.close(timeout=0.05) is False  # the write holds the file: left open
+    gate.set()
+    first.join(10)
+    assert writer.close(timeout=5) is True
+    later = threading.Thread(target=writer.write, args=(["later"],), daemon=True)
+    later.start()
+    later.join(10)  # hung forever with an unguarded close
+    assert not later.is_alive()
+    writer.close()
+    assert read_lines(path) == ["first", "later"]

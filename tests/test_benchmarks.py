@@ -135,3 +135,34 @@ def test_chart_newest_skips_quick_runs(tmp_path):
     write("20260101-000000-latency+e2e.json", ["latency", "e2e"])
     assert [os.path.basename(p) for p in newest_results(str(tmp_path))] == [
         "20260101-000000-latency+e2e.json", "20260102-000000-ingest.json"]
+
+
+# The issue-16 scenarios (app CPU, sync records, asyncio burst) at --quick
+# size in one run: their rows and metrics are there (speed never asserted).
+ISSUE16_ROWS = {
+    "cpu": ({"cpu"}, ("no-op handler (floor)", "FileHandler", "CLH direct", "QueueHandler+QueueListener",
+                      "NonBlocking, daemon", "NonBlocking, endpoint=None")),
+    "sync": ({"p50", "p99", "p99.9", "max"}, ("CLH direct, logger.error", "NonBlocking sync, daemon")),
+    "burst": ({"p50", "p99", "max", "dropped"}, ("Async, daemon, yield every 200",)),
+}
+
+
+@pytest.mark.e2e
+def test_quick_app_cost_scenarios_print_their_rows(tmp_path):
+    out = tmp_path / "results"
+    args = [arg for name in ISSUE16_ROWS for arg in ("--scenario", name)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", *args, "--runs", "1", "--output", str(out),
+         "--dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = list(out.glob("*.json"))
+    doc = json.loads(result.read_text())
+    for scenario in doc["scenarios"]:
+        metrics, rows = ISSUE16_ROWS[scenario["scenario"]]
+        medians = {row["name"]: row for row in scenario["median"]}
+        assert set(medians) == set(rows), scenario["scenario"]
+        for row in medians.values():
+            assert metrics <= set(row["metrics"]) and row["metrics"][sorted(metrics)[0]] >= 0
+        assert scenario["goals"]

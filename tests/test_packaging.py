@@ -51,8 +51,6 @@ def test_the_units_documentation_is_an_installed_guide_linked_by_the_install_ste
     assert f'ln -s "$(clh-writerd docs --path)" {directory}' in steps
 
 
-@pytest.mark.xfail(strict=True, reason="the 2026-11-26 benchmark runs the README cites were never committed "
-                                       "(benchmarks/results/ was git-ignored); rerun `make bench` and commit")
 def test_benchmark_results_the_readme_cites_are_in_the_repository():
     readme = (REPO / "README.md").read_text()
     cited = set(re.findall(r"(\d{8}-\d{6}-[\w+]+\.json)", readme))

@@ -411,7 +411,7 @@ CORPUS = {
     "v is true": (msgpack.packb({"v": True, "type": "ping"}), E_MALFORMED),
     "v is a float": (msgpack.packb({"v": 1.0, "type": "ping"}), E_MALFORMED),
     "v is 0": (msgpack.packb({"v": 0, "type": "ping"}), E_VERSION),
-    "v is 2": (msgpack.packb({"v": 2, "type": "ping"}), E_VERSION),
+    "v is 3": (msgpack.packb({"v": 3, "type": "ping"}), E_VERSION),
     "v is -1": (msgpack.packb({"v": -1, "type": "ping"}), E_VERSION),
     "v is huge": (msgpack.packb({"v": 2**64 - 1, "type": "ping"}), E_VERSION),
 }

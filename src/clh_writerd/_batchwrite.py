@@ -155,8 +155,24 @@ class BatchWriter:
         os.fsync(stream.fileno())
         return True
 
-    def close(self) -> None:
-        self.handler.close()
+    def close(self, timeout: float = 5.0) -> bool:
+        """Close the handler's log and lock files, never under another
+        thread's write: CLH's close() drops the lock file without its thread
+        lock, so a write in progress then skips releasing that lock and
+        every later write of the process waits for it forever. Waits up to
+        ``timeout`` for such a write; False if it did not end (the files are
+        left open: a stuck write keeps a consistent lock state)."""
+        lock = getattr(self._clh, "_thread_lock", None)
+        if lock is None:  # not the CLH this seam was written against: close as it is
+            self.handler.close()
+            return True
+        if not lock.acquire(timeout=timeout):
+            return False
+        try:
+            self.handler.close()
+        finally:
+            lock.release()
+        return True
 
     def reopen(self) -> None:
         """Close the log and lock streams (outside write()); the next write opens them again."""

@@ -13,11 +13,20 @@ import os
 import socket
 import sys
 import uuid
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+from ._render import FieldFormat
+
+# Version 2 adds the "fields" render mode (the daemon renders the line);
+# every other message keeps version 1's shape and is still sent as
+# version 1, so a version-1 daemon answers this client's pings and a
+# version-1 client talks to this daemon unchanged. A daemon tells the
+# version it speaks in its ping reply (``protocol``).
+PROTOCOL_VERSION = 2
+LINES_VERSION = 1
+SUPPORTED_VERSIONS = (1, 2)
 
 # -- limits ---------------------------------------------------------------
 # One frame may hold at most this many bytes; the daemon also sets it as
@@ -52,7 +61,16 @@ T_OK = "ok"
 T_ERROR = "error"
 
 RENDER_LINES = "lines"  # records are formatted lines without terminator
-RENDER_MODES = (RENDER_LINES,)
+# Version 2: the batch carries a ``format`` (a stock logging.Formatter as
+# data, see _render.FieldFormat) and each record is either a formatted line
+# (rendered by the client: exc_info, a value the daemon cannot reproduce) or
+# the list of the format's field values, rendered by the daemon.
+RENDER_FIELDS = "fields"
+RENDER_MODES = (RENDER_LINES, RENDER_FIELDS)
+# Validated formats, by their wire form: a client sends the same one in
+# every batch, and validating it each time would cost more than rendering.
+MAX_CACHED_FORMATS = 256
+_formats: Dict[Tuple[Any, ...], FieldFormat] = {}
 
 # -- stable error codes ---------------------------------------------------
 E_MALFORMED = "malformed"  # not msgpack, wrong shape, wrong types
@@ -184,13 +202,21 @@ class ClientId(NamedTuple):
     session: str
 
 
+Record = Union[str, List[Any]]  # a line, or field values (render "fields")
+
+
 class Batch(NamedTuple):
     client: ClientId
     seq: int
     path: str
     options: Dict[str, Any]
     render: str
-    records: List[str]
+    records: List[Record]
+    format: Optional[FieldFormat] = None  # render "fields" only
+
+    def lines(self, on_error: Optional[Callable[[], None]] = None) -> List[str]:
+        """The records as lines (the daemon renders field values here)."""
+        return render_records(self.format, self.records, on_error)
 
 
 class SyncRecord(NamedTuple):
@@ -199,7 +225,39 @@ class SyncRecord(NamedTuple):
     path: str
     options: Dict[str, Any]
     render: str
-    record: str
+    record: Record
+    format: Optional[FieldFormat] = None
+
+    def lines(self, on_error: Optional[Callable[[], None]] = None) -> List[str]:
+        return render_records(self.format, [self.record], on_error)
+
+
+def render_records(fmt: Optional[FieldFormat], records: List[Record],
+                   on_error: Optional[Callable[[], None]] = None) -> List[str]:
+    """Lines from records: field values through ``fmt``. A record the format
+    cannot render (a ``%d`` given a string: the client's formatter would
+    have raised too) becomes a line saying so, with its values: never lost."""
+    if fmt is None:
+        return records  # type: ignore[return-value]
+    out: List[str] = []
+    for record in records:
+        if type(record) is str:
+            out.append(record)
+            continue
+        try:
+            out.append(fmt.render(record))
+        except Exception as exc:
+            out.append(render_error_line(exc, record))
+            if on_error is not None:
+                on_error()
+    return out
+
+
+RENDER_ERROR_PREFIX = "clh-writerd: cannot render a record"
+
+
+def render_error_line(exc: BaseException, values: Any) -> str:
+    return f"{RENDER_ERROR_PREFIX} ({type(exc).__name__}: {exc}): {values!r}"[:MAX_RECORD_BYTES // 16]
 
 
 class StatsRequest(NamedTuple):
@@ -292,20 +350,22 @@ def encode_batch(
     seq: int,
     path: str,
     options: Mapping[str, Any],
-    records: List[str],
+    records: List[Record],
     render: str = RENDER_LINES,
+    format: Optional[FieldFormat] = None,
 ) -> bytes:
-    return msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "type": T_BATCH,
-            "client": _client_map(client),
-            "seq": seq,
-            "file": _file_map(path, options),
-            "render": render,
-            "records": records,
-        }
-    )
+    msg = {
+        "v": LINES_VERSION,
+        "type": T_BATCH,
+        "client": _client_map(client),
+        "seq": seq,
+        "file": _file_map(path, options),
+        "render": render,
+        "records": records,
+    }
+    if format is not None:
+        msg.update(v=PROTOCOL_VERSION, render=RENDER_FIELDS, format=format.wire())
+    return msgpack.packb(msg)
 
 
 def encode_sync(
@@ -313,35 +373,37 @@ def encode_sync(
     id: int,
     path: str,
     options: Mapping[str, Any],
-    record: str,
+    record: Record,
     render: str = RENDER_LINES,
+    format: Optional[FieldFormat] = None,
 ) -> bytes:
-    return msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "type": T_SYNC,
-            "client": _client_map(client),
-            "id": id,
-            "file": _file_map(path, options),
-            "render": render,
-            "record": record,
-        }
-    )
+    msg = {
+        "v": LINES_VERSION,
+        "type": T_SYNC,
+        "client": _client_map(client),
+        "id": id,
+        "file": _file_map(path, options),
+        "render": render,
+        "record": record,
+    }
+    if format is not None:
+        msg.update(v=PROTOCOL_VERSION, render=RENDER_FIELDS, format=format.wire())
+    return msgpack.packb(msg)
 
 
 def encode_stats_request(id: int = 0) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_STATS, "id": id})
+    return msgpack.packb({"v": LINES_VERSION, "type": T_STATS, "id": id})
 
 
 def encode_ping(id: int = 0) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_PING, "id": id})
+    return msgpack.packb({"v": LINES_VERSION, "type": T_PING, "id": id})
 
 
 def encode_report(client: ClientId, counters: Mapping[str, int], id: int = 0, state: Optional[str] = None,
                   file: Optional[str] = None, error: Optional[str] = None, final: bool = False) -> bytes:
     """A client's report about itself; the optional keys are left out when
     not given (an older daemon ignores them anyway)."""
-    msg: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": T_REPORT, "client": _client_map(client), "id": id,
+    msg: Dict[str, Any] = {"v": LINES_VERSION, "type": T_REPORT, "client": _client_map(client), "id": id,
                            "counters": dict(counters)}
     if state is not None:
         msg["state"] = state
@@ -354,16 +416,17 @@ def encode_report(client: ClientId, counters: Mapping[str, int], id: int = 0, st
     return msgpack.packb(msg)
 
 
+# Replies keep version 1's shape and number: a version-1 client reads them.
 def encode_ack(seq: int) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_ACK, "seq": seq})
+    return msgpack.packb({"v": LINES_VERSION, "type": T_ACK, "seq": seq})
 
 
 def encode_ok(id: int = 0, data: Optional[Mapping[str, Any]] = None) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "type": T_OK, "id": id, "data": dict(data or {})})
+    return msgpack.packb({"v": LINES_VERSION, "type": T_OK, "id": id, "data": dict(data or {})})
 
 
 def encode_error(code: str, message: str, seq: Optional[int] = None, id: Optional[int] = None) -> bytes:
-    msg: Dict[str, Any] = {"v": PROTOCOL_VERSION, "type": T_ERROR, "code": code, "message": message[:1000]}
+    msg: Dict[str, Any] = {"v": LINES_VERSION, "type": T_ERROR, "code": code, "message": message[:1000]}
     if seq is not None:
         msg["seq"] = seq
     if id is not None:
@@ -400,8 +463,9 @@ def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES) -> Dict
     version = obj.get("v")
     if type(version) is not int:
         raise ProtocolError(E_MALFORMED, "missing protocol version 'v'")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(E_VERSION, f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION})")
+    if version not in SUPPORTED_VERSIONS:
+        raise ProtocolError(E_VERSION, f"protocol version {version} is not supported (this side speaks "
+                                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
     return obj
 
 
@@ -446,16 +510,46 @@ def _file(obj: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
     return path, options
 
 
-def _render(obj: Mapping[str, Any]) -> str:
+def _render(obj: Mapping[str, Any]) -> Tuple[str, Optional[FieldFormat]]:
     render = _field(obj, "render", str)
     if render not in RENDER_MODES:
         raise ProtocolError(E_MALFORMED, f"render mode {render!r} is not one of {RENDER_MODES}")
-    return render
+    if render == RENDER_LINES:
+        return render, None
+    if obj["v"] < 2:
+        raise ProtocolError(E_MALFORMED, "render mode 'fields' needs protocol version 2")
+    return render, check_format(obj.get("format"))
 
 
-def _check_record(record: Any) -> str:
-    if type(record) is not str:
-        raise ProtocolError(E_MALFORMED, "a record must be a string")
+def check_format(spec: Any) -> FieldFormat:
+    """A validated FieldFormat from its wire form (cached); ProtocolError if refused."""
+    if type(spec) is not dict:
+        raise ProtocolError(E_MALFORMED, "field 'format' must be a map")
+    try:
+        key = tuple(spec.get(k) for k in ("style", "fmt", "datefmt", "tfmt", "mfmt")) + (len(spec),)
+        cached = _formats.get(key)
+        if cached is not None:
+            return cached
+        fmt = FieldFormat.from_wire(spec)
+    except (ValueError, TypeError) as exc:  # TypeError: an unhashable value in the key
+        raise ProtocolError(E_MALFORMED, f"format refused: {exc}") from None
+    if len(_formats) >= MAX_CACHED_FORMATS:
+        _formats.clear()
+    _formats[key] = fmt
+    return fmt
+
+
+def _check_record(record: Any, fmt: Optional[FieldFormat] = None) -> Record:
+    if type(record) is str:
+        return record
+    if fmt is None or type(record) is not list:
+        raise ProtocolError(E_MALFORMED, "a record must be a string" + (" or a list" if fmt else ""))
+    try:
+        size = fmt.bound(record)
+    except ValueError as exc:
+        raise ProtocolError(E_MALFORMED, f"record values refused: {exc}") from None
+    if size > MAX_RECORD_BYTES:
+        raise ProtocolError(E_TOO_LARGE, f"a record may render to more than {MAX_RECORD_BYTES} bytes")
     return record
 
 
@@ -487,14 +581,16 @@ def decode_request(data: bytes) -> Request:
     kind = obj.get("type")
     if kind == T_BATCH:
         records = _field(obj, "records", list)
+        render, fmt = _render(obj)
         for record in records:
-            _check_record(record)
+            _check_record(record, fmt)
         path, options = _file(obj)
-        return Batch(_client(obj), _int_field(obj, "seq"), path, options, _render(obj), records)
+        return Batch(_client(obj), _int_field(obj, "seq"), path, options, render, records, fmt)
     if kind == T_SYNC:
         path, options = _file(obj)
-        record = _check_record(obj.get("record"))
-        return SyncRecord(_client(obj), _int_field(obj, "id"), path, options, _render(obj), record)
+        render, fmt = _render(obj)
+        record = _check_record(obj.get("record"), fmt)
+        return SyncRecord(_client(obj), _int_field(obj, "id"), path, options, render, record, fmt)
     if kind == T_STATS:
         return StatsRequest(_int_field(obj, "id", 0))
     if kind == T_PING:
@@ -535,7 +631,8 @@ def decode_reply(data: bytes) -> Reply:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
+    "PROTOCOL_VERSION", "LINES_VERSION", "SUPPORTED_VERSIONS", "RENDER_LINES", "RENDER_FIELDS",
+    "FieldFormat", "check_format", "render_records", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
     "MAX_PATH_BYTES", "MAX_NAME_CHARS", "ProtocolError", "ClientId", "Batch", "SyncRecord",
     "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",
     "FILE_OPTIONS", "REPORT_COUNTERS", "REPORT_STATES", "check_file_options", "options_key", "new_client_id", "default_endpoint",

@@ -403,8 +403,11 @@ def lag_child(kind: str, mode: str, path: str, endpoint: Optional[str], daemon_p
         if kind == "slow-disk":
             clh = SlowCLH(path, maxBytes=workers.MAX_BYTES, backupCount=workers.BACKUP_COUNT, use_gzip=True)
             clh.setFormatter(logging.Formatter("%(message)s"))
-            handler = AsyncConcurrentHandler(clh, endpoint=endpoint, queue_size=500, fallback_mode=mode,
-                                             connect_timeout=0.2)
+            # 'block' (the negative control) must fill its queue: the sender
+            # renders while a write is in the executor, so it may hold only
+            # one small batch, or the 50 ms writes keep up with the load.
+            small = {"queue_size": 100, "batch_size": 100, "window": 1} if mode == "block" else {"queue_size": 500}
+            handler = AsyncConcurrentHandler(clh, endpoint=endpoint, fallback_mode=mode, connect_timeout=0.2, **small)
             fault: Callable[[], Any] = lambda: None
             duration = 1.5
         else:
@@ -418,7 +421,8 @@ def lag_child(kind: str, mode: str, path: str, endpoint: Optional[str], daemon_p
         async with handler:
             if endpoint is not None and kind == "sigstop":
                 await eventually(lambda: handler.get_stats()["state"] == "daemon", what="the handler to connect")
-            lags, emitted = await measure_under_load(log, "s", fault, duration)
+            # A loop blocked 50 ms per write ('block') needs few ticks to show it.
+            lags, emitted = await measure_under_load(log, "s", fault, duration, 50 if mode == "block" else 400)
             during = handler.get_stats()
             if kind == "sigstop":
                 os.kill(daemon_pid, signal.SIGCONT)

@@ -229,10 +229,14 @@ def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path,
     daemon = start_daemon()
     path = os.path.join(daemon.log_dir, "app.log")
     kwargs: Dict[str, Any] = {"endpoint": daemon.endpoint}
+    freeze = 2.0
     if ack_timeout is not None:
         # Shorter than the freeze: the clients give up on the daemon and write
         # their windows themselves; the daemon writes its copies on SIGCONT.
+        # Giving up takes ack_timeout, then as long again for the unanswered
+        # ping: the freeze lasts a second more (2 s was a race with it).
         kwargs["ack_timeout"] = ack_timeout
+        freeze = 2 * ack_timeout + 1.0
     with Load(tmp_path, path, kwargs) as load:
         load.wait_each_logged(2000)
         wait_for(lambda: daemon_has_written(daemon, path), what="the daemon to write records")
@@ -240,7 +244,7 @@ def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path,
         try:
             frozen_at = load.counts()
             # The fault's length is the scenario's input, not a synchronisation.
-            time.sleep(2.0)
+            time.sleep(freeze)
         finally:
             daemon.send_signal(signal.SIGCONT)
         load.wait_each_logged(2000, since=frozen_at)
@@ -248,10 +252,10 @@ def test_sigstop_under_load_then_sigcont_nothing_missing(start_daemon, tmp_path,
     stop_daemon(daemon)
 
     report = check_family(path, results)
-    guarantee(f"D. SIGSTOP 2 s (ack_timeout {ack_timeout or 'default'})",
-              "daemon frozen (SIGSTOP) for 2 s under load from 8 processes, then SIGCONT",
+    guarantee(f"D. SIGSTOP {freeze:g} s (ack_timeout {ack_timeout or 'default'})",
+              f"daemon frozen (SIGSTOP) for {freeze:g} s under load from 8 processes, then SIGCONT",
               report.expected, report.missing_count, report.duplicates)
-    report_duplicates(f"sigstop 2s, ack_timeout={ack_timeout or 'default'}", report, results)
+    report_duplicates(f"sigstop {freeze:g}s, ack_timeout={ack_timeout or 'default'}", report, results)
     report.assert_complete(allow_duplicates=True)
     assert report.duplicates <= total_resent(results), "duplicates not accounted for by `resent`"
     if ack_timeout is not None:

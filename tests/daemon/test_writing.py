@@ -9,6 +9,7 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List
 
+import zmq
 from support import (
     check_sequences,
     family_files,
@@ -322,3 +323,43 @@ def test_failed_write_is_not_acked_and_leaves_whole_lines(start_daemon, raw_clie
     check_sequences(read_lines(other), {"s": 10}).assert_complete()
     daemon.wait_ready(timeout=10)
     assert "write to" in daemon.stderr() and "failed" in daemon.stderr()
+
+
+def _v1(message: dict) -> bytes:
+    """A frame exactly as a version-1 client (clh-writerd before protocol 2)
+    encoded it: ``v: 1`` and render mode ``lines``."""
+    import msgpack
+
+    return msgpack.packb({"v": 1, **message})
+
+
+def test_a_version_1_client_is_served_by_this_daemon(start_daemon, raw_client):
+    """docs/protocol.md, Versioning: a version-2 daemon accepts version-1
+    batches, sync records and pings and answers them in version 1's shapes."""
+    import msgpack
+
+    daemon = start_daemon()
+    client = raw_client(daemon.endpoint)
+    path = os.path.join(daemon.log_dir, "old-client.log")
+    who = {"host": "h", "pid": 1, "program": "v1-client", "session": "s"}
+    file = {"path": path, "options": {}}
+    client.send_raw(_v1({"type": "ping", "id": 7}))
+    pong = client.recv()
+    assert isinstance(pong, protocol.Ok) and pong.id == 7 and pong.data["protocol"] == protocol.PROTOCOL_VERSION
+    for seq in range(1, 4):
+        records = [seq_record("old", (seq - 1) * 10 + i) for i in range(10)]
+        client.send_raw(_v1({"type": "batch", "client": who, "seq": seq, "file": file, "render": "lines",
+                             "records": records}))
+        reply = client.recv()
+        assert isinstance(reply, protocol.Ack) and reply.seq == seq, reply
+    req = client._socket(zmq.REQ)
+    try:
+        req.connect(daemon.endpoint)
+        req.send(_v1({"type": "sync", "client": who, "id": 9, "file": file, "render": "lines",
+                      "record": seq_record("old", 30)}))
+        assert req.poll(10_000)
+        raw = msgpack.unpackb(req.recv())
+    finally:
+        req.close()
+    assert raw["v"] == 1 and raw["type"] == "ok" and raw["id"] == 9, raw  # version 1's reply shape
+    check_sequences(read_lines(path), {"old": 31}).assert_complete()

@@ -18,10 +18,13 @@ from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
 from ._sender import SenderCore
-from ._stages import DROP_WARNING_EVERY, Renderer
+from ._stages import DROP_WARNING_EVERY, Item, Renderer
 from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
+
+# close(): seconds to wait for a write in progress before closing the file.
+CLOSE_WAIT = 5.0
 
 
 # The logger a handler says things about itself on (never handled by one of ours).
@@ -122,6 +125,7 @@ class WrappingHandler(logging.Handler):
         if self._context is not None and self.endpoint is not None:
             self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
         delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
+        delivery.renderer = self._renderer if self.opts.daemon_render else None
         self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed, summary=self.get_stats)
         return self._core
 
@@ -178,13 +182,22 @@ class WrappingHandler(logging.Handler):
         if self._closed:
             raise RuntimeError("handler is closed")
 
-    def _close_wrapped(self) -> None:
+    def _close_wrapped(self, close_file: bool = True) -> None:
+        """Closed for good; ``close_file=False``: the sender still writes,
+        it closes the file itself when it ends (``_close_file``)."""
         self._closed = True
         _process.unregister(self)
         try:
-            self.handler.close()
+            if close_file:
+                self._close_file()
         finally:
             super().close()
+
+    def _close_file(self) -> None:
+        """Close the wrapped handler's files once no write is in progress
+        (bounded: a write stuck on the disk leaves them open, and says so)."""
+        if not self._fallback.writer.close(timeout=CLOSE_WAIT):
+            self.stats.last_error = f"close: a write still held the file after {CLOSE_WAIT}s; left open"
 
     # -- policies shared by both handlers ------------------------------------------
     def _after_close(self, record: logging.LogRecord) -> None:
@@ -214,7 +227,7 @@ class WrappingHandler(logging.Handler):
     def _wake(self) -> None:
         """Make the sender look at its queue (subclasses)."""
 
-    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> str:
+    def _warning_line(self, near: logging.LogRecord, msg: str, *args: Any) -> Item:
         """A WARNING line about the handler itself (drops, blocking), dated like ``near``."""
         record = logging.makeLogRecord({
             "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",

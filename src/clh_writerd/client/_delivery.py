@@ -11,12 +11,12 @@ write through the fallback.
 import logging
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, Window, too_large
+from ._stages import Batcher, FieldPlan, Item, Window, to_line, to_lines, too_large
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
@@ -68,6 +68,9 @@ class Delivery:
         self.flushing = False  # a flush() waits: send without lingering
         self.abandoned = False  # the stop deadline passed: everything goes to the fallback
         self.transport = transport
+        # The handler's Renderer: told whether the daemon renders (protocol 2).
+        self.renderer: Optional[Any] = None
+        self.fields_ok = False
         now = clock()
         self.connect_started = now
         self.probe_at = 0.0
@@ -125,10 +128,10 @@ class Delivery:
         """How many more lines the batcher takes before has_room turns false."""
         return max(0, self.s.batch_size * self.s.window - len(self.batcher.lines))
 
-    def add(self, line: str) -> None:
+    def add(self, line: Item) -> None:
         self.batcher.add(line)
 
-    def too_large(self, line: str) -> bool:
+    def too_large(self, line: Item) -> bool:
         """Whether ``line`` cannot travel to this daemon: the driver writes it
         through the fallback instead (counted as ``oversize``)."""
         return too_large(line, self.stats.record_limit)
@@ -140,16 +143,16 @@ class Delivery:
     def in_flight(self) -> int:
         return len(self.window)
 
-    def take_unsent(self) -> List[str]:
+    def take_unsent(self) -> List[Item]:
         """Lines batched but not sent, oldest first (they go ahead of an oversize record)."""
         return self.batcher.take_all()
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         """Every line not acknowledged, oldest first (salvage: the fallback writes them)."""
         return self.window.take_all() + self.batcher.take_all()
 
     # -- the step ------------------------------------------------------------
-    def service(self, now: float) -> List[str]:
+    def service(self, now: float) -> List[Item]:
         """Read replies, send what fits, and return lines the driver must
         write directly now, oldest first (fallback or embedded mode)."""
         if self.transport is None:
@@ -170,7 +173,7 @@ class Delivery:
             else:
                 self._send_batches(now)
             self._check_liveness(now)
-        direct: List[str] = []
+        direct: List[Item] = []
         if self.stats.state == STATE_FALLBACK:
             replayed = self.window.take_all()
             self.stats.resent += len(replayed)
@@ -244,12 +247,28 @@ class Delivery:
             if not batcher.full and not hurry and now - batcher.first_at < self.s.linger:
                 return
             lines = batcher.take()
-            payload = protocol.encode_batch(self.client_id, window.next_seq, self.path, self.options, lines)
+            payload = self.encode(window.next_seq, lines)
             if not self._send(payload):
                 batcher.put_back(lines)  # written by the fallback, in order
                 return
             window.add(lines, payload)
             self.stats.sent += len(lines)
+
+    def encode(self, seq: int, items: Sequence[Item]) -> bytes:
+        """A batch frame: field values go as they are when the daemon renders
+        (with the format of the first of them; another format's are rendered
+        here), else every item is rendered here."""
+        plan: Optional[FieldPlan] = None
+        if self.fields_ok:
+            for item in items:
+                if type(item) is not str:
+                    plan = item[0]  # type: ignore[index,assignment]
+                    break
+        if plan is None:
+            return protocol.encode_batch(self.client_id, seq, self.path, self.options, list(to_lines(items)))
+        records = [i if type(i) is str else (i[1] if i[0] is plan else to_line(i)) for i in items]  # type: ignore[index]
+        return protocol.encode_batch(self.client_id, seq, self.path, self.options, records,  # type: ignore[arg-type]
+                                     format=plan.format)
 
     def _send(self, payload: bytes) -> bool:
         assert self.transport is not None
@@ -391,12 +410,16 @@ class Delivery:
         # previous one was told (a restarted daemon knows nothing).
         self.reported = None
         self.report_at = 0.0
+        self.fields_ok = info.get("protocol") == protocol.PROTOCOL_VERSION
         limit = info.get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             # Stay well under the daemon's frame limit (msgpack overhead).
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
             # A record the daemon would refuse (or libzmq cut off) is never sent.
             self.stats.record_limit = min(RECORD_LIMIT, limit // 2)
+        if self.renderer is not None:
+            self.renderer.limit = self.stats.record_limit
+            self.renderer.fields = self.fields_ok
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None,
                         kind: str = _notices.NO_DAEMON) -> None:

@@ -2,10 +2,10 @@
 CLH handler, in this process) and the confirmed write of one sync record."""
 
 import threading
-from typing import Any, List, Optional
+from typing import Any, Optional, Sequence
 
 from .._batchwrite import BatchWriter, CLHHandler
-from ._stages import too_large
+from ._stages import Item, to_lines, too_large
 from ._stats import STATE_FALLBACK, ClientStats
 
 
@@ -19,12 +19,13 @@ class Fallback:
         self.stats = stats
         self._lock = threading.Lock()
 
-    def write(self, lines: List[str]) -> bool:
-        """Write lines; on error count it, keep last_error and return False."""
+    def write(self, lines: Sequence[Item]) -> bool:
+        """Write lines (field values are rendered here first); on error count
+        it, keep last_error and return False."""
         if not lines:
             return True
         try:
-            self.writer.write(lines)
+            self.writer.write(to_lines(lines))
         except Exception as exc:
             with self._lock:
                 self.stats.write_errors += 1
@@ -44,7 +45,7 @@ class Confirmed:
         self.fallback = fallback
         self.stats = stats
 
-    def write(self, line: str) -> None:
+    def write(self, line: Item) -> None:
         """Raises OSError when even the fallback could not write the line."""
         if self.sync is not None and self.stats.state != STATE_FALLBACK:
             if too_large(line, self.stats.record_limit):

@@ -181,6 +181,12 @@ class HandlerOptions:
                                      " else INFO); 0 = off", _seconds)
     level: int = option(logging.NOTSET, "the handler's level (a number or a name)", convert=parse_level)
     autostart: bool = option(True, "start the sender thread in the constructor", _flag, handlers=(THREAD,))
+    sync_order: bool = option(True, "a sync record waits for the records queued before it (order kept); "
+                              "`False`: it bypasses the queue (lower latency, may overtake them)", _flag,
+                              handlers=(THREAD,))
+    daemon_render: bool = option(True, "a daemon speaking protocol 2 renders the lines of a stock "
+                                 "`logging.Formatter` (byte-identical); `False`: the client renders every line",
+                                 _flag)
     daemon_user: Optional[str] = option(None, "ipc: the user the daemon runs as (name or uid); a socket directory it"
                                         " owns is trusted, as are this user's and root's", convert=from_env(
                                             "CLH_WRITERD_DAEMON_USER"), shown="`$CLH_WRITERD_DAEMON_USER`")

@@ -12,13 +12,14 @@ on the event loop.
 """
 
 import logging
+import threading
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import _notices
 from ._delivery import Delivery
-from ._stages import Renderer
+from ._stages import Item, Renderer
 from ._stats import ClientStats
 
 log = logging.getLogger("clh_writerd.client")
@@ -39,6 +40,26 @@ class Flush:
         self.release = release
 
 
+class SyncItem:
+    """A sync record queued behind the records before it (``sync_order``).
+    Whoever claims it first handles it: the sender (it travels in a batch),
+    or the waiting caller after ``sync_timeout`` (it writes it itself)."""
+
+    __slots__ = ("item", "owner")
+    _lock = threading.Lock()
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+        self.owner = ""
+
+    def claim(self, owner: str) -> bool:
+        with self._lock:
+            if self.owner:
+                return False
+            self.owner = owner
+            return True
+
+
 class SenderCore:
     """Drives Delivery from queued items; see the module docstring."""
 
@@ -53,8 +74,8 @@ class SenderCore:
         self.flushes: List[Flush] = []
         # Lines about the handler itself (drops), appended from any thread;
         # they go ahead of the queue.
-        self.warnings: Deque[str] = deque()
-        self.pending: List[str] = []  # to write through the fallback, in order
+        self.warnings: Deque[Item] = deque()
+        self.pending: List[Item] = []  # to write through the fallback, in order
         self.retry_at = 0.0
         self.deadline: Optional[float] = None  # set by request_stop()
         self.lost = 0  # lines whose write still failed at the stop deadline
@@ -63,6 +84,9 @@ class SenderCore:
         self.monitor_interval = delivery.s.monitor_interval
         self.monitor_at = clock() + self.monitor_interval if self.monitor_interval else None
         self.monitored = (stats.dropped_count, stats.fallback_written)
+        # True while collect() holds items between the queue and Delivery
+        # (read by callers deciding whether a sync record may skip the queue).
+        self.collecting = False
 
     # -- requests from the handler (any thread) ---------------------------------
     def request_stop(self, timeout: float) -> None:
@@ -77,7 +101,7 @@ class SenderCore:
     def stopping(self) -> bool:
         return self.deadline is not None
 
-    def warn(self, line: str) -> None:
+    def warn(self, line: Item) -> None:
         self.warnings.append(line)
 
     def notify(self, level: int, message: str) -> None:
@@ -128,9 +152,16 @@ class SenderCore:
         seconds of rendering, if given); return how many were taken."""
         while self.warnings:  # before a pending flush settles: they precede it
             self.delivery.add(self.warnings.popleft())
-        taken = 0
         until = None if budget is None else self.clock() + budget
         take = self.take
+        self.collecting = True
+        try:
+            return self._collect(queue, until, take)
+        finally:
+            self.collecting = False
+
+    def _collect(self, queue: Deque[Any], until: Optional[float], take: Callable[[Any], None]) -> int:
+        taken = 0
         while queue and self.accepting:
             # A run of items that cannot change ``accepting`` unless one is
             # a Flush or an oversize record: one check per run, not per item.
@@ -150,6 +181,10 @@ class SenderCore:
         if isinstance(item, Flush):
             self.flushes.append(item)
             return
+        if type(item) is SyncItem:
+            if not item.claim("sender"):
+                return  # its caller gave up waiting and wrote it
+            item = item.item
         try:
             line = self.renderer.render(item)
         except Exception:
@@ -161,7 +196,7 @@ class SenderCore:
             return
         self.delivery.add(line)
 
-    def step(self) -> List[str]:
+    def step(self) -> List[Item]:
         """Read replies, send what fits, and return the lines the driver must
         write through the fallback now (then call ``written``)."""
         now = self.clock()
@@ -180,7 +215,7 @@ class SenderCore:
         lines, self.pending = self.pending, []
         return lines
 
-    def written(self, lines: List[str], ok: bool) -> None:
+    def written(self, lines: List[Item], ok: bool) -> None:
         """The fallback wrote ``lines`` (ok) or failed: keep them for a retry,
         unless the stop deadline passed."""
         if ok:
@@ -193,7 +228,7 @@ class SenderCore:
         self.put_back(lines)
         self.retry_at = now + RETRY_DELAY
 
-    def put_back(self, lines: List[str]) -> None:
+    def put_back(self, lines: List[Item]) -> None:
         """Lines handed out by step() but not written: ahead of the rest."""
         self.pending = lines + self.pending
 
@@ -206,6 +241,18 @@ class SenderCore:
 
     def drained(self) -> bool:
         return not self.pending and not self.warnings and self.delivery.drained()
+
+    @property
+    def lingering(self) -> bool:
+        """Lines wait for a batch to fill (the delivery's linger): the driver
+        will look again when it is due, without being woken."""
+        return bool(self.delivery.batcher.lines)
+
+    def idle(self, queue: Deque[Any]) -> bool:
+        """Nothing queued, being collected, pending or unacknowledged: every
+        record handed to this core is in the file (any thread may ask: the
+        order of the checks makes a record in transit count as busy)."""
+        return not queue and not self.collecting and not self.flushes and self.drained()
 
     def finished(self, queue: Deque[Any]) -> bool:
         """Stopping, nothing is left anywhere, and the final report was
@@ -229,10 +276,10 @@ class SenderCore:
             due = min(due, self.monitor_at - now)
         return max(0.0, due)
 
-    def salvage(self, queue: Deque[Any]) -> List[str]:
+    def salvage(self, queue: Deque[Any]) -> List[Item]:
         """The driver cannot go on (crash, loop gone): every line it still
         holds and every queued record, oldest first; releases all waiters."""
-        lines = self.pending + self.delivery.take_all() + list(self.warnings)
+        lines: List[Item] = [*self.pending, *self.delivery.take_all(), *self.warnings]
         self.pending = []
         self.warnings.clear()
         while queue:
@@ -240,6 +287,10 @@ class SenderCore:
             if isinstance(item, Flush):
                 self.flushes.append(item)
                 continue
+            if type(item) is SyncItem:
+                if not item.claim("sender"):
+                    continue
+                item = item.item
             try:
                 lines.append(self.renderer.render(item))
             except Exception:

@@ -6,22 +6,142 @@
 - ``Window``: the bounded set of sent, unacknowledged batches.
 """
 
+import locale
 import logging
+import operator
+import sys
 import time
 from collections import OrderedDict
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .._batchwrite import CLHHandler
+from .._render import TIME_FIELD, FieldFormat, text_size
 from ._stats import RECORD_LIMIT
 
 DROP_WARNING_EVERY = 1000
 
+_STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
+# Formatter methods an instance may override by assignment: then it is not stock.
+_STOCK_METHODS = ("format", "formatTime", "formatMessage", "usesTime", "formatException", "formatStack")
+_MISSING = object()
+
+
+class FieldPlan:
+    """What the daemon needs to render records of one stock formatter:
+    its FieldFormat, and per record the values of the fields it uses.
+    Decided once per formatter (``for_formatter``)."""
+
+    def __init__(self, fmt: FieldFormat, converter: Callable[..., time.struct_time]) -> None:
+        self.format = fmt
+        self.fields = fmt.fields
+        self.converter = converter
+        self._tz: Optional[Tuple[int, int, int, str]] = None  # (sec, gmtoff, isdst, zone), swapped whole
+        own = [n for n in fmt.fields if n not in ("message", TIME_FIELD)]
+        # The record's own attributes in one C call (a tuple for 2+ names).
+        self._own: Optional[Callable[[Dict[str, Any]], Any]] = operator.itemgetter(*own) if own else None
+        self._single = len(own) == 1
+        self._message = "message" in fmt.fields
+        self._uses_time = fmt.uses_time
+
+    @classmethod
+    def for_formatter(cls, formatter: logging.Formatter, handler: logging.Handler) -> Optional["FieldPlan"]:
+        """A plan when the daemon can reproduce ``formatter`` byte for byte, else None."""
+        if type(formatter) is not logging.Formatter or type(handler).format is not logging.Handler.format:
+            return None
+        style = getattr(formatter, "_style", None)
+        kind = _STYLES.get(type(style))  # type: ignore[arg-type]
+        if kind is None or getattr(style, "_defaults", None) or any(m in vars(formatter) for m in _STOCK_METHODS):
+            return None
+        converter = formatter.converter
+        if converter is not time.localtime and converter is not time.gmtime:
+            return None
+        mfmt = formatter.default_msec_format
+        if not mfmt and sys.version_info < (3, 9):
+            return None  # 3.8's formatTime applies it unconditionally
+        try:
+            fmt = FieldFormat(kind, style._fmt, formatter.datefmt, formatter.default_time_format, mfmt)  # type: ignore[union-attr]
+        except (ValueError, TypeError):
+            return None
+        if fmt.uses_time and locale.setlocale(locale.LC_TIME) not in ("C", "POSIX"):
+            return None  # month and day names: the daemon's locale is C
+        return cls(fmt, converter)
+
+    def values(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[List[Any], int]]:
+        """(the record's field values, their size on the wire), or None when
+        the daemon could not reproduce the line exactly (traceback, stack,
+        an exotic value, too large): the client renders that record itself."""
+        d = record.__dict__
+        if d.get("exc_text") or d.get("stack_info") or d.get("exc_info"):
+            return None
+        own = self._own
+        try:
+            if own is None:
+                out: List[Any] = []
+            elif self._single:
+                out = [own(d)]
+            else:
+                out = list(own(d))
+        except KeyError:
+            return None  # the formatter's own KeyError, raised client-side
+        if self._message:
+            out.append(message)
+        if self._uses_time:
+            t = self._time(d)
+            if t is None:
+                return None
+            out.append(t)
+        try:
+            bound, size = self.format.measure(out, check_time_value=False)
+        except ValueError:
+            return None
+        if bound > limit:
+            return None
+        return out, size
+
+    def _time(self, d: Dict[str, Any]) -> Optional[List[Any]]:
+        created = d.get("created")
+        if type(created) is not float or not created >= 0:
+            return None
+        sec = int(created)
+        tz = self._tz
+        if tz is None or tz[0] != sec:
+            st = self.converter(sec)
+            gmtoff, zone = getattr(st, "tm_gmtoff", None), getattr(st, "tm_zone", None)
+            if type(gmtoff) is not int or type(zone) is not str or tuple(time.gmtime(sec + gmtoff))[:6] != tuple(st)[:6]:
+                return None
+            tz = self._tz = (sec, gmtoff, st.tm_isdst, zone)
+        return [sec, d.get("msecs"), tz[1], tz[2], tz[3]]
+
+
+# A record on its way: a line, or (plan, values, wire size) for the daemon to render.
+Item = Union[str, Tuple[FieldPlan, List[Any], int]]
+
+
+def to_line(item: Item) -> str:
+    """The line of an item, rendered here when the daemon will not (fallback,
+    a daemon speaking protocol 1): the same text the daemon would write."""
+    if type(item) is str:
+        return item  # type: ignore[return-value]
+    from .. import protocol
+
+    return protocol.render_records(item[0].format, [item[1]])[0]  # type: ignore[index,union-attr,arg-type]
+
+
+def to_lines(items: Sequence[Item]) -> List[str]:
+    if all(type(i) is str for i in items):
+        return items  # type: ignore[return-value]
+    return [to_line(i) for i in items]
+
 
 class Renderer:
-    """Turns LogRecords into the lines written to the file."""
+    """Turns LogRecords into the lines written to the file, or, for a
+    daemon that renders (``fields`` on), into the values it renders from."""
 
     def __init__(self, handler: CLHHandler) -> None:
         self.handler = handler
+        self.fields = False  # set while a daemon speaking protocol 2 is in use
+        self.limit = RECORD_LIMIT
+        self._plan: Tuple[Any, Optional[FieldPlan]] = (None, None)  # (formatter, its plan)
 
     def prepare(self, record: logging.LogRecord) -> Tuple[logging.LogRecord, str]:
         """Caller's thread: freeze what may change later, nothing more.
@@ -34,15 +154,30 @@ class Renderer:
             record.exc_text = self._formatter().formatException(record.exc_info)
         return record, record.getMessage()
 
-    def render(self, item: Tuple[logging.LogRecord, str]) -> str:
-        """Sender: the wrapped handler's formatter on a frozen copy."""
+    def render(self, item: Tuple[logging.LogRecord, str]) -> Item:
+        """Sender: the field values for the daemon, when it renders this
+        formatter's lines; else the wrapped handler's formatter on a frozen copy."""
         record, message = item
+        if self.fields:
+            formatter = self.handler.formatter or logging._defaultFormatter  # type: ignore[attr-defined]
+            known, plan = self._plan
+            if known is not formatter:
+                plan = FieldPlan.for_formatter(formatter, self.handler)
+                self._plan = (formatter, plan)
+            if plan is not None:
+                measured = plan.values(record, message, self.limit)
+                if measured is not None:
+                    return (plan, measured[0], measured[1])
         frozen = logging.LogRecord.__new__(logging.LogRecord)
         frozen.__dict__.update(record.__dict__)
         frozen.msg, frozen.args, frozen.exc_info = message, None, None
         return self.handler.format(frozen)
 
-    def render_now(self, record: logging.LogRecord) -> str:
+    def render_line(self, item: Tuple[logging.LogRecord, str]) -> str:
+        """Always a line (rendered here)."""
+        return to_line(self.render(item))
+
+    def render_now(self, record: logging.LogRecord) -> Item:
         """Both stages at once, for records written before emit() returns."""
         return self.render(self.prepare(record))
 
@@ -50,19 +185,17 @@ class Renderer:
         return self.handler.formatter or logging.Formatter()
 
 
-def utf8_size(line: str) -> int:
+def utf8_size(line: Item) -> int:
     """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
-    return len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
+    if type(line) is not str:
+        return line[2]  # type: ignore[index,return-value]
+    return text_size(line)  # type: ignore[arg-type]
 
 
-if not hasattr(str, "isascii"):  # Python 3.6: no str.isascii, so always encode.
-    def utf8_size(line: str) -> int:  # noqa: F811
-        """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
-        return len(line.encode("utf-8", "surrogatepass"))
-
-
-def too_large(line: str, limit: int = RECORD_LIMIT) -> bool:
+def too_large(line: Item, limit: int = RECORD_LIMIT) -> bool:
     """Whether a rendered line is over ``limit`` bytes: it cannot travel in one frame."""
+    if type(line) is not str:
+        return False  # FieldPlan.values checked its bound
     # At most 4 bytes per character: short lines need no encoding to tell.
     return len(line) * 4 > limit and utf8_size(line) > limit
 
@@ -75,11 +208,11 @@ class Batcher:
         self.clock = clock
         self.max_records = max_records
         self.max_bytes = max_bytes
-        self.lines: List[str] = []
+        self.lines: List[Item] = []
         self.size = 0
         self.first_at = 0.0
 
-    def add(self, line: str) -> None:
+    def add(self, line: Item) -> None:
         if not self.lines:
             self.first_at = self.clock()
         self.lines.append(line)
@@ -89,7 +222,7 @@ class Batcher:
     def full(self) -> bool:
         return len(self.lines) >= self.max_records or self.size >= self.max_bytes
 
-    def take(self) -> List[str]:
+    def take(self) -> List[Item]:
         """Up to one batch's worth of lines, oldest first."""
         if len(self.lines) <= self.max_records and self.size <= self.max_bytes:
             lines, self.lines, self.size = self.lines, [], 0
@@ -105,11 +238,11 @@ class Batcher:
         self.size -= size
         return lines
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         lines, self.lines, self.size = self.lines, [], 0
         return lines
 
-    def put_back(self, lines: List[str]) -> None:
+    def put_back(self, lines: List[Item]) -> None:
         """Return lines taken but not sent, ahead of the rest (order kept)."""
         if lines:
             self.first_at = self.clock() if not self.lines else self.first_at
@@ -118,7 +251,7 @@ class Batcher:
 
 
 class InFlight(NamedTuple):
-    lines: List[str]
+    lines: Sequence[Item]
     payload: bytes  # kept encoded: a busy refusal sends the same bytes again
 
 
@@ -138,7 +271,7 @@ class Window:
     def has_room(self) -> bool:
         return len(self) < self.size and not self.refused
 
-    def add(self, lines: List[str], payload: bytes) -> None:
+    def add(self, lines: Sequence[Item], payload: bytes) -> None:
         """A batch just sent with sequence number ``next_seq``."""
         self.batches[self.next_seq] = InFlight(lines, payload)
         self.next_seq += 1
@@ -163,7 +296,7 @@ class Window:
         self.batches[seq] = batch
         self.batches.move_to_end(seq)
 
-    def take_all(self) -> List[str]:
+    def take_all(self) -> List[Item]:
         """Every unacknowledged line, in sequence order, for the fallback."""
         batches = sorted(list(self.batches.items()) + list(self.refused.items()))
         self.batches.clear()

@@ -130,8 +130,9 @@ class SyncChannel:
         self._lock = threading.Lock()
         self._ids = 0
 
-    def write(self, line: str) -> bool:
-        """True once the daemon confirmed the line is written; False: use the fallback."""
+    def write(self, line: Any) -> bool:
+        """True once the daemon confirmed the line (or field values: the
+        daemon renders them) is written; False: use the fallback."""
         with self._lock:
             if self.stats.state == STATE_FALLBACK:
                 return False  # became unreachable while we waited for the lock
@@ -139,7 +140,12 @@ class SyncChannel:
             if req is None:
                 return False
             self._ids += 1
-            payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line)
+            if type(line) is str:
+                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line)
+            else:
+                plan, values = line[0], line[1]
+                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, values,
+                                               format=plan.format)
             try:
                 req.send(payload, zmq.NOBLOCK)
             except zmq.Again:

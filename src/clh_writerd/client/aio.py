@@ -72,7 +72,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         core = self._new_core()
         sockets = self._transport.sockets() if self._transport is not None else []
         self._sender = LoopSender(loop, core, self._queue, self._fallback, executor, sockets, self.stats,
-                                  self.drain_timeout)
+                                  self.drain_timeout, self.queue_size)
 
     async def __aenter__(self) -> "AsyncConcurrentHandler":
         if self._sender is None:
@@ -124,11 +124,22 @@ class AsyncConcurrentHandler(WrappingHandler):
         if self._closed:
             return
         sender = self._sender
+        if sender is None or sender.task.done():
+            self._release_after(sender)
+            self._close_wrapped()
+            return
+        # The task still runs (stop() gave up waiting, or could not wait on
+        # the loop's own thread): it may be writing. The executor, sockets
+        # and the file are released when it ends, never under its write.
+        self._close_wrapped(close_file=False)
+        sender.task.add_done_callback(lambda _task: self._release_after(sender, close_file=True))
+
+    def _release_after(self, sender: Optional[LoopSender], close_file: bool = False) -> None:
         if sender is not None and self.opts.executor is None:
             sender.executor.shutdown(wait=False)
-        if sender is None or sender.task.done():
-            self._release_sockets()
-        self._close_wrapped()
+        self._release_sockets()
+        if close_file:
+            self._close_file()
 
     def flush(self) -> None:
         """From another thread: wait until everything queued is written. On the

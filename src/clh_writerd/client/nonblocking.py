@@ -9,8 +9,10 @@ before ``emit()`` returns.
 """
 
 import logging
+import math
 import os
 import threading
+import time
 from typing import Any, Optional, Union
 
 import zmq
@@ -19,10 +21,18 @@ from .._batchwrite import CLHHandler
 from . import _process
 from ._base import WrappingHandler, build_clh
 from ._options import THREAD, HandlerOptions, split_kwargs
-from ._sender import Flush
+from ._sender import Flush, SyncItem
 from ._stats import STATE_STOPPED
 
 log = logging.getLogger("clh_writerd.client")
+
+# The sender renders for at most this long, then lets go of the GIL
+# (time.sleep(0)) before the next slice: a caller that wants the GIL waits a
+# slice, not the interpreter's switch interval (5 ms). Not while the queue
+# is more than half full: a caller logging flat out would then hold the GIL
+# for whole intervals and starve the sender (measured: the queue filled up
+# and callers wrote synchronously); the interpreter's fair share applies.
+SLICE_SECONDS = 0.0002
 
 
 class NonBlockingConcurrentHandler(WrappingHandler):
@@ -138,12 +148,42 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             if self._closed:
                 self._after_close(record)
             elif record.levelno >= self.sync_level:
-                self._confirmed.write(self._renderer.render_now(record))
-                self.stats.sync_count += 1
+                self.emit_sync(record)
             else:
                 self.enqueue(record)
         except Exception:
             self.handleError(record)
+
+    def emit_sync(self, record: logging.LogRecord) -> None:
+        """A record at or above sync_level: in the file when this returns.
+
+        With ``sync_order`` (the default), and records of this process still
+        queued or unacknowledged, it goes through the queue behind them and
+        the caller waits for all of them (a flush); otherwise, straight to
+        the daemon's REQ path (or the fallback)."""
+        self.stats.sync_count += 1
+        core = self._core
+        if (not self.opts.sync_order or core is None or self._thread is None or self._stopping
+                or core.idle(self._queue)):
+            self._confirmed.write(self._renderer.render_now(record))
+            return
+        sync = SyncItem(self._renderer.prepare(record))
+        done = threading.Event()
+        self._queue.append(sync)  # never refused: a sync record is never dropped
+        self._queue.append(Flush(done.set))
+        self._wake()
+        if done.wait(self.opts.sync_timeout):
+            return
+        # Stalled (daemon stopped, sender stuck): the record must still be in
+        # the file on return. Not taken yet: write it here (the sender will
+        # skip it). Already sent: write it here too (a duplicate, counted as
+        # resent, if the daemon writes it later).
+        self.stats.sync_timeouts += 1
+        self.stats.last_error = f"sync record not confirmed within {self.opts.sync_timeout}s"
+        if not sync.claim("caller"):
+            self.stats.resent += 1
+        if not self._fallback.write([self._renderer.render_line(sync.item)]):
+            raise OSError(self.stats.last_error)
 
     def enqueue(self, record: logging.LogRecord) -> None:
         """prepare (freeze the message) and append; the hot path, kept flat."""
@@ -199,7 +239,8 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         try:
             while True:
                 self._wait(core, poller)
-                core.collect(queue)
+                sliced = len(queue) * 2 < self.queue_size
+                core.collect(queue, SLICE_SECONDS if sliced else None)
                 lines = core.step()
                 if lines:
                     core.written(lines, self._fallback.write(lines))
@@ -207,6 +248,8 @@ class NonBlockingConcurrentHandler(WrappingHandler):
                     flush.release()
                 if core.finished(queue):
                     return
+                if queue and sliced:
+                    time.sleep(0)  # between slices: callers waiting for the GIL get it
         except Exception as exc:  # never die silently: write what we hold
             self.stats.last_error = f"sender crashed: {type(exc).__name__}: {exc}"
             log.exception("clh-writerd sender thread crashed; writing through the fallback")
@@ -220,9 +263,16 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         blocked = not core.accepting
         if self._queue and not blocked:
             return
-        self._idle = not blocked
+        # Lingering over a partial batch, the poll ends by itself when the
+        # batch is due: records logged meanwhile need no wake-up (a pipe
+        # write by the caller and a wake-up of this thread per record cost
+        # more CPU than rendering them). Flushes, sync records and stop
+        # wake it explicitly.
+        self._idle = not blocked and not core.lingering
         if blocked or not self._queue:  # re-check: a producer may have appended meanwhile
-            poller.poll(int(core.wait_time() * 1000))
+            # Rounded up: a sub-millisecond wait truncated to poll(0) spun,
+            # holding the GIL, until the interpreter forced a switch (5 ms).
+            poller.poll(math.ceil(core.wait_time() * 1000))
         self._idle = False
         try:
             os.read(self._wake_r, 4096)

@@ -465,21 +465,29 @@ class Server:
         # Every message needs the same rights: stats reveal paths and clients.
         dirs = self.access.admit(peer)
         if isinstance(request, protocol.Batch):
-            return self._route(envelope, request.client, request.path, request.options, request.records,
-                               protocol.encode_ack(request.seq), request.seq, None, size, peer, dirs)
+            return self._route(envelope, request.client, request.path, request.options,
+                               request.lines(self._render_error), protocol.encode_ack(request.seq), request.seq,
+                               None, size, peer, dirs)
         if isinstance(request, protocol.SyncRecord):
-            return self._route(envelope, request.client, request.path, request.options, [request.record],
+            return self._route(envelope, request.client, request.path, request.options,
+                               request.lines(self._render_error),
                                protocol.encode_ok(request.id), None, request.id, size, peer, dirs)
         if isinstance(request, protocol.StatsRequest):
             return protocol.encode_ok(request.id, self.snapshot())
         if isinstance(request, protocol.Ping):
             return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
-                                                   "max_message_bytes": self.config.max_message_bytes})
+                                                   "max_message_bytes": self.config.max_message_bytes,
+                                                   "protocol": protocol.PROTOCOL_VERSION})
         if isinstance(request, protocol.Report):
             self.stats.report(request.client, request.counters, peer, request.state, request.file, request.error,
                               request.final)
             return protocol.encode_ok(request.id)
         raise protocol.ProtocolError(protocol.E_INTERNAL, "unhandled message")  # pragma: no cover
+
+    def _render_error(self) -> None:
+        """A record whose values its format cannot render: written as a line
+        saying so (with the values), counted here."""
+        self.stats.count("render_errors")
 
     def _route(self, envelope: List[bytes], client: protocol.ClientId, path: str, options: dict,
                lines: List[str], ok_reply: bytes, seq: Optional[int], rid: Optional[int], size: int,

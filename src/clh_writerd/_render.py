@@ -1,0 +1,241 @@
+"""Daemon-side rendering: a stock ``logging.Formatter`` as plain data.
+
+``FieldFormat`` holds what a stock formatter's output depends on (style,
+format string, ``datefmt``, ``default_time_format``,
+``default_msec_format``) and renders a record sent as a list of field
+values to the same line the formatter would have made. Both sides use it:
+the daemon to render what clients send, a client to render the same values
+itself when they go through its fallback instead.
+
+Only what cannot run client-chosen code is accepted (``check_*`` below):
+plain field names (no attribute access or indexing in ``{}`` formats),
+bounded widths and precisions, no nested replacement fields, and
+``strftime`` directives without a width or ``%s`` (which reads the daemon's
+own time zone). Anything else is refused with ``ValueError``; the client
+then renders with its own formatter, the way it always did.
+
+The time of a record travels as ``[sec, msecs, gmtoff, isdst, zone]``: the
+whole seconds of ``created``, ``record.msecs``, and the client's
+``converter(sec)`` offset, DST flag and zone name, so the daemon reproduces
+the client's local time whatever its own time zone is.
+"""
+
+import re
+import string
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+_ASCII_CHECK = hasattr(str, "isascii")  # Python 3.6 (thread client) has no str.isascii: encode there.
+
+
+def text_size(value: str) -> int:
+    """The UTF-8 size of ``value`` on the wire (ASCII needs no encoding to tell)."""
+    if _ASCII_CHECK and value.isascii():
+        return len(value)
+    return len(value.encode("utf-8", "surrogatepass"))
+
+STYLES = ("%", "{", "$")
+MAX_FORMAT_CHARS = 4096
+MAX_DATEFMT_CHARS = 256
+MAX_FIELDS = 64
+MAX_ZONE_CHARS = 32
+# Per field occurrence, what a number (or None/bool) may expand to with a
+# width and precision of at most 999, and how much a string may grow
+# (repr escapes, UTF-8).
+NUMBER_BOUND = 2100
+STRING_FACTOR = 10
+PAD_BOUND = 1000
+# Values the daemon can reproduce exactly: msgpack keeps their type.
+VALUE_TYPES = (str, int, float, bool, type(None))
+MAX_INT = 2**63 - 1
+MIN_INT = -(2**63)
+TIME_FIELD = "asctime"
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,63}"
+_NAME_RE = re.compile(_NAME + r"\Z")
+# Every '%' of a %-style format: '%%' or '%(name)<flags><width><.prec><type>'.
+# A '%' that matches only the last alternative makes the format refused.
+_PERCENT = re.compile(r"%(?:%|\((" + _NAME + r")\)[#0\- +]*\d{0,3}(?:\.\d{0,3})?([diouxXeEfFgGcrsa])|)")
+# A {}-style format spec without nested fields, locale ('n') or a width > 999.
+_SPEC = re.compile(r"(?:[^{}]?[<>=^])?[+\- ]?#?0?\d{0,3}[,_]?(?:\.\d{0,3})?[bcdeEfFgGosxX%]?\Z")
+# strftime directives: optional glibc flag, no width, no %s / %+.
+_STRFTIME = re.compile(r"%(?:[_\-0^#]?[EO]?[aAbBcCdDeFgGhHIjmMnpPrRStTuUVwWxXyYzZ%]|)")
+# default_msec_format: exactly '%s' then one integer conversion, e.g. '%s,%03d'.
+_MSEC = re.compile(r"(?:[^%]|%%){0,16}%s(?:[^%]|%%){0,16}%0?\d?d(?:[^%]|%%){0,16}\Z")
+
+
+def _check_str(value: Any, what: str, limit: int) -> str:
+    if type(value) is not str or len(value) > limit or "\x00" in value:
+        raise ValueError(f"{what} must be a string of at most {limit} characters without NUL")
+    return value
+
+
+def fields_of(style: str, fmt: str) -> List[str]:
+    """Every field ``fmt`` refers to, one entry per occurrence, in order.
+    Raises ValueError for anything but plain names and safe specs."""
+    _check_str(fmt, "the format", MAX_FORMAT_CHARS)
+    names: List[str] = []
+    if style == "%":
+        for m in _PERCENT.finditer(fmt):
+            if m.group(0) == "%%":
+                continue
+            if m.group(1) is None:
+                raise ValueError(f"unsupported %-conversion at {m.start()}")
+            names.append(m.group(1))
+    elif style == "{":
+        for _, name, spec, conversion in string.Formatter().parse(fmt):
+            if name is None:
+                continue
+            if not _NAME_RE.match(name):
+                raise ValueError(f"field {name!r} is not a plain name")
+            if conversion not in (None, "r", "s", "a") or not _SPEC.match(spec or ""):
+                raise ValueError(f"unsupported conversion or format spec for {name!r}")
+            names.append(name)
+    elif style == "$":
+        for m in string.Template.pattern.finditer(fmt):
+            if m.group("invalid") is not None:
+                raise ValueError(f"invalid placeholder at {m.start()}")
+            name = m.group("named") or m.group("braced")
+            if name is not None:
+                if not _NAME_RE.match(name):
+                    raise ValueError(f"field {name!r} is not a plain name")
+                names.append(name)
+    else:
+        raise ValueError(f"style must be one of {STYLES}")
+    if len(names) > MAX_FIELDS:
+        raise ValueError(f"more than {MAX_FIELDS} fields")
+    return names
+
+
+def check_time_format(fmt: str, what: str) -> str:
+    _check_str(fmt, what, MAX_DATEFMT_CHARS)
+    for m in _STRFTIME.finditer(fmt):
+        if len(m.group(0)) == 1:
+            raise ValueError(f"{what}: unsupported strftime directive at {m.start()}")
+    return fmt
+
+
+class FieldFormat:
+    """A validated stock-formatter description; renders field lists."""
+
+    __slots__ = ("style", "fmt", "datefmt", "tfmt", "mfmt", "fields", "occurrences", "uses_time", "_base", "_most",
+                 "_time", "_wire", "_template")
+
+    def __init__(self, style: str, fmt: str, datefmt: Optional[str], tfmt: str, mfmt: Optional[str]) -> None:
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}")
+        names = fields_of(style, fmt)
+        self.style, self.fmt = style, fmt
+        self.datefmt = None if datefmt in (None, "") else check_time_format(datefmt, "datefmt")
+        self.tfmt = check_time_format(tfmt, "default_time_format")
+        if mfmt in (None, ""):
+            self.mfmt: Optional[str] = None
+        else:
+            _check_str(mfmt, "default_msec_format", 64)
+            if not _MSEC.match(mfmt):
+                raise ValueError("default_msec_format must be '%s' then one %d conversion")
+            self.mfmt = mfmt
+        # The values travel once per distinct field: the record's own
+        # attributes in first-use order, then message, then asctime (the
+        # client appends the two it computes).
+        distinct = list(dict.fromkeys(names))
+        tail = [n for n in ("message", TIME_FIELD) if n in distinct]
+        self.fields: Tuple[str, ...] = tuple([n for n in distinct if n not in tail] + tail)
+        self.occurrences: Dict[str, int] = {n: names.count(n) for n in self.fields}
+        self.uses_time = TIME_FIELD in self.fields
+        # bound(): every value counted as if it occurred as often as the most
+        # frequent field (one multiplier: one cheap loop per record).
+        self._most = max(self.occurrences.values(), default=0)
+        self._base = len(fmt) * 4 + sum(self.occurrences.values()) * PAD_BOUND
+        if self.uses_time:
+            self._base += self.occurrences[TIME_FIELD] * STRING_FACTOR * MAX_DATEFMT_CHARS * 8
+        self._time: Tuple[Any, str] = (None, "")  # (key, text): one attribute, swapped whole (threads)
+        self._template = string.Template(fmt) if style == "$" else None
+        self._wire = {"style": style, "fmt": fmt, "datefmt": self.datefmt, "tfmt": tfmt, "mfmt": self.mfmt}
+
+    @classmethod
+    def from_wire(cls, spec: Any) -> "FieldFormat":
+        if type(spec) is not dict or set(spec) != {"style", "fmt", "datefmt", "tfmt", "mfmt"}:
+            raise ValueError("a format is a map of style, fmt, datefmt, tfmt, mfmt")
+        return cls(spec["style"], spec["fmt"], spec["datefmt"], spec["tfmt"], spec["mfmt"])
+
+    def wire(self) -> Dict[str, Any]:
+        return self._wire
+
+    def key(self) -> Tuple[Any, ...]:
+        return (self.style, self.fmt, self.datefmt, self.tfmt, self.mfmt)
+
+    # -- checks both sides make ----------------------------------------------
+    def bound(self, values: Sequence[Any], check_time_value: bool = True) -> int:
+        """An upper bound of the rendered line's UTF-8 size; raises
+        ValueError for a value the daemon cannot reproduce exactly."""
+        return self.measure(values, check_time_value)[0]
+
+    def measure(self, values: Sequence[Any], check_time_value: bool = True) -> Tuple[int, int]:
+        """(bound, the values' size on the wire); ValueError as bound()."""
+        n = len(values)
+        if n != len(self.fields):
+            raise ValueError(f"a record has {n} values, the format {len(self.fields)} fields")
+        if self.uses_time:
+            n -= 1
+            if check_time_value:
+                check_time(values[n])
+        chars = wire = others = 0
+        for i in range(n):
+            value = values[i]
+            kind = type(value)
+            if kind is str:
+                chars += len(value)
+                wire += text_size(value)
+            elif kind is int:
+                if not MIN_INT <= value <= MAX_INT:
+                    raise ValueError("an int value is out of range")
+                others += 1
+            elif kind is float or kind is bool or value is None:
+                others += 1
+            else:
+                raise ValueError(f"a value of type {kind.__name__}")
+        bound = self._base + self._most * (STRING_FACTOR * chars + NUMBER_BOUND * others)
+        return bound, wire + 9 * n + 32
+
+    # -- rendering -------------------------------------------------------------
+    def render(self, values: Sequence[Any]) -> str:
+        """The line the client's formatter would have made (exceptions as it would raise them)."""
+        d = dict(zip(self.fields, values))
+        if self.uses_time:
+            d[TIME_FIELD] = self._asctime(values[-1])
+        if self.style == "%":
+            return self.fmt % d
+        if self.style == "{":
+            return self.fmt.format(**d)
+        assert self._template is not None
+        return self._template.substitute(**d)
+
+    def _asctime(self, t: Sequence[Any]) -> str:
+        sec, msecs, gmtoff, isdst, zone = t
+        key = (sec, gmtoff, isdst, zone)
+        cached_key, text = self._time
+        if key != cached_key:
+            tm = time.gmtime(sec + gmtoff)
+            st = time.struct_time(tuple(tm)[:8] + (isdst, zone, gmtoff))  # type: ignore[arg-type]
+            text = time.strftime(self.datefmt or self.tfmt, st)
+            self._time = (key, text)  # one strftime per second
+        if self.datefmt is None and self.mfmt is not None:
+            return self.mfmt % (text, msecs)
+        return text
+
+
+def check_time(t: Any) -> None:
+    """``[sec, msecs, gmtoff, isdst, zone]`` as a client sends it."""
+    if type(t) is not list or len(t) != 5:
+        raise ValueError("asctime travels as [sec, msecs, gmtoff, isdst, zone]")
+    sec, msecs, gmtoff, isdst, zone = t
+    if type(sec) is not int or not 0 <= sec <= 2**37:
+        raise ValueError("sec out of range")
+    if type(msecs) not in (int, float) or not 0 <= msecs < 1000:
+        raise ValueError("msecs out of range")
+    if type(gmtoff) is not int or not -86400 < gmtoff < 86400:
+        raise ValueError("gmtoff out of range")
+    if type(isdst) is not int or isdst not in (-1, 0, 1):
+        raise ValueError("isdst out of range")
+    _check_str(zone, "zone", MAX_ZONE_CHARS)

@@ -1,0 +1,256 @@
+"""Daemon-side rendering (issue 16): the daemon's line is byte for byte the
+client formatter's line.
+
+The property test builds a stock ``logging.Formatter`` from generated format
+strings (all three styles, widths, conversions, unicode literals), a
+``datefmt`` or the default time/msec formats, a localtime or gmtime
+converter, and a record created near a DST change with unicode messages and
+``extra=`` fields. The client side runs under one ``TZ``: the formatter's
+own line, and the field values through the real wire (``encode_batch`` ->
+``decode_request``). The daemon side renders under another ``TZ``.
+"""
+
+import logging
+import os
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from clh_writerd import protocol
+from clh_writerd._render import FieldFormat
+from clh_writerd.client._stages import FieldPlan, Renderer
+
+ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC")
+# DST changes (UTC epochs): Berlin 2026-03-29 01:00 and 2026-10-25 01:00,
+# New York 2026-03-08 07:00 and 2026-11-01 06:00, Lord Howe 2026-04-04 15:00.
+TRANSITIONS = (1774746000, 1792890000, 1772953200, 1793512800, 1775314800)
+CLIENT = protocol.ClientId("host", 1, "prog", "s" * 32)
+
+STR_FIELDS = ("levelname", "name", "message", "funcName", "module", "user", "threadName")
+NUM_FIELDS = ("process", "lineno", "levelno", "msecs", "created", "relativeCreated", "count", "ratio")
+PERCENT_STR = ("s", "r", "a", "-8s", "10s", ".3s", "-12.5s")
+PERCENT_NUM = ("s", "d", "5d", "-6d", ".3f", "010.2f", "r", "e", "x")
+BRACE_STR = ("", "!r", "!a", ":>10", ":<5", ":^7", ":*^9", ":.4")
+BRACE_NUM = ("", ":>8", ":.3f", ":+.2e", "!s", ":010.3f", ":,")
+DATEFMTS = (None, "%Y-%m-%d %H:%M:%S", "%d/%b/%Y:%H:%M:%S %z", "%H:%M:%S %Z", "%c", "%j %U %w %a %A %B %p",
+            "%Y-%m-%dT%H:%M:%S%z", "%x %X", "Zeit: %H\u00e4%M \u65e5")
+MSEC_FORMATS = ("%s,%03d", "%s.%03d", None)
+literal = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="%{}$\x00"), max_size=6)
+
+
+@st.composite
+def formats(draw):
+    style = draw(st.sampled_from(("%", "{", "$")))
+    parts = []
+    for _ in range(draw(st.integers(1, 6))):
+        parts.append(draw(literal))
+        name = draw(st.sampled_from(("asctime",) + STR_FIELDS + NUM_FIELDS))
+        numeric = name in NUM_FIELDS
+        if style == "%":
+            spec = draw(st.sampled_from(PERCENT_NUM if numeric else PERCENT_STR))
+            if spec in ("d", "5d", "-6d", "x") and name in ("msecs", "created", "relativeCreated", "ratio"):
+                spec = "d" if spec != "x" else "s"  # %d of a float is fine; %x is not
+            parts.append(f"%({name}){spec}")
+        elif style == "{":
+            spec = draw(st.sampled_from(BRACE_NUM if numeric else BRACE_STR))
+            parts.append("{" + name + spec + "}")
+        else:
+            parts.append(draw(st.sampled_from(("${%s}" % name, "$%s " % name))))
+    parts.append(draw(literal))
+    return style, "".join(parts)
+
+
+def set_tz(zone):
+    os.environ["TZ"] = zone
+    time.tzset()
+
+
+@pytest.fixture
+def restore_tz():
+    before = os.environ.get("TZ")
+    yield
+    if before is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def make_record(created, message, user, count, ratio):
+    record = logging.LogRecord("app.\u00fcser", logging.INFO, "/x/mod.py", 42, "%s", (message,), None,
+                               func="handle")
+    record.created = created
+    # What LogRecord.__init__ derives from created (3.8-3.12: float ms).
+    record.msecs = int((created - int(created)) * 1000) + 0.0
+    record.relativeCreated = (created - logging._startTime) * 1000
+    record.user, record.count, record.ratio = user, count, ratio
+    return record
+
+
+def client_and_daemon(formatter, record, client_tz, daemon_tz):
+    """(the formatter's line, the daemon's line) as the handler would produce them."""
+    set_tz(client_tz)
+    handler = logging.Handler()
+    handler.setFormatter(formatter)
+    renderer = Renderer(handler)  # type: ignore[arg-type]
+    renderer.fields = True
+    prepared = renderer.prepare(record)
+    expected = _client_line(renderer, prepared)
+    item = renderer.render(prepared)
+    assert type(item) is tuple, "a stock formatter's record must travel as field values"
+    plan, values = item[0], item[1]
+    frame = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, [values], format=plan.format)
+    set_tz(daemon_tz)
+    request = protocol.decode_request(frame)
+    return expected, request.lines()[0]
+
+
+def _client_line(renderer, prepared):
+    """The wrapped handler's formatter on the frozen record: today's client-side line."""
+    renderer.fields = False
+    try:
+        return renderer.render(prepared)
+    finally:
+        renderer.fields = True
+
+
+@settings(max_examples=int(os.environ.get("RENDER_EXAMPLES", "300")), deadline=None, derandomize=True,
+          database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(fmt=formats(), datefmt=st.sampled_from(DATEFMTS), mfmt=st.sampled_from(MSEC_FORMATS),
+       utc=st.booleans(), client_tz=st.sampled_from(ZONES), daemon_tz=st.sampled_from(ZONES),
+       base=st.sampled_from(TRANSITIONS), offset=st.floats(-7200, 7200, allow_nan=False),
+       message=st.text(st.characters(blacklist_categories=("Cs",)), max_size=40),
+       user=st.text(max_size=10), count=st.integers(-2**40, 2**40),
+       ratio=st.floats(allow_nan=False, allow_infinity=False, width=64))
+def test_daemon_line_is_the_formatters_line(restore_tz, fmt, datefmt, mfmt, utc, client_tz, daemon_tz, base,
+                                            offset, message, user, count, ratio):
+    style, text = fmt
+    formatter = logging.Formatter(text, datefmt=datefmt, style=style)
+    formatter.default_msec_format = mfmt
+    if utc:
+        formatter.converter = time.gmtime
+    record = make_record(base + offset, message, user.replace("\x00", ""), count, ratio)
+    try:
+        expected, line = client_and_daemon(formatter, record, client_tz, daemon_tz)
+    except (TypeError, ValueError):  # e.g. %x of a float: the formatter raises too
+        assume(False)
+    assert line == expected
+
+
+def test_local_time_is_the_clients_across_a_dst_change(restore_tz):
+    """Negative control for the property: the daemon's own localtime would differ."""
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M %Z")
+    record = make_record(TRANSITIONS[0] + 1800.5, "m", "u", 1, 0.5)
+    expected, line = client_and_daemon(formatter, record, "Europe/Berlin", "America/New_York")
+    assert line == expected == "03:30 CEST m"
+    set_tz("America/New_York")
+    assert logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M %Z").format(record) != expected
+
+
+# -- what keeps client-side rendering --------------------------------------------
+class Custom(logging.Formatter):
+    pass
+
+
+def plan_of(formatter):
+    handler = logging.Handler()
+    handler.setFormatter(formatter)
+    return FieldPlan.for_formatter(formatter, handler)
+
+
+@pytest.mark.parametrize("formatter", [
+    Custom("%(message)s"),
+    logging.Formatter("{0.__class__}", style="{"),
+    logging.Formatter("{message.__class__.__mro__}", style="{"),
+    logging.Formatter("{message[0]}", style="{"),
+    logging.Formatter("{message:{width}}", style="{"),
+    logging.Formatter("%(message)9999s"),
+    logging.Formatter("%(message)s", datefmt="%s"),
+    logging.Formatter("%(asctime)s", datefmt="%9999Y"),
+], ids=["subclass", "positional-attr", "attr", "index", "nested", "width", "strftime-s", "strftime-width"])
+def test_formatters_the_daemon_cannot_reproduce_render_client_side(formatter):
+    assert plan_of(formatter) is None
+
+
+def test_custom_converter_and_instance_overrides_render_client_side():
+    f = logging.Formatter("%(asctime)s %(message)s")
+    f.converter = lambda t: time.localtime(t)
+    assert plan_of(f) is None
+    g = logging.Formatter("%(message)s")
+    g.format = lambda record: "x"
+    assert plan_of(g) is None
+    assert plan_of(logging.Formatter("%(message)s")) is not None
+
+
+def test_records_the_daemon_cannot_reproduce_render_client_side():
+    plan = plan_of(logging.Formatter("%(message)s %(obj)s"))
+    record = make_record(time.time(), "m", "u", 1, 0.5)
+    record.obj = object()  # str() of an object: only the client can do it
+    assert plan.values(record, "m", 10**6) is None
+    record.obj = "fine"
+    assert plan.values(record, "m", 10**6)[0] == ["fine", "m"]  # own attributes first, then message
+    record.exc_text = "Traceback ..."
+    assert plan.values(record, "m", 10**6) is None
+    del record.exc_text
+    record.stack_info = "Stack ..."
+    assert plan.values(record, "m", 10**6) is None
+    del record.obj  # a missing field: the formatter's own KeyError, client-side
+    record.stack_info = None
+    assert plan.values(record, "m", 10**6) is None
+    assert plan.values(make_record(1.0, "x" * 1000, "u", 1, 0.5), "x" * 1000, 5000) is None  # too large
+
+
+# -- the daemon refuses hostile formats and values -------------------------------
+def _frame(fmt_map, records):
+    return msgpack.packb({"v": 2, "type": "batch", "client": CLIENT._asdict(), "seq": 1,
+                          "file": {"path": "/tmp/x.log", "options": {}}, "render": "fields",
+                          "format": fmt_map, "records": records})
+
+
+def _wire(style="%", fmt="%(message)s", datefmt=None, tfmt="%Y-%m-%d %H:%M:%S", mfmt="%s,%03d"):
+    return {"style": style, "fmt": fmt, "datefmt": datefmt, "tfmt": tfmt, "mfmt": mfmt}
+
+
+@pytest.mark.parametrize("fmt_map,records,code", [
+    (_wire(style="{", fmt="{0.__class__.__init__.__globals__}"), [["x"]], protocol.E_MALFORMED),
+    (_wire(style="{", fmt="{message.__class__}"), [["x"]], protocol.E_MALFORMED),
+    (_wire(style="{", fmt="{message:>{message}}"), [["x"]], protocol.E_MALFORMED),
+    (_wire(fmt="%(message)999999999s"), [["x"]], protocol.E_MALFORMED),
+    (_wire(fmt="%s"), [["x"]], protocol.E_MALFORMED),
+    (_wire(style="$", fmt="${message.__class__}"), [["x"]], protocol.E_MALFORMED),
+    (_wire(fmt="%(asctime)s", datefmt="%0999999999Y"), [[[0, 0.0, 0, 0, "UTC"]]], protocol.E_MALFORMED),
+    (_wire(fmt="%(asctime)s", mfmt="%(x)s"), [[[0, 0.0, 0, 0, "UTC"]]], protocol.E_MALFORMED),
+    (_wire(), [[["nested"]]], protocol.E_MALFORMED),
+    (_wire(), [["a", "b"]], protocol.E_MALFORMED),
+    (_wire(), [[{"k": 1}]], protocol.E_MALFORMED),
+    (_wire(fmt="%(asctime)s"), [[[0, 0.0, 10**6, 0, "UTC"]]], protocol.E_MALFORMED),
+    (_wire(fmt="%(message)s" * 64), [["x" * 100000]], protocol.E_TOO_LARGE),
+    ({"style": "%"}, [["x"]], protocol.E_MALFORMED),
+    ("%(message)s", [["x"]], protocol.E_MALFORMED),
+])
+def test_hostile_formats_and_values_are_refused(fmt_map, records, code):
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(_frame(fmt_map, records))
+    assert info.value.code == code
+
+
+def test_fields_need_version_2_and_lines_still_decode_as_version_1():
+    frame = msgpack.loads(_frame(_wire(), [["x"]]))
+    frame["v"] = 1
+    with pytest.raises(protocol.ProtocolError) as info:
+        protocol.decode_request(msgpack.packb(frame))
+    assert info.value.code == protocol.E_MALFORMED
+    old = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, ["a line"])
+    assert msgpack.loads(old)["v"] == 1
+    assert protocol.decode_request(old).lines() == ["a line"]
+
+
+def test_a_record_its_format_cannot_render_becomes_a_counted_line():
+    fmt = FieldFormat("%", "%(n)d", None, "%Y", "%s,%03d")
+    errors = []
+    lines = protocol.render_records(fmt, [["not a number"], "a line"], lambda: errors.append(1))
+    assert lines[0].startswith(protocol.RENDER_ERROR_PREFIX) and "not a number" in lines[0]
+    assert lines[1] == "a line" and errors == [1]
