@@ -22,8 +22,8 @@ import tempfile
 from typing import List
 
 from .daemon import running_daemon
-from .harness import Goal, Params, Row, rotated, scenario
-from .latency import FLOOR, NB_DAEMON, ROWS, _row_dir, latency_row, run_caller
+from .harness import Goal, Params, Row, scenario
+from .latency import FLOOR, NB_DAEMON, ROWS, _row_dir, handler_rows, latency_row, run_caller
 
 CLH_ERROR = "CLH direct, logger.error"
 NB_SYNC = "NonBlocking sync, daemon"
@@ -39,33 +39,14 @@ ASYNC_BURST = "Async, daemon, yield every 200"
           goals=[Goal(NB_DAEMON, metric="cpu", max_ratio=1.5), Goal(NB_DAEMON, metric="cpu", max_ratio=0.5, against="FileHandler")])
 def app_cpu(params: Params) -> List[Row]:
     """App CPU per record (µs, all threads, until written) for every latency-table handler."""
-    workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
-    log_dir = os.path.join(workdir, "logs")
-    try:
-        with running_daemon(workdir, [log_dir]) as endpoint:
-            return [latency_row(name, run_caller({"mode": "cpu", "handler": kind, "calls": params.calls,
-                                                  "warmup": params.warmup, "endpoint": endpoint,
-                                                  "dir": _row_dir(log_dir, kind)}))
-                    for name, kind in rotated(ROWS, params.run)]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return handler_rows(params, "cpu", ROWS, params.calls, params.warmup)
 
 
 @scenario("sync", baseline=CLH_ERROR, metrics=("p50", "p99", "p99.9", "max"), ratio_metrics=("p50", "p99"),
           goals=[Goal(NB_SYNC, metric="p50", max_ratio=2.0), Goal(NB_SYNC, metric="p99", max_ratio=3.0)])
 def sync_path(params: Params) -> List[Row]:
     """logger.error confirmed through the daemon vs CLH direct's logger.error (µs per call)."""
-    calls = min(SYNC_CALLS, params.calls)
-    workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
-    log_dir = os.path.join(workdir, "logs")
-    try:
-        with running_daemon(workdir, [log_dir]) as endpoint:
-            return [latency_row(name, run_caller({"mode": "error", "handler": kind, "calls": calls,
-                                                  "warmup": SYNC_WARMUP, "endpoint": endpoint,
-                                                  "dir": _row_dir(log_dir, kind)}))
-                    for name, kind in rotated(SYNC_ROWS, params.run)]
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return handler_rows(params, "error", SYNC_ROWS, min(SYNC_CALLS, params.calls), SYNC_WARMUP)
 
 
 @scenario("burst", metrics=("p50", "p99", "max", "dropped"),

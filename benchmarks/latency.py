@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .daemon import bench_env, running_daemon
 from .harness import ROOT, Goal, Params, Row, rotated, scenario
@@ -45,14 +45,19 @@ CALLER_TIMEOUT = 600.0
           + [Goal(row, metric="dropped", max_value=0) for row in (NB_DAEMON, NB_EMBEDDED)])
 def latency(params: Params) -> List[Row]:
     """Per-call logger.info latency (p50/p99/p99.9 µs): no-op floor, stdlib, CLH, NonBlocking."""
+    return handler_rows(params, "sync", ROWS, params.calls, params.warmup)
+
+
+def handler_rows(params: Params, mode: str, rows: Sequence[Tuple[str, str]], calls: int, warmup: int) -> List[Row]:
+    """One caller run in ``mode`` per (row name, handler kind), in this run's
+    rotated order, each in its own log directory, against one daemon."""
     workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
     log_dir = os.path.join(workdir, "logs")
     try:
         with running_daemon(workdir, [log_dir]) as endpoint:
-            return [latency_row(name, run_caller({"mode": "sync", "handler": kind, "calls": params.calls,
-                                                  "warmup": params.warmup, "endpoint": endpoint,
-                                                  "dir": _row_dir(log_dir, kind)}))
-                    for name, kind in rotated(ROWS, params.run)]
+            return [latency_row(name, run_caller({"mode": mode, "handler": kind, "calls": calls, "warmup": warmup,
+                                                  "endpoint": endpoint, "dir": _row_dir(log_dir, kind)}))
+                    for name, kind in rotated(rows, params.run)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
