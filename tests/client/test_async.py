@@ -392,6 +392,11 @@ def untraced() -> None:
     cov = current() if current is not None else None
     if cov is not None:
         cov.stop()
+    # A forked child holds two collectors (the parent's and the one started
+    # at the fork): stopping the current one resumes the other. This process
+    # has one thread (forked), so removing the trace functions ends both.
+    sys.settrace(None)
+    threading.settrace(None)
 
 
 def lag_child(kind: str, mode: str, path: str, endpoint: Optional[str], daemon_pid: int, result_path: str) -> None:
