@@ -48,6 +48,9 @@ class FakeDaemon:
         self.reports: List[protocol.Report] = []
         self.closed = False
 
+    def usable(self) -> str:
+        return ""  # no endpoint to check: always trusted
+
     def send(self, payload: bytes) -> bool:
         if not self.connected:
             return False

@@ -30,6 +30,7 @@ except ImportError:  # Python < 3.8: the interface is documentation only
 class Transport(Protocol):
     """What Delivery needs from a connection to the daemon."""
 
+    def usable(self) -> str: ...  # "" once connected to a trusted endpoint; else why not
     def send(self, payload: bytes) -> bool: ...  # False: not connected, nothing queued
     def recv(self) -> Optional[bytes]: ...  # None: nothing to read now
     def events(self) -> Iterator[str]: ...  # CONNECTED / DISCONNECTED since the last call
@@ -385,8 +386,8 @@ class Delivery:
         self.transport.send(protocol.encode_ping(id))
 
     def _probe(self, now: float) -> None:
-        usable = getattr(self.transport, "usable", None)  # test fakes have no endpoint to check
-        problem = usable() if usable is not None else ""
+        assert self.transport is not None
+        problem = self.transport.usable()
         if problem:
             # Never connected: write through the fallback, look again soon
             # (an lstat; the daemon may be starting).
@@ -457,8 +458,7 @@ class Delivery:
             return None
         # Connect first if nothing did yet (the fallback may have begun
         # before the first probe: a refused sync record).
-        usable = getattr(self.transport, "usable", None)  # test fakes have no endpoint to check
-        if usable is not None and usable():
+        if self.transport.usable():
             return None
         self.report_id += 1
         counters, state, error = doc
