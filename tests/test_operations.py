@@ -153,9 +153,12 @@ def test_unit_is_a_hardened_notify_service_matching_its_config():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_a_member_of_the_socket_group_can_connect_under_the_units_umask(start_daemon):
+def test_a_member_of_the_socket_group_can_connect_under_the_units_umask(start_daemon, monkeypatch):
     umask = int(_unit_settings(UNIT.read_text())["UMask"][-1], 8)
     gid = 47011  # a group neither we nor nobody (65534) belong to
+    # The readiness ping is a client too: it trusts a group-writable socket
+    # directory only when told that group is the socket group, as apps are.
+    monkeypatch.setenv("CLH_WRITERD_SOCKET_GROUP", str(gid))
     daemon = start_daemon(daemon={"socket_dir_mode": 0o770, "socket_group": str(gid)},
                           preexec_fn=lambda: os.umask(umask))
     path = daemon.endpoint[len("ipc://"):]

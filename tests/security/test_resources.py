@@ -30,6 +30,9 @@ THREAD_BOUND = 64 + 8
 # on a loaded 2-core machine), hence the deadline below.
 DEAF_PINGS = 20000
 DEAF_DEADLINE = 120.0
+# What the daemon may keep after a connection flood has gone (the flood's peak
+# is 40-100 MiB above the start).
+RETURNED_SLACK_KIB = 24 * 1024
 
 
 def _limit_fds() -> None:
@@ -137,14 +140,68 @@ def test_connection_flood_is_shut_down_beyond_the_limit(flood_daemon, raw_client
         refused = _stats(observer)["daemon"]["counters"]["connections_refused"]
         honest.stop()
     wait_for(lambda: resources(daemon.proc.pid)["fds"] < before["fds"] + 10, what="descriptors to come back")
+    # Thousands of connections cost libzmq tens of MiB; the daemon hands that
+    # memory back once they are gone instead of staying at its peak for good.
+    wait_for(lambda: resources(daemon.proc.pid)["rss_kib"] < before["rss_kib"] + RETURNED_SLACK_KIB,
+             what="the flood's memory to be returned")
     after = resources(daemon.proc.pid)
     _within_bounds(daemon, after, FLOOD_NOFILE)
     paused = daemon.stats()["daemon"]["counters"]["listener_paused"]
     _row(security_row, daemon, f"{FLOOD_NOFILE} idle connections (RLIMIT_NOFILE {FLOOD_NOFILE})",
          f"descriptors for connections capped at about limits.connections ({limits['connections']}); each one "
          "beyond is shut down at once and counted; "
-         "listening paused while descriptors are short; no abort",
+         "listening paused while descriptors are short; no abort; the connections' memory returned once they are gone",
          f"{refused} shut down, listener paused {paused} time(s), fds during {during['fds']}", honest, before, after)
+
+
+CAPPED_CONNECTIONS = 32
+
+
+def test_connections_are_capped_by_max_connections(tmp_path, raw_client, security_row):
+    """The descriptor-derived figure can be tens of thousands (LimitNOFILE=65536): max_connections
+    bounds the memory a flood can take whatever the descriptor limit."""
+    daemon = DaemonProcess(str(tmp_path), limits={"max_connections": CAPPED_CONNECTIONS})
+    daemon.start()
+    ctx = zmq.Context()
+    try:
+        limits = daemon.stats()["daemon"]["limits"]
+        assert limits["nofile"] > 1024 and limits["connections"] == CAPPED_CONNECTIONS, limits
+        observer = raw_client(daemon.endpoint, "observer")
+        _stats(observer)
+        with HonestClient(daemon.endpoint, os.path.join(daemon.log_dir, "honest-capped.log")) as honest:
+            before = resources(daemon.proc.pid)
+            attackers = []
+            for _ in range(10 * CAPPED_CONNECTIONS):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.RECONNECT_IVL, -1)  # what is shut down stays down: the steady state is the cap
+                s.connect(daemon.endpoint)
+                try:
+                    s.send(protocol.encode_ping(), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # its connection was already shut down (and not retried): no pipe to queue on
+                attackers.append(s)
+            wait_for(lambda: _stats(observer)["daemon"]["counters"]["connections_refused"] > 0,
+                     what="connections beyond max_connections to be refused")
+            wait_for(lambda: resources(daemon.proc.pid)["fds"] <= before["fds"] + CAPPED_CONNECTIONS,
+                     what="the daemon to hold no more than max_connections connections")
+            during = resources(daemon.proc.pid)
+            acked = honest.acked
+            wait_for(lambda: honest.acked > acked + 100, what="the honest client to go on")
+            for s in attackers:
+                s.close(0)
+            honest.stop()
+        refused = _stats(observer)["daemon"]["counters"]["connections_refused"]
+        assert refused >= 4 * CAPPED_CONNECTIONS, refused  # most of the 9x beyond the cap (a few may never connect)
+        assert daemon.proc.poll() is None, daemon.stderr()[-2000:]
+        security_row(f"{10 * CAPPED_CONNECTIONS} idle connections, limits.max_connections = {CAPPED_CONNECTIONS}",
+                     "connections capped at max_connections whatever RLIMIT_NOFILE allows (memory: about 30 KiB "
+                     "each); each one beyond is shut down at once and counted",
+                     f"{refused} shut down, daemon fds {before['fds']} -> {during['fds']} during the flood; "
+                     f"honest client {honest.acked} records", honest.lost(), describe_resources(before, during))
+    finally:
+        ctx.destroy(linger=0)
+        daemon.cleanup()
 
 
 def test_sync_records_unread_replies_reports_and_endless_multipart_stay_bounded(daemon, security_row):

@@ -208,6 +208,9 @@ OPTIONS: Tuple[Option, ...] = (
            "Close a file (descriptors, lock, thread) after this many seconds without a batch; 0 = never."),
     Option("limits", "max_path_depth", 16, _positive(int, 1, 256),
            "Path components allowed below an allowed directory, the file name included."),
+    Option("limits", "max_connections", 4096, _positive(int, 8, 1_000_000),
+           "Connections held at once (each costs libzmq about 30 KiB); lowered at start to the descriptors "
+           "left after the files' share and a reserve. One beyond is shut down at once and counted."),
     Option("limits", "max_clients", 10000, _positive(int, 1, 1_000_000),
            "Client entries kept in stats (least recently seen are forgotten)."),
     Option("fsync", "policy", "never", _choice(FSYNC_POLICIES),
@@ -269,6 +272,7 @@ class Config:
     max_files: int
     idle_file_seconds: float
     max_path_depth: int
+    max_connections: int
     max_clients: int
     fsync_policy: str
     fsync_interval: float

@@ -7,6 +7,7 @@ back through an inproc PULL socket; the loop forwards it to the client.
 Signal handlers only set flags.
 """
 
+import ctypes
 import dataclasses
 import fcntl
 import grp
@@ -54,6 +55,9 @@ FDS_PER_FILE = 4
 FD_RESERVE = 64
 # The daemon's zmq sockets: the ROUTER (writers use no zmq socket).
 ZMQ_MAX_SOCKETS = 16
+# Connections gone since the last high-water mark before the daemon hands
+# their freed memory back to the kernel (see ConnectionGuard.sweep).
+TRIM_AFTER_CONNECTIONS = 256
 # Replies queued per peer before zmq drops further ones for that peer (a
 # client that never reads cannot grow the daemon's memory).
 REPLY_HWM = 1000
@@ -75,15 +79,30 @@ def raise_fd_limit() -> int:
         return soft
 
 
-def derived_limits(nofile: int, max_files: int) -> Dict[str, int]:
+def derived_limits(nofile: int, max_files: int, max_connections: int) -> Dict[str, int]:
     """Files get at most half of the descriptors (FDS_PER_FILE each); connections
     what is left after the files' share and a reserve (libzmq aborts the
-    process if accept() meets EMFILE, so connections must never take it all)."""
+    process if accept() meets EMFILE, so connections must never take it all),
+    at most max_connections (each costs libzmq about 30 KiB of memory)."""
     reserve = max(FD_RESERVE, nofile // 4)
     usable = max(0, nofile - reserve)
     files = max(1, min(max_files, usable // 2 // FDS_PER_FILE))
-    return {"nofile": nofile, "max_files": files, "connections": max(8, usable - files * FDS_PER_FILE),
+    connections = max(8, min(max_connections, usable - files * FDS_PER_FILE))
+    return {"nofile": nofile, "max_files": files, "connections": connections,
             "fd_reserve": reserve, "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where the C library has none (musl)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+
+    def run() -> None:
+        trim(0)
+    return run
 
 
 def open_fds() -> int:
@@ -114,12 +133,16 @@ class ConnectionGuard:
         self.stats = stats
         self.paused = False
         self._pause, self._resume = pause, resume
+        self._base = self._high = open_fds()  # the daemon's own descriptors: no connection yet
+        self._trim = _malloc_trim()
 
     def check(self) -> None:
         """Stop listening while descriptors are short, listen again once half the reserve is back:
-        a paused listener accepts nothing, so a connection flood cannot reach EMFILE."""
+        a paused listener accepts nothing, so a connection flood cannot reach EMFILE. The
+        max_connections cap alone never pauses (unbinding drops every connection): the
+        connections beyond it are shut down one by one."""
         fds = open_fds()
-        ceiling = self.ceiling()
+        ceiling = self.descriptor_ceiling()
         if not self.paused and fds > ceiling:
             self.paused = True
             self.stats.count("listener_paused")
@@ -128,10 +151,30 @@ class ConnectionGuard:
             self.paused = False
             self._resume()
 
-    def ceiling(self) -> int:
+    def sweep(self) -> None:
+        """Listen again if paused; after many connections went away, return their memory.
+
+        Each connection costs libzmq about 30 KiB, freed on close but kept by
+        malloc in libzmq's I/O thread's arena: after a flood of thousands of
+        connections the daemon would stay at its peak size for good.
+        """
+        if self.paused:
+            self.check()
+        fds = open_fds()
+        self._high = max(self._high, fds)
+        if self._high - fds >= TRIM_AFTER_CONNECTIONS:
+            self._trim()
+            self._high = fds
+
+    def descriptor_ceiling(self) -> int:
         """Descriptors the process may hold after an accept: all but the reserve and the free file slots."""
         free_slots = max(0, self.limits["max_files"] - self.open_files())
         return self.limits["nofile"] - self.limits["fd_reserve"] - free_slots * FDS_PER_FILE
+
+    def ceiling(self) -> int:
+        """The descriptor ceiling, or fewer: the daemon's own, the open files' and max_connections."""
+        cap = self._base + self.open_files() * FDS_PER_FILE + self.limits["connections"]
+        return min(self.descriptor_ceiling(), cap)
 
     def handle(self) -> None:
         """Read the accept events; shut down the newest connections beyond the ceiling; pause if short."""
@@ -154,7 +197,9 @@ class ConnectionGuard:
                             else "no or bad CURVE")
         if not accepted:
             return
-        excess = open_fds() - self.ceiling()  # one /proc listing per wake-up, not per event
+        fds = open_fds()  # one /proc listing per wake-up, not per event
+        self._high = max(self._high, fds)
+        excess = fds - self.ceiling()
         for fd in reversed(accepted[-excess:] if excess > 0 else []):
             self._shut(fd)
             self.stats.count("connections_refused")
@@ -244,7 +289,7 @@ class Server:
         if not proc_fd_available():
             raise StartupError("/proc/self/fd is not available: the daemon needs it to write without "
                                "following symlinks (mount /proc)")
-        self.stats.limits = derived_limits(raise_fd_limit(), cfg.max_files)
+        self.stats.limits = derived_limits(raise_fd_limit(), cfg.max_files, cfg.max_connections)
         self._prepare_allowed_dirs()
         self.context = zmq.Context()
         self.context.MAX_SOCKETS = ZMQ_MAX_SOCKETS
@@ -366,7 +411,8 @@ class Server:
             self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
-        self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files)
+        self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files,
+                                           new.max_connections)
         self.router.max_files = self.stats.limits["max_files"]
         if self.guard is not None:
             self.guard.limits = self.stats.limits
@@ -573,12 +619,13 @@ class Server:
             self.guard.paused = True
 
     def _sweep(self) -> None:
-        """Close idle files; forget expired busy entries; listen again when descriptors came back."""
+        """Close idle files; forget expired busy entries; listen again when descriptors came back
+        and return a flood's memory."""
         assert self.router is not None
         self.router.close_idle(self.config.idle_file_seconds)
         self.stats.fold_gone()
-        if self.guard is not None and self.guard.paused:
-            self.guard.check()
+        if self.guard is not None:
+            self.guard.sweep()
         if self._blocked:
             now = time.monotonic()
             for key in [k for k, (_, expires) in self._blocked.items() if expires < now]:
