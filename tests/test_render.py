@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from clh_writerd import protocol
 from clh_writerd._render import FieldFormat
 from clh_writerd.client._stages import FieldPlan, Renderer
+from clh_writerd.client._stages import plan_of as plan_of_item
 
 ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC")
 # DST changes (UTC epochs): Berlin 2026-03-29 01:00 and 2026-10-25 01:00,
@@ -101,7 +102,7 @@ def client_and_daemon(formatter, record, client_tz, daemon_tz):
     expected = _client_line(renderer, prepared)
     item = renderer.render(prepared)
     assert type(item) is tuple, "a stock formatter's record must travel as field values"
-    plan, values = item[0], item[1]
+    plan, values = plan_of_item(item), item[1]
     frame = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, [values], format=plan.format)
     set_tz(daemon_tz)
     request = protocol.decode_request(frame)
@@ -191,7 +192,7 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     record.obj = object()  # str() of an object: only the client can do it
     assert plan.values(record, "m", 10**6) is None
     record.obj = "fine"
-    assert plan.values(record, "m", 10**6)[0] == ["fine", "m"]  # own attributes first, then message
+    assert plan.values(record, "m", 10**6)[0] == ("fine", "m")  # own attributes first, then message
     record.exc_text = "Traceback ..."
     assert plan.values(record, "m", 10**6) is None
     del record.exc_text

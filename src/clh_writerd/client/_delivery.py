@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, FieldPlan, Item, Window, to_line, to_lines, too_large
+from ._stages import Batcher, FieldPlan, Item, Window, plan_of, to_line, to_lines, too_large
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
@@ -263,11 +263,12 @@ class Delivery:
         if self.fields_ok:
             for item in items:
                 if type(item) is not str:
-                    plan = item[0]  # type: ignore[index,assignment]
+                    plan = plan_of(item)  # type: ignore[arg-type]
                     break
         if plan is None:
             return protocol.encode_batch(self.client_id, seq, self.path, self.options, list(to_lines(items)))
-        records = [i if type(i) is str else (i[1] if i[0] is plan else to_line(i)) for i in items]  # type: ignore[index]
+        number = plan.number
+        records = [i if type(i) is str else (i[1] if i[0] == number else to_line(i)) for i in items]  # type: ignore[index]
         return protocol.encode_batch(self.client_id, seq, self.path, self.options, records,  # type: ignore[arg-type]
                                      format=plan.format)
 
