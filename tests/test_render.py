@@ -12,7 +12,9 @@ own line, and the field values through the real wire (``encode_batch`` ->
 
 import logging
 import os
+import sys
 import time
+import weakref
 
 import msgpack
 import pytest
@@ -103,6 +105,14 @@ def client_and_daemon(formatter, record, client_tz, daemon_tz):
     item = renderer.render(prepared)
     assert type(item) is tuple, "a stock formatter's record must travel as field values"
     plan, values = plan_of_item(item), item[1]
+    frozen = renderer.freeze(record)  # the thread handler's queued path
+    if type(frozen[0]) is int:
+        assert renderer.render(frozen) == item
+        renderer.fields = False  # the fallback renders a frozen record itself
+        try:
+            assert renderer.render(frozen) == expected
+        finally:
+            renderer.fields = True
     frame = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, [values], format=plan.format)
     set_tz(daemon_tz)
     request = protocol.decode_request(frame)
@@ -184,6 +194,38 @@ def test_custom_converter_and_instance_overrides_render_client_side():
     g.format = lambda record: "x"
     assert plan_of(g) is None
     assert plan_of(logging.Formatter("%(message)s")) is not None
+
+
+def test_a_queued_record_is_frozen_into_values_and_not_kept():
+    """While the daemon renders, the caller's thread keeps only the record's
+    values (plain ones), not the LogRecord: thousands queued in a burst would
+    otherwise survive into the app's oldest GC generation."""
+    handler = logging.Handler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(user)s %(message)s"))
+    renderer = Renderer(handler)  # type: ignore[arg-type]
+    renderer.fields = True
+    record = make_record(time.time(), "m", "u", 1, 0.5)
+    record.msg, record.args = "m %s", ("arg",)
+    alive = weakref.ref(record)
+    frozen = renderer.freeze(record)
+    expected = handler.format(record)
+    del record
+    assert alive() is None, "the queued item must not hold the LogRecord"
+    assert frozen[1:3] == (("INFO", "app.\u00fcser", "u"), "m arg")
+    renderer.fields = False
+    assert renderer.render(frozen) == expected
+    # Not frozen: a traceback, or a value only the client can render.
+    record = make_record(time.time(), "m", "u", 1, 0.5)
+    record.user = object()
+    renderer.fields = True
+    assert renderer.freeze(record)[0] is record
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = make_record(time.time(), "m", "u", 1, 0.5)
+        record.exc_info = sys.exc_info()
+    prepared = renderer.freeze(record)
+    assert prepared[0] is record and "ValueError: boom" in record.exc_text
 
 
 def test_records_the_daemon_cannot_reproduce_render_client_side():

@@ -18,7 +18,7 @@ from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
 from ._sender import SenderCore
-from ._stages import DROP_WARNING_EVERY, Item, Renderer
+from ._stages import DROP_WARNING_EVERY, Item, Renderer, record_of
 from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
@@ -208,7 +208,7 @@ class WrappingHandler(logging.Handler):
             self.stats.dropped_count += 1
 
     def _render_failed(self, item: Any) -> None:
-        self.handleError(item[0])
+        self.handleError(record_of(item))
 
     def _drop(self, item: Any, policy: str) -> None:
         """Count a record refused by policy; at the first drop and every
@@ -219,7 +219,7 @@ class WrappingHandler(logging.Handler):
         dropped = self.stats.dropped_count
         if (dropped == 1 or dropped % DROP_WARNING_EVERY == 0) and self._core is not None:
             if dropped % DROP_WARNING_EVERY == 0:
-                self._core.warn(self._warning_line(item[0], "queue full, %d records dropped so far (%s)",
+                self._core.warn(self._warning_line(record_of(item), "queue full, %d records dropped so far (%s)",
                                                    dropped, policy))
             self._core.notify(logging.WARNING, _notices.drop_message(self.path, dropped, policy, self.KIND))
             self._wake()

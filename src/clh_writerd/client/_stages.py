@@ -24,6 +24,9 @@ _STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.Strin
 # Formatter methods an instance may override by assignment: then it is not stock.
 _STOCK_METHODS = ("format", "formatTime", "formatMessage", "usesTime", "formatException", "formatStack")
 _MISSING = object()
+# Values a record may carry into a frozen item: the cyclic GC untracks a
+# tuple of them, and the daemon renders them exactly.
+_PLAIN = frozenset((str, int, float, bool, type(None)))
 
 
 class FieldPlan:
@@ -40,6 +43,7 @@ class FieldPlan:
         own = [n for n in fmt.fields if n not in ("message", TIME_FIELD)]
         # The record's own attributes in one C call (a tuple for 2+ names).
         self._own: Optional[Callable[[Dict[str, Any]], Any]] = operator.itemgetter(*own) if own else None
+        self._own_names = own
         self._single = len(own) == 1
         self._message = "message" in fmt.fields
         self._uses_time = fmt.uses_time
@@ -74,20 +78,37 @@ class FieldPlan:
         d = record.__dict__
         if d.get("exc_text") or d.get("stack_info") or d.get("exc_info"):
             return None
+        own = self.own_values(d)
+        if own is None:
+            return None
+        return self.complete(own, message, d.get("created"), d.get("msecs"), limit)
+
+    def own_values(self, d: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
+        """The record's own attributes the format uses, if all are plain
+        values (str, int, float, bool, None); else None."""
         own = self._own
         try:
             if own is None:
-                out: List[Any] = []
+                values: Tuple[Any, ...] = ()
             elif self._single:
-                out = [own(d)]
+                values = (own(d),)
             else:
-                out = list(own(d))
+                values = own(d)
         except KeyError:
             return None  # the formatter's own KeyError, raised client-side
+        for value in values:
+            if type(value) not in _PLAIN:
+                return None
+        return values
+
+    def complete(self, own: Tuple[Any, ...], message: str, created: Any, msecs: Any,
+                 limit: int) -> Optional[Tuple[Tuple[Any, ...], int]]:
+        """``values()`` from the parts a record was frozen into."""
+        out = list(own)
         if self._message:
             out.append(message)
         if self._uses_time:
-            t = self._time(d)
+            t = self._time(created, msecs)
             if t is None:
                 return None
             out.append(t)
@@ -99,8 +120,16 @@ class FieldPlan:
             return None
         return tuple(out), size
 
-    def _time(self, d: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
-        created = d.get("created")
+    def record(self, own: Tuple[Any, ...], message: str, created: Any, msecs: Any) -> logging.LogRecord:
+        """A LogRecord holding what the stock formatter reads: enough to render
+        a frozen record client-side, or to name it in handleError."""
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        record.__dict__.update(zip(self._own_names, own))
+        record.__dict__.update(msg=message, args=None, exc_info=None, exc_text=None, stack_info=None,
+                               created=created, msecs=msecs)
+        return record
+
+    def _time(self, created: Any, msecs: Any) -> Optional[Tuple[Any, ...]]:
         if type(created) is not float or not created >= 0:
             return None
         sec = int(created)
@@ -111,7 +140,7 @@ class FieldPlan:
             if type(gmtoff) is not int or type(zone) is not str or tuple(time.gmtime(sec + gmtoff))[:6] != tuple(st)[:6]:
                 return None
             tz = self._tz = (sec, gmtoff, st.tm_isdst, zone)
-        return (sec, d.get("msecs"), tz[1], tz[2], tz[3])
+        return (sec, msecs, tz[1], tz[2], tz[3])
 
 
 # Every plan made in this process, one per (format, converter, time zone): a handful.
@@ -161,6 +190,13 @@ def to_line(item: Item) -> str:
     return protocol.render_records(plan.format, [values])[0]  # type: ignore[arg-type]
 
 
+def record_of(prepared: Any) -> logging.LogRecord:
+    """The LogRecord of a prepared or frozen record (for handleError and dating warnings)."""
+    if type(prepared[0]) is int:
+        return _PLANS[prepared[0]].record(prepared[1], prepared[2], prepared[3], prepared[4])
+    return prepared[0]  # type: ignore[no-any-return]
+
+
 def to_lines(items: Sequence[Item]) -> List[str]:
     if all(type(i) is str for i in items):
         return items  # type: ignore[return-value]
@@ -188,16 +224,48 @@ class Renderer:
             record.exc_text = self._formatter().formatException(record.exc_info)
         return record, record.getMessage()
 
-    def render(self, item: Tuple[logging.LogRecord, str]) -> Item:
+    def freeze(self, record: logging.LogRecord) -> Any:
+        """Caller's thread, for queued records: ``prepare``, and while the
+        daemon renders, a tuple of the record's values instead:
+        ``(plan number, own values, message, created, msecs)``.
+
+        The LogRecord is then freed at once: records waiting in a queue of
+        thousands would otherwise survive into the GC's oldest generation and
+        make the app's full collections run (6 per 200,000 records in a
+        flood, each one over the whole heap of the app).
+        """
+        d = record.__dict__
+        if d.get("exc_info") or d.get("exc_text") or d.get("stack_info"):
+            return self.prepare(record)
+        message = record.getMessage()
+        if self.fields and type(d.get("created")) is float:
+            plan = self._current_plan()
+            own = plan.own_values(d) if plan is not None else None
+            if own is not None:
+                return (plan.number, own, message, d["created"], d.get("msecs"))  # type: ignore[union-attr]
+        return record, message
+
+    def _current_plan(self) -> Optional[FieldPlan]:
+        formatter = self.handler.formatter or logging._defaultFormatter  # type: ignore[attr-defined]
+        known, plan = self._plan
+        if known is not formatter:
+            plan = FieldPlan.for_formatter(formatter, self.handler)
+            self._plan = (formatter, plan)
+        return plan
+
+    def render(self, item: Any) -> Item:
         """Sender: the field values for the daemon, when it renders this
         formatter's lines; else the wrapped handler's formatter on a frozen copy."""
+        if type(item[0]) is int:  # frozen by freeze()
+            frozen_plan = _PLANS[item[0]]
+            if self.fields:
+                measured = frozen_plan.complete(item[1], item[2], item[3], item[4], self.limit)
+                if measured is not None:
+                    return (item[0], measured[0], measured[1])
+            return self.handler.format(frozen_plan.record(item[1], item[2], item[3], item[4]))
         record, message = item
         if self.fields:
-            formatter = self.handler.formatter or logging._defaultFormatter  # type: ignore[attr-defined]
-            known, plan = self._plan
-            if known is not formatter:
-                plan = FieldPlan.for_formatter(formatter, self.handler)
-                self._plan = (formatter, plan)
+            plan = self._current_plan()
             if plan is not None:
                 measured = plan.values(record, message, self.limit)
                 if measured is not None:

@@ -186,11 +186,8 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             raise OSError(self.stats.last_error)
 
     def enqueue(self, record: logging.LogRecord) -> None:
-        """prepare (freeze the message) and append; the hot path, kept flat."""
-        if record.exc_info and not record.exc_text:
-            item = self._renderer.prepare(record)
-        else:
-            item = (record, record.getMessage())  # Renderer.prepare, inlined
+        """freeze (the message, and the values the daemon renders) and append; the hot path, kept flat."""
+        item = self._renderer.freeze(record)
         queue = self._queue
         if len(queue) >= self.queue_size or self._stopping or self._thread is None:
             self._queue_full(item)
