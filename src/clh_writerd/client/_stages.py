@@ -1,7 +1,9 @@
 """The stages both handlers share, in pipeline order.
 
-- ``Renderer``: ``prepare`` (caller's thread: freeze the message) and
-  ``render`` (sender: the wrapped CLH handler's formatter makes the line).
+- ``Renderer``: ``prepare``/``freeze`` (caller's thread: freeze the message;
+  for queued records the values the daemon renders, not the LogRecord) and
+  ``render`` (sender: the values for the daemon, or the wrapped CLH
+  handler's formatter makes the line).
 - ``Batcher``: collects rendered lines into batches capped by count and bytes.
 - ``Window``: the bounded set of sent, unacknowledged batches.
 """

@@ -1,6 +1,6 @@
 """AsyncConcurrentHandler: an asyncio-native client of clh-writerd.
 
-On the loop's thread ``emit()`` is ``prepare`` + append to a bounded deque;
+On the loop's thread ``emit()`` is ``freeze`` + append to a bounded deque;
 from another thread the record is handed over with ``call_soon_threadsafe``.
 The sender task (``LoopSender``) drives the same ``SenderCore`` as the thread
 handler; every blocking step runs in an executor. The loop is blocked only
@@ -21,7 +21,7 @@ from ._asynclogger import AsyncLogger
 from ._base import WrappingHandler, build_clh
 from ._loop_sender import LoopSender
 from ._options import ASYNC, HandlerOptions, split_kwargs
-from ._stages import DROP_WARNING_EVERY
+from ._stages import DROP_WARNING_EVERY, record_of
 from ._stats import STATE_STOPPED
 
 require_full_python("AsyncConcurrentHandler")
@@ -157,16 +157,16 @@ class AsyncConcurrentHandler(WrappingHandler):
         if self._sender is not None:
             await self._sender.flush()
 
-    # -- emit: prepare -> enqueue, on the loop's thread -----------------------------
+    # -- emit: freeze -> enqueue, on the loop's thread -----------------------------
     def emit(self, record: logging.LogRecord) -> None:
         try:
             loop = self._loop
             if self._closed:
                 self._after_close(record)
             elif threading.get_ident() == self._loop_thread and loop is not None and loop.is_running():
-                self._emit_item(self._renderer.prepare(record), record.levelno)
+                self._emit_item(self._renderer.freeze(record), record.levelno)
             elif loop is not None and loop.is_running() and self.belongs_here():
-                item = self._renderer.prepare(record)
+                item = self._renderer.freeze(record)
                 try:
                     loop.call_soon_threadsafe(self._emit_item, item, record.levelno)
                 except RuntimeError:  # the loop closed meanwhile
@@ -191,7 +191,7 @@ class AsyncConcurrentHandler(WrappingHandler):
             self._release_sockets()
             self._sender = None
         self.start()
-        self._emit_item(self._renderer.prepare(record), record.levelno)
+        self._emit_item(self._renderer.freeze(record), record.levelno)
 
     def _emit_item(self, item: Any, levelno: int) -> None:
         sender = self._sender
@@ -217,7 +217,7 @@ class AsyncConcurrentHandler(WrappingHandler):
             self._blocked_warnings += 1
             if self.block_warning and self._blocked_warnings % DROP_WARNING_EVERY == 1:
                 self._confirmed.write(self._warning_line(
-                    item[0], "queue full: blocking the event loop to write (%d so far)", self._blocked_warnings))
+                    record_of(item), "queue full: blocking the event loop to write (%d so far)", self._blocked_warnings))
             self._confirmed.write(self._renderer.render(item))
         elif mode == "nowait" and len(sender.overflow) < self.max_nowait:
             self.stats.fallback_count += 1

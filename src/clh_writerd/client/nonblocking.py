@@ -1,6 +1,7 @@
 """NonBlockingConcurrentHandler: a thread-based client of clh-writerd.
 
-Caller's thread: ``prepare`` (freeze the message) and ``enqueue`` (append to
+Caller's thread: ``freeze`` (the message, and while the daemon renders the
+record's plain values instead of the record) and ``enqueue`` (append to
 a bounded deque). Sender thread: drive the shared ``SenderCore`` (render,
 batch, send, acks, fallback switch) and write what it hands back through the
 wrapped CLH handler, inline; it waits on a poller (wake-up pipe + sockets).
@@ -140,7 +141,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         except Exception:
             pass
 
-    # -- caller's thread: prepare -> enqueue -------------------------------------
+    # -- caller's thread: freeze -> enqueue --------------------------------------
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._pid < 0:  # set by the fork hook in a child (no getpid() syscall per call)
