@@ -98,8 +98,9 @@ class FieldPlan:
                 values = own(d)
         except KeyError:
             return None  # the formatter's own KeyError, raised client-side
+        plain = _PLAIN
         for value in values:
-            if type(value) not in _PLAIN:
+            if type(value) not in plain:
                 return None
         return values
 
@@ -240,11 +241,14 @@ class Renderer:
         if d.get("exc_info") or d.get("exc_text") or d.get("stack_info"):
             return self.prepare(record)
         message = record.getMessage()
-        if self.fields and type(d.get("created")) is float:
-            plan = self._current_plan()
-            own = plan.own_values(d) if plan is not None else None
-            if own is not None:
-                return (plan.number, own, message, d["created"], d.get("msecs"))  # type: ignore[union-attr]
+        if self.fields:
+            known, plan = self._plan  # the hot path: _current_plan() inlined
+            if known is not (self.handler.formatter or logging._defaultFormatter):  # type: ignore[attr-defined]
+                plan = self._current_plan()
+            if plan is not None and type(d.get("created")) is float:
+                own = plan.own_values(d)
+                if own is not None:
+                    return (plan.number, own, message, d["created"], d.get("msecs"))
         return record, message
 
     def _current_plan(self) -> Optional[FieldPlan]:
