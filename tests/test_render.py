@@ -13,6 +13,7 @@ own line, and the field values through the real wire (``encode_batch`` ->
 import logging
 import os
 import sys
+import threading
 import time
 import weakref
 
@@ -226,6 +227,33 @@ def test_a_queued_record_is_frozen_into_values_and_not_kept():
         record.exc_info = sys.exc_info()
     prepared = renderer.freeze(record)
     assert prepared[0] is record and "ValueError: boom" in record.exc_text
+
+
+def test_plans_made_at_once_by_many_threads_each_get_their_own_format():
+    """Items name their plan by number: two threads registering different
+    formats at the same moment must not end up with one number."""
+    handler = logging.Handler()
+    barrier = threading.Barrier(8)
+    results = []
+
+    def register(t):
+        barrier.wait()
+        for n in range(40):
+            text = f"%(message)s thread {t} format {n} {time.monotonic_ns()}"
+            plan = FieldPlan.for_formatter(logging.Formatter(text), handler)
+            results.append((text, plan_of_item((plan.number, (), 0)).format.fmt))
+
+    threads = [threading.Thread(target=register, args=(t,)) for t in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can: races show
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert len(results) == 320 and all(text == fmt for text, fmt in results)
 
 
 def test_records_the_daemon_cannot_reproduce_render_client_side():

@@ -12,6 +12,7 @@ import locale
 import logging
 import operator
 import sys
+import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -151,17 +152,19 @@ _PLANS: List[FieldPlan] = []
 _PLAN_NUMBERS: Dict[Tuple[Any, ...], int] = {}
 
 
+_PLANS_LOCK = threading.Lock()
+
+
 def _registered(fmt: FieldFormat, converter: Callable[..., time.struct_time]) -> FieldPlan:
     # The zone is part of the key: a plan caches the offset of the current
     # second, and a formatter made after time.tzset() must not inherit it.
     key = (fmt.key(), converter, time.tzname, time.timezone, time.altzone)
-    number = _PLAN_NUMBERS.get(key)
-    if number is None:
-        # setdefault: two threads making the same plan agree on one number.
-        number = _PLAN_NUMBERS.setdefault(key, len(_PLANS))
-        if number == len(_PLANS):
+    with _PLANS_LOCK:  # once per formatter and handler: callers' threads and senders may race here
+        number = _PLAN_NUMBERS.get(key)
+        if number is None:
+            number = _PLAN_NUMBERS[key] = len(_PLANS)
             _PLANS.append(FieldPlan(fmt, converter, number))
-    return _PLANS[number]
+        return _PLANS[number]
 
 
 # A record on its way: a line, or (plan number, values, wire size) for the
