@@ -88,13 +88,18 @@ def test_repeated_sigkill_under_load_nothing_missing(start_daemon, tmp_path, gua
     pids, busy_kills = set(), 0
     with Load(tmp_path, path, {"endpoint": daemon.endpoint}, processes=8) as load:
         load.wait_each_logged(1000)
-        for _ in range(KILLS):
+        for kill in range(KILLS):
             assert daemon.proc is not None
             pids.add(daemon.proc.pid)
             # A random moment of the daemon's life, from just after its
             # start (clients not back yet) to deep into serving them; the
             # fault's timing is the scenario's input, not a synchronisation.
             time.sleep(rng.uniform(0.05, 1.5))
+            if kill % 2 == 0:
+                # Every other kill hits a daemon that is writing for the clients:
+                # how soon they come back from their fallback depends on the
+                # machine's load, and the scenario needs both kinds of kill.
+                wait_for(lambda: daemon_has_written(daemon, path), what="clients to return to the restarted daemon")
             busy_kills += daemon_has_written(daemon, path)
             daemon.kill()
             load.wait_each_logged(200, since=load.counts(), what="clients to keep logging with the daemon dead")
@@ -111,7 +116,6 @@ def test_repeated_sigkill_under_load_nothing_missing(start_daemon, tmp_path, gua
               report.expected, report.missing_count, report.duplicates,
               note=f"{busy_kills} kills hit a daemon serving clients, {gzipped(path)} .gz files")
     assert len(pids) == KILLS
-    assert busy_kills >= KILLS // 2, "most kills should hit a daemon that was writing"
     assert gzipped(path) > 0
     assert_accounted("10 x sigkill", report, results)
 
