@@ -10,6 +10,7 @@ own line, and the field values through the real wire (``encode_batch`` ->
 ``decode_request``). The daemon side renders under another ``TZ``.
 """
 
+import gc
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ from clh_writerd import protocol
 from clh_writerd._render import FieldFormat
 from clh_writerd.client._stages import FieldPlan, Renderer
 from clh_writerd.client._stages import plan_of as plan_of_item
+from clh_writerd.client._stages import values_of
 
 ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC")
 # DST changes (UTC epochs): Berlin 2026-03-29 01:00 and 2026-10-25 01:00,
@@ -105,7 +107,7 @@ def client_and_daemon(formatter, record, client_tz, daemon_tz):
     expected = _client_line(renderer, prepared)
     item = renderer.render(prepared)
     assert type(item) is tuple, "a stock formatter's record must travel as field values"
-    plan, values = plan_of_item(item), item[1]
+    plan, values = plan_of_item(item), values_of(item)
     frozen = renderer.freeze(record)  # the thread handler's queued path
     if type(frozen[0]) is int:
         assert renderer.render(frozen) == item
@@ -212,7 +214,7 @@ def test_a_queued_record_is_frozen_into_values_and_not_kept():
     expected = handler.format(record)
     del record
     assert alive() is None, "the queued item must not hold the LogRecord"
-    assert frozen[1:3] == (("INFO", "app.\u00fcser", "u"), "m arg")
+    assert frozen[1] == "m arg" and frozen[4:] == ("INFO", "app.\u00fcser", "u")
     renderer.fields = False
     assert renderer.render(frozen) == expected
     # Not frozen: a traceback, or a value only the client can render.
@@ -227,6 +229,33 @@ def test_a_queued_record_is_frozen_into_values_and_not_kept():
         record.exc_info = sys.exc_info()
     prepared = renderer.freeze(record)
     assert prepared[0] is record and "ValueError: boom" in record.exc_text
+
+
+def test_queued_and_in_flight_records_are_untracked_by_the_first_collection():
+    """A burst keeps thousands of records queued and in flight while the
+    app's collector runs. Each must be a tuple the collector untracks the
+    first time it sees it, whatever order it sees them in; a record still
+    tracked after a young collection is moved on toward the oldest
+    generation, and enough of those make the app run full collections
+    (measured before: 5 per 200,000 records, 20-70 ms each)."""
+    handler = logging.Handler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(user)s %(message)s"))
+    renderer = Renderer(handler)  # type: ignore[arg-type]
+    renderer.fields = True
+    queued, in_flight = [], []
+    holder = {"queued": queued, "in_flight": in_flight}  # as the handler's deque and window hold them
+    gc.collect()
+    for n in range(200):
+        frozen = renderer.freeze(make_record(time.time(), f"m{n}", "u", n, 0.5))
+        queued.append(frozen)
+        in_flight.append(renderer.render(frozen))
+    assert all(type(item[0]) is int for item in queued + in_flight), "the daemon renders these records"
+    gc.collect(0)
+    tracked = [item for item in queued + in_flight if gc.is_tracked(item)]
+    assert not tracked, f"{len(tracked)} of 400 records still tracked after a young collection"
+    # What a batch encodes is built while collections run: tuples, never lists.
+    assert all(type(values_of(item)) is tuple for item in in_flight)
+    assert holder
 
 
 def test_plans_made_at_once_by_many_threads_each_get_their_own_format():

@@ -202,7 +202,7 @@ class ClientId(NamedTuple):
     session: str
 
 
-Record = Union[str, List[Any]]  # a line, or field values (render "fields")
+Record = Union[str, List[Any], Tuple[Any, ...]]  # a line, or field values (render "fields")
 
 
 class Batch(NamedTuple):

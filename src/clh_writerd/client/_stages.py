@@ -167,18 +167,40 @@ def _registered(fmt: FieldFormat, converter: Callable[..., time.struct_time]) ->
         return _PLANS[number]
 
 
-# A record on its way: a line, or (plan number, values, wire size) for the
-# daemon to render. Only ints, strs, floats and tuples of them: the cyclic
-# GC untracks such tuples, so the thousands of records queued and in flight
-# in a burst never make the app's full collections longer or more frequent
-# (holding the FieldPlan itself, or lists, made each record a tracked object
-# that survived into the oldest generation: 6 full collections per 200,000
-# records, +7.5 µs per record in an app with a million objects).
-Item = Union[str, Tuple[int, Tuple[Any, ...], int]]
+# A record on its way: a line, or for the daemon to render one flat tuple
+# (plan number, wire size, *field values), the time value's five parts
+# last. Flat and plain (ints, strs, floats): the cyclic GC untracks such a
+# tuple the first time it sees it, so the thousands of records queued and in
+# flight in a burst never make the app's full collections longer or more
+# frequent. Holding the FieldPlan or lists made each record a tracked object
+# that survived into the oldest generation (6 full collections per 200,000
+# records, +7.5 µs per record in an app with a million objects); so did
+# nesting: a tuple holding a tuple is untracked only once the collector has
+# seen the inner one first, and for a record in a queue it sees the outer one
+# first (5 full collections of 20-70 ms each per 200,000 records, the
+# longest calls of the latency benchmark).
+Item = Union[str, Tuple[Any, ...]]
 
 
-def plan_of(item: Tuple[int, Tuple[Any, ...], int]) -> FieldPlan:
+def plan_of(item: Tuple[Any, ...]) -> FieldPlan:
     return _PLANS[item[0]]
+
+
+def in_flight(plan: FieldPlan, values: Tuple[Any, ...], size: int) -> Tuple[Any, ...]:
+    """The flat item for ``values`` (see ``Item``)."""
+    if plan._uses_time:
+        return (plan.number, size, *values[:-1], *values[-1])
+    return (plan.number, size, *values)
+
+
+def values_of(item: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    """An item's field values as the wire carries them (the time as one
+    array). Tuples, not lists: a batch's worth is built at once, and the
+    collections that building runs would move lists (never untracked) into
+    the oldest generation."""
+    if _PLANS[item[0]]._uses_time:
+        return item[2:-5] + (item[-5:],)
+    return item[2:]
 
 
 def to_line(item: Item) -> str:
@@ -188,18 +210,15 @@ def to_line(item: Item) -> str:
         return item  # type: ignore[return-value]
     from .. import protocol
 
-    plan = plan_of(item)  # type: ignore[arg-type]
     # As lists, as the daemon decodes them: a render error line shows them.
-    values: List[Any] = list(item[1])  # type: ignore[index]
-    if plan.format.uses_time:
-        values[-1] = list(values[-1])
-    return protocol.render_records(plan.format, [values])[0]  # type: ignore[arg-type]
+    values = [list(v) if type(v) is tuple else v for v in values_of(item)]  # type: ignore[arg-type]
+    return protocol.render_records(plan_of(item).format, [values])[0]  # type: ignore[arg-type]
 
 
 def record_of(prepared: Any) -> logging.LogRecord:
     """The LogRecord of a prepared or frozen record (for handleError and dating warnings)."""
     if type(prepared[0]) is int:
-        return _PLANS[prepared[0]].record(prepared[1], prepared[2], prepared[3], prepared[4])
+        return _PLANS[prepared[0]].record(prepared[4:], prepared[1], prepared[2], prepared[3])
     return prepared[0]  # type: ignore[no-any-return]
 
 
@@ -233,12 +252,16 @@ class Renderer:
     def freeze(self, record: logging.LogRecord) -> Any:
         """Caller's thread, for queued records: ``prepare``, and while the
         daemon renders, a tuple of the record's values instead:
-        ``(plan number, own values, message, created, msecs)``.
+        ``(plan number, message, created, msecs, *own values)``.
 
         The LogRecord is then freed at once: records waiting in a queue of
         thousands would otherwise survive into the GC's oldest generation and
         make the app's full collections run (6 per 200,000 records in a
-        flood, each one over the whole heap of the app).
+        flood, each one over the whole heap of the app). The tuple is flat
+        on purpose: the collector untracks a tuple of plain values the first
+        time it sees one, but a tuple holding another tuple only if it sees
+        the inner one first, and for a queued item it sees the outer one
+        first; nested, the queued items went on into the oldest generation.
         """
         d = record.__dict__
         if d.get("exc_info") or d.get("exc_text") or d.get("stack_info"):
@@ -251,7 +274,7 @@ class Renderer:
             if plan is not None and type(d.get("created")) is float:
                 own = plan.own_values(d)
                 if own is not None:
-                    return (plan.number, own, message, d["created"], d.get("msecs"))
+                    return (plan.number, message, d["created"], d.get("msecs"), *own)
         return record, message
 
     def _current_plan(self) -> Optional[FieldPlan]:
@@ -268,17 +291,17 @@ class Renderer:
         if type(item[0]) is int:  # frozen by freeze()
             frozen_plan = _PLANS[item[0]]
             if self.fields:
-                measured = frozen_plan.complete(item[1], item[2], item[3], item[4], self.limit)
+                measured = frozen_plan.complete(item[4:], item[1], item[2], item[3], self.limit)
                 if measured is not None:
-                    return (item[0], measured[0], measured[1])
-            return self.handler.format(frozen_plan.record(item[1], item[2], item[3], item[4]))
+                    return in_flight(frozen_plan, measured[0], measured[1])
+            return self.handler.format(frozen_plan.record(item[4:], item[1], item[2], item[3]))
         record, message = item
         if self.fields:
             plan = self._current_plan()
             if plan is not None:
                 measured = plan.values(record, message, self.limit)
                 if measured is not None:
-                    return (plan.number, measured[0], measured[1])
+                    return in_flight(plan, measured[0], measured[1])
         frozen = logging.LogRecord.__new__(logging.LogRecord)
         frozen.__dict__.update(record.__dict__)
         frozen.msg, frozen.args, frozen.exc_info = message, None, None
@@ -299,7 +322,7 @@ class Renderer:
 def utf8_size(line: Item) -> int:
     """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
     if type(line) is not str:
-        return line[2]  # type: ignore[index,return-value]
+        return line[1]  # type: ignore[index,return-value]
     return text_size(line)  # type: ignore[arg-type]
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import zmq
 
 from .. import protocol
-from ._stages import plan_of
+from ._stages import plan_of, values_of
 from ._stats import STATE_FALLBACK, ClientStats
 from ._trust import CurveKeys, EndpointTrust
 
@@ -144,7 +144,7 @@ class SyncChannel:
             if type(line) is str:
                 payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line)
             else:
-                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line[1],
+                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, values_of(line),
                                                format=plan_of(line).format)
             try:
                 req.send(payload, zmq.NOBLOCK)
