@@ -41,6 +41,7 @@ from support import (
     slow_disk_env,
     wait_for,
 )
+from support.clients import StopFlag
 
 from clh_writerd import protocol
 from clh_writerd.client.nonblocking import create_nonblocking_handler
@@ -151,7 +152,7 @@ class Clients:
         self.pace_every = pace_every
         self.pace = pace
         self.progress = self.ctx.Array("q", self.MAX_PROCESSES, lock=False)
-        self.stop_event = self.ctx.Event()
+        self.stop_event = StopFlag(self.ctx)
         self.live: Dict[int, Client] = {}  # by slot
         self.killed: Dict[str, int] = {}  # writer -> records it had emitted when killed (to pace_every)
         self.started = 0

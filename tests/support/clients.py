@@ -90,6 +90,24 @@ def total_resent(results: Dict[str, Dict[str, Any]]) -> int:
     return sum(r["stats"]["resent"] for r in results.values())
 
 
+class StopFlag:
+    """Tells client processes to stop; they poll it once per record.
+
+    Not ``multiprocessing.Event``: its ``is_set()`` takes a lock, and a
+    client SIGKILLed while holding it leaves it held, so the next ``set()``
+    waits forever (CI: the soak test hung in ``Clients.finish``). A shared
+    byte needs no lock."""
+
+    def __init__(self, ctx: Any) -> None:
+        self._flag = ctx.RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._flag.value)
+
+
 class Load:
     """N fork processes logging paced records until told to stop."""
 
@@ -97,7 +115,7 @@ class Load:
         self.ctx = multiprocessing.get_context("fork")
         self.writers = [f"w{i}" for i in range(processes)]
         self.progress = self.ctx.Array("q", processes, lock=False)
-        self.stop_event = self.ctx.Event()
+        self.stop_event = StopFlag(self.ctx)
         self.result_paths = [str(tmp_path / f"{w}.json") for w in self.writers]
         self.procs = [
             self.ctx.Process(target=workers.log_until, name=f"client-{w}",
