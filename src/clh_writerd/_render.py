@@ -180,13 +180,22 @@ class FieldFormat:
             n -= 1
             if check_time_value:
                 check_time(values[n])
-        chars = wire = others = 0
-        for i in range(n):
-            value = values[i]
+            values = values[:n]
+        return self.measure_values(values)
+
+    def measure_values(self, values: Sequence[Any], text: Optional[str] = None) -> Tuple[int, int]:
+        """``measure()`` of ``values`` (no time value), and of the str
+        ``text`` as one more value if given: a client's frozen record is
+        measured from its own values and message without copying them."""
+        chars = others = 0
+        n = len(values)
+        ascii = _ASCII_CHECK  # while every string is ASCII, its UTF-8 size is its length
+        for value in values:
             kind = type(value)
             if kind is str:
                 chars += len(value)
-                wire += text_size(value)
+                if ascii and not value.isascii():
+                    ascii = False
             elif kind is int:
                 if not MIN_INT <= value <= MAX_INT:
                     raise ValueError("an int value is out of range")
@@ -195,6 +204,17 @@ class FieldFormat:
                 others += 1
             else:
                 raise ValueError(f"a value of type {kind.__name__}")
+        if text is not None:
+            if type(text) is not str:
+                raise ValueError(f"a value of type {type(text).__name__}")
+            chars += len(text)
+            n += 1
+            if ascii and not text.isascii():
+                ascii = False
+        if ascii:
+            wire = chars
+        else:
+            wire = sum(text_size(v) for v in values if type(v) is str) + (0 if text is None else text_size(text))
         bound = self._base + self._most * (STRING_FACTOR * chars + NUMBER_BOUND * others)
         return bound, wire + 9 * n + 32
 

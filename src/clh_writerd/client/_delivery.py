@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, FieldPlan, Item, Window, plan_of, to_line, to_lines, too_large, values_of
+from ._stages import Batcher, FieldPlan, Item, Window, plan_of, to_lines, too_large, wire_records
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
@@ -267,9 +267,7 @@ class Delivery:
                     break
         if plan is None:
             return protocol.encode_batch(self.client_id, seq, self.path, self.options, list(to_lines(items)))
-        number = plan.number
-        records = [i if type(i) is str else (values_of(i) if i[0] == number else to_line(i)) for i in items]  # type: ignore[index,arg-type]
-        return protocol.encode_batch(self.client_id, seq, self.path, self.options, records,  # type: ignore[arg-type]
+        return protocol.encode_batch(self.client_id, seq, self.path, self.options, wire_records(plan, items),
                                      format=plan.format)
 
     def _send(self, payload: bytes) -> bool:

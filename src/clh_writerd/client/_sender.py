@@ -190,7 +190,7 @@ class SenderCore:
         except Exception:
             self.on_render_error(item)
             return
-        if self.delivery.too_large(line):
+        if type(line) is str and self.delivery.too_large(line):  # (field values: bounded by the renderer)
             self.stats.oversize += 1
             self.pending += self.delivery.take_unsent() + [line]
             return
