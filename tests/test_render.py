@@ -299,6 +299,13 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     record.stack_info = None
     assert plan.values(record, "m", 10**6) is None
     assert plan.values(make_record(1.0, "x" * 1000, "u", 1, 0.5), "x" * 1000, 5000) is None  # too large
+    # Not UTF-8 (a lone surrogate, from os.fsdecode()): msgpack cannot carry it.
+    record = make_record(time.time(), "caf\udce9", "u", 1, 0.5)
+    record.obj = "fine"
+    assert plan.values(record, "caf\udce9", 10**6) is None
+    frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as Renderer.freeze makes it
+    assert plan.flight(frozen, 10**6) is None
+    assert plan.flight(frozen[:1] + ("café",) + frozen[2:], 10**6) is not None
 
 
 # -- the daemon refuses hostile formats and values -------------------------------

@@ -214,7 +214,11 @@ class FieldFormat:
         if ascii:
             wire = chars
         else:
-            wire = sum(text_size(v) for v in values if type(v) is str) + (0 if text is None else text_size(text))
+            # Strict: a lone surrogate (os.fsdecode() makes them of undecodable
+            # bytes) is not UTF-8, msgpack refuses it: UnicodeEncodeError, a ValueError.
+            wire = sum(len(v.encode("utf-8")) for v in values if type(v) is str)
+            if text is not None:
+                wire += len(text.encode("utf-8"))
         bound = self._base + self._most * (STRING_FACTOR * chars + NUMBER_BOUND * others)
         return bound, wire + 9 * n + 32
 

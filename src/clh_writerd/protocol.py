@@ -44,7 +44,7 @@ MAX_INT = 2**63 - 1
 # The counters a client may report about itself (``report`` messages); the
 # daemon keeps only these names, so a client cannot grow its stats document.
 REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
-                   "sent", "acked", "write_errors")
+                   "sent", "acked", "write_errors", "unencodable")
 # What a report may say about the client's state (client/_stats.py), and how
 # much of its last error the daemon keeps.
 REPORT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")

@@ -258,6 +258,17 @@ def test_oversize_record_goes_to_the_fallback_after_the_lines_before_it():
     assert d.stats.oversize == 1
 
 
+def test_a_line_that_is_not_utf8_goes_to_the_fallback_after_the_lines_before_it():
+    daemon = FakeDaemon(batches="silent")
+    d = Driver(daemon, linger=10.0, batch_size=100)
+    d.run(lambda: d.stats.state == "daemon", seconds=1)
+    bad = "caf\udce9.txt"  # os.fsdecode() of undecodable bytes: msgpack refuses it
+    d.log("a", "b", bad, "c")
+    d.turn()
+    assert d.fallback == ["a", "b", bad]
+    assert d.stats.unencodable == 1 and d.stats.oversize == 0
+
+
 def test_a_failed_fallback_write_is_retried_and_given_up_only_at_the_stop_deadline():
     d = Driver(None)
     d.fallback_fails = True

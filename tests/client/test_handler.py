@@ -267,6 +267,12 @@ def _records() -> List[logging.LogRecord]:
         make(logging.WARNING, "an exception at a queued level", exc_info=sys.exc_info())
         make(logging.ERROR, "an exception at the sync level", exc_info=sys.exc_info())
     make(logging.DEBUG, "multi\nline %r", {"k": [1, 2]})
+    # Not UTF-8: os.fsdecode() of undecodable bytes leaves lone surrogates,
+    # which msgpack cannot carry. CLH writes them under unicode_error_policy.
+    make(logging.INFO, "a file name os.fsdecode() made: %s", "caf\udce9.txt")
+    make(logging.ERROR, "the same at the sync level: %s", "caf\udce9.txt")
+    records.append(logging.getLogger("app.\udcff").makeRecord("app.\udcff", logging.INFO, __file__, 42,
+                                                                 "a logger name that is not UTF-8", (), None))
     make(logging.CRITICAL, "critical %s", "last")
     for n in range(50):
         make(logging.INFO, "SEQ w %d %s", n, "x" * (n % 37))
@@ -313,6 +319,10 @@ def test_same_bytes_via_daemon_fallback_embedded_and_plain_clh(start_daemon, tmp
         assert contents[name] == expected, name
     assert handlers["daemon"].get_stats()["acked"] > 0
     assert handlers["fallback"].get_stats()["acked"] == 0
+    # The three records that are not UTF-8 went through the fallback, counted;
+    # the sender went on with the daemon (it used to crash on such a batch).
+    stats = handlers["daemon"].get_stats()
+    assert stats["unencodable"] == 3 and stats["state"] == "daemon" and stats["last_error"] == "", stats
 
 
 def test_message_is_frozen_at_emit(target, make_handler):

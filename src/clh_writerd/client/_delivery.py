@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, FieldPlan, Item, Window, plan_of, to_lines, too_large, wire_records
+from ._stages import Batcher, FieldPlan, Item, Window, cannot_travel, plan_of, to_lines, wire_records
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
@@ -132,10 +132,10 @@ class Delivery:
     def add(self, line: Item) -> None:
         self.batcher.add(line)
 
-    def too_large(self, line: Item) -> bool:
-        """Whether ``line`` cannot travel to this daemon: the driver writes it
-        through the fallback instead (counted as ``oversize``)."""
-        return too_large(line, self.stats.record_limit)
+    def cannot_travel(self, line: Item) -> str:
+        """Why ``line`` cannot travel to this daemon (``cannot_travel``): the
+        driver writes it through the fallback instead, counted by the name returned."""
+        return cannot_travel(line, self.stats.record_limit)
 
     def drained(self) -> bool:
         return not self.batcher.lines and not len(self.window)

@@ -5,7 +5,7 @@ import threading
 from typing import Any, Optional, Sequence
 
 from .._batchwrite import BatchWriter, CLHHandler
-from ._stages import Item, to_lines, too_large
+from ._stages import Item, cannot_travel, to_lines
 from ._stats import STATE_FALLBACK, ClientStats
 
 
@@ -48,9 +48,11 @@ class Confirmed:
     def write(self, line: Item) -> None:
         """Raises OSError when even the fallback could not write the line."""
         if self.sync is not None and self.stats.state != STATE_FALLBACK:
-            if too_large(line, self.stats.record_limit):
-                # The daemon would refuse it, or libzmq cut the REQ off (a sync_timeout).
-                self.stats.oversize += 1
+            reason = cannot_travel(line, self.stats.record_limit)
+            if reason:
+                # Too large: the daemon would refuse it, or libzmq cut the REQ off
+                # (a sync_timeout). Not UTF-8: msgpack refuses it.
+                self.stats.count(reason)
             elif self.sync.write(line):
                 return
         if not self.fallback.write([line]):

@@ -92,7 +92,8 @@ def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:
     line = (f"clh-writerd: {path}: {snap['state']}; queue {snap['queue_depth']}/{snap['capacity']}, "
             f"in flight {snap['in_flight']}; sent {snap['sent']} acked {snap['acked']} "
             f"fallback {snap['fallback_written']} dropped {snap['dropped_count']} resent {snap['resent']} "
-            f"queue_full {snap['fallback_count']} oversize {snap['oversize']} write_errors {snap['write_errors']}")
+            f"queue_full {snap['fallback_count']} oversize {snap['oversize']} unencodable {snap['unencodable']} "
+            f"write_errors {snap['write_errors']}")
     if snap.get("last_error"):
         line += f"; last error: {snap['last_error']}"
     return line

@@ -190,8 +190,9 @@ class SenderCore:
         except Exception:
             self.on_render_error(item)
             return
-        if type(line) is str and self.delivery.too_large(line):  # (field values: bounded by the renderer)
-            self.stats.oversize += 1
+        reason = self.delivery.cannot_travel(line) if type(line) is str else ""  # (field values: checked)
+        if reason:
+            self.stats.count(reason)
             self.pending += self.delivery.take_unsent() + [line]
             return
         self.delivery.add(line)

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .._batchwrite import CLHHandler
-from .._render import TIME_FIELD, FieldFormat, text_size
+from .._render import _ASCII_CHECK, TIME_FIELD, FieldFormat, text_size
 from ._stats import RECORD_LIMIT
 
 DROP_WARNING_EVERY = 1000
@@ -365,12 +365,28 @@ def utf8_size(line: Item) -> int:
     return text_size(line)  # type: ignore[arg-type]
 
 
-def too_large(line: Item, limit: int = RECORD_LIMIT) -> bool:
-    """Whether a rendered line is over ``limit`` bytes: it cannot travel in one frame."""
+OVERSIZE = "oversize"
+UNENCODABLE = "unencodable"
+
+
+def cannot_travel(line: Item, limit: int = RECORD_LIMIT) -> str:
+    """Why a rendered item cannot travel to the daemon, as the counter that
+    says so, or "": ``OVERSIZE`` (over ``limit`` bytes: not one frame) or
+    ``UNENCODABLE`` (text that is not UTF-8, such as the lone surrogates
+    os.fsdecode() makes of undecodable bytes: msgpack refuses them, and the
+    whole batch with them). The fallback writes it instead, under the
+    file's unicode_error_policy, as CLH would."""
     if type(line) is not str:
-        return False  # FieldPlan.values checked its bound
+        return ""  # field values: their plan checked the bound and the encoding
     # At most 4 bytes per character: short lines need no encoding to tell.
-    return len(line) * 4 > limit and utf8_size(line) > limit
+    if len(line) * 4 > limit and utf8_size(line) > limit:
+        return OVERSIZE
+    if not (_ASCII_CHECK and line.isascii()):
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:
+            return UNENCODABLE
+    return ""
 
 
 class Batcher:

@@ -33,6 +33,7 @@ class ClientStats:
     busy: int = 0  # batches refused by the daemon's backpressure
     write_errors: int = 0  # fallback writes that raised
     oversize: int = 0  # records too large for one frame: written by the fallback
+    unencodable: int = 0  # records whose text is not UTF-8 (lone surrogates): written by the fallback
     closed_count: int = 0  # records emitted after close(): written through the fallback
     # Not counters:
     state: str = STATE_CONNECTING
@@ -50,10 +51,15 @@ class ClientStats:
             "queue_full": self.fallback_count,
             "sync_timeouts": self.sync_timeouts,
             "oversize": self.oversize,
+            "unencodable": self.unencodable,
             "sent": self.sent,
             "acked": self.acked,
             "write_errors": self.write_errors,
         }
+
+    def count(self, counter: str) -> None:
+        """One more for the counter named ``counter`` (a field of this class)."""
+        setattr(self, counter, getattr(self, counter) + 1)
 
     def snapshot(self, queue_depth: int, capacity: int, in_flight: int) -> Dict[str, Any]:
         out: Dict[str, Any] = {name: getattr(self, name) for name in COUNTERS}
