@@ -79,6 +79,29 @@ def test_get_stats_in_embedded_mode(tmp_path, make_handler):
     check_sequences(read_lines(path), {"w": 300}).assert_complete()
 
 
+def test_after_a_sender_crash_each_record_is_written_by_emit(tmp_path, make_handler):
+    """A bug that kills the sender thread must not leave records in a queue
+    nobody drains (until close(), or dropped once it is full)."""
+    path = str(tmp_path / "crash.log")
+    handler = make_handler(path, None, fallback_on_full=False)
+    logger = _logger(handler)
+    logger.info(seq_record("w", 0))
+    handler.flush()
+
+    def crash() -> None:
+        raise RuntimeError("a bug in the sender")
+
+    handler._core.step = crash
+    logger.info(seq_record("w", 1))  # wakes the sender, which crashes
+    wait_for(lambda: not handler._thread.is_alive(), timeout=5, what="the sender to crash")
+    for n in range(2, 12):
+        logger.info(seq_record("w", n))
+        # In the file when emit() returns: nobody else is left to write it.
+        check_sequences(read_lines(path), {"w": n + 1}).assert_complete()
+    stats = handler.get_stats()
+    assert stats["last_error"].startswith("sender crashed: RuntimeError") and stats["dropped_count"] == 0, stats
+
+
 # -- lifecycle -----------------------------------------------------------------
 def test_stop_is_idempotent_and_start_twice_raises(tmp_path, make_handler):
     path = str(tmp_path / "life.log")

@@ -254,6 +254,9 @@ class NonBlockingConcurrentHandler(WrappingHandler):
                 if queue and sliced:
                     time.sleep(0)  # between slices (see SLICE_SECONDS)
         except Exception as exc:  # never die silently: write what we hold
+            # From now on emit() writes each record itself, as while stopping:
+            # a queue nobody drains would hold them until close(), or drop them.
+            self._stopping = True
             self.stats.last_error = f"sender crashed: {type(exc).__name__}: {exc}"
             log.exception("clh-writerd sender thread crashed; writing through the fallback")
             self._fallback.write(core.salvage(queue))
