@@ -252,8 +252,8 @@ def test_queued_and_in_flight_records_are_untracked_by_the_first_collection():
     gc.collect(0)
     tracked = [item for item in queued + in_flight if gc.is_tracked(item)]
     assert not tracked, f"{len(tracked)} of 400 records still tracked after a young collection"
-    # What a batch encodes is built while collections run: tuples, never lists.
-    assert all(type(values_of(item)) is tuple for item in in_flight)
+    # In flight a record is its packed values: encoding a batch builds nothing per record.
+    assert all(type(item[1]) is bytes and len(item) == 2 for item in in_flight)
 
 
 def test_plans_made_at_once_by_many_threads_each_get_their_own_format():
@@ -289,7 +289,7 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     record.obj = object()  # str() of an object: only the client can do it
     assert plan.values(record, "m", 10**6) is None
     record.obj = "fine"
-    assert plan.values(record, "m", 10**6)[0] == ("fine", "m")  # own attributes first, then message
+    assert plan.values(record, "m", 10**6) == ("fine", "m")  # own attributes first, then message
     record.exc_text = "Traceback ..."
     assert plan.values(record, "m", 10**6) is None
     del record.exc_text
@@ -306,6 +306,12 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as Renderer.freeze makes it
     assert plan.flight(frozen, 10**6) is None
     assert plan.flight(frozen[:1] + ("café",) + frozen[2:], 10**6) is not None
+    # A large record: over the quick bound, so measured exactly against the limit.
+    big = frozen[:1] + ("x" * 30000,) + frozen[2:]
+    exact = plan.format.measure_values(("fine",), "x" * 30000)[0]
+    assert plan.format.quick_bound(len(msgpack.packb(("fine", "x" * 30000))), 2) > exact
+    assert plan.flight(big, exact) is not None
+    assert plan.flight(big, exact - 1) is None
 
 
 # -- the daemon refuses hostile formats and values -------------------------------

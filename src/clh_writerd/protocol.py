@@ -13,7 +13,7 @@ import os
 import socket
 import sys
 import uuid
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import msgpack
 
@@ -350,10 +350,14 @@ def encode_batch(
     seq: int,
     path: str,
     options: Mapping[str, Any],
-    records: List[Record],
+    records: Sequence[Union[Record, bytes]],
     render: str = RENDER_LINES,
     format: Optional[FieldFormat] = None,
+    packed: bool = False,
 ) -> bytes:
+    """A batch frame. ``packed``: each record is already msgpack (bytes), as a
+    client keeps records in flight; the frame is the same as for the records
+    unpacked."""
     msg = {
         "v": LINES_VERSION,
         "type": T_BATCH,
@@ -361,11 +365,19 @@ def encode_batch(
         "seq": seq,
         "file": _file_map(path, options),
         "render": render,
-        "records": records,
     }
     if format is not None:
         msg.update(v=PROTOCOL_VERSION, render=RENDER_FIELDS, format=format.wire())
-    return msgpack.packb(msg)
+    if not packed:
+        msg["records"] = records
+        return msgpack.packb(msg)
+    packer = msgpack.Packer()
+    parts = [packer.pack_map_header(len(msg) + 1)]
+    for key, value in msg.items():
+        parts += (packer.pack(key), packer.pack(value))
+    parts += (packer.pack("records"), packer.pack_array_header(len(records)))
+    parts += records  # type: ignore[arg-type]
+    return b"".join(parts)
 
 
 def encode_sync(

@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, FieldPlan, Item, Window, cannot_travel, plan_of, to_lines, wire_records
+from ._stages import Batcher, FieldPlan, Item, Window, cannot_travel, packed_records, plan_of, to_lines
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED
@@ -267,8 +267,8 @@ class Delivery:
                     break
         if plan is None:
             return protocol.encode_batch(self.client_id, seq, self.path, self.options, list(to_lines(items)))
-        return protocol.encode_batch(self.client_id, seq, self.path, self.options, wire_records(plan, items),
-                                     format=plan.format)
+        return protocol.encode_batch(self.client_id, seq, self.path, self.options, packed_records(plan, items),
+                                     format=plan.format, packed=True)
 
     def _send(self, payload: bytes) -> bool:
         assert self.transport is not None

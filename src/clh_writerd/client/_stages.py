@@ -17,6 +17,8 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import msgpack
+
 from .._batchwrite import CLHHandler
 from .._render import _ASCII_CHECK, TIME_FIELD, FieldFormat, text_size
 from ._stats import RECORD_LIMIT
@@ -74,10 +76,11 @@ class FieldPlan:
             return None  # month and day names: the daemon's locale is C
         return _registered(fmt, converter)
 
-    def values(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[Tuple[Any, ...], int]]:
-        """(the record's field values, their size on the wire), or None when
-        the daemon could not reproduce the line exactly (traceback, stack,
-        an exotic value, too large): the client renders that record itself."""
+    def values(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[Any, ...]]:
+        """The record's field values (the time as a tuple), or None when the
+        daemon could not reproduce the line exactly (traceback, stack, an
+        exotic value, text that is not UTF-8, too large): the client renders
+        that record itself."""
         d = record.__dict__
         if d.get("exc_text") or d.get("stack_info") or d.get("exc_info"):
             return None
@@ -106,7 +109,7 @@ class FieldPlan:
         return values
 
     def complete(self, own: Tuple[Any, ...], message: str, created: Any, msecs: Any,
-                 limit: int) -> Optional[Tuple[Tuple[Any, ...], int]]:
+                 limit: int) -> Optional[Tuple[Any, ...]]:
         """``values()`` from the parts a record was frozen into."""
         out = list(own)
         if self._message:
@@ -117,40 +120,47 @@ class FieldPlan:
                 return None
             out.append(t)
         try:
-            bound, size = self.format.measure(out, check_time_value=False)
+            bound = self.format.bound(out, check_time_value=False)
         except ValueError:
             return None
         if bound > limit:
             return None
-        return tuple(out), size
+        return tuple(out)
 
-    def flight(self, item: Tuple[Any, ...], limit: int) -> Optional[Tuple[Any, ...]]:
+    def flight(self, item: Tuple[Any, ...], limit: int) -> Optional[Tuple[int, bytes]]:
         """A frozen item's in-flight item (see ``Item``), or None as for
-        ``values()``: ``complete()`` and ``in_flight()`` in one pass, with
-        no list or tuple in between. The sender's hot path: it runs for
-        every queued record while the daemon renders."""
+        ``values()``. The sender's hot path, once per queued record while
+        the daemon renders: one msgpack call, whose size bounds the line
+        (``quick_bound``); a record too large for that bound is measured
+        value by value."""
         message = item[1]
         own = item[4:]
+        if self._uses_time:
+            created = item[2]
+            if type(created) is not float or not created >= 0:
+                return None
+            sec = int(created)
+            tz = self._tz
+            if (tz is None or tz[0] != sec) and self._time(created, item[3]) is None:
+                return None
+            tz = self._tz
+            assert tz is not None
+            when = (sec, item[3], tz[1], tz[2], tz[3])
+            values = (*own, message, when) if self._message else (*own, when)
+        else:
+            values = (*own, message) if self._message else own
         try:
-            bound, size = self.format.measure_values(own, message if self._message else None)
-        except ValueError:
+            packed = pack(values)
+        except (UnicodeEncodeError, OverflowError):  # not UTF-8 (lone surrogates); an int over 64 bits
             return None
-        if bound > limit:
-            return None
-        if not self._uses_time:
-            return (self.number, size, *own, message) if self._message else (self.number, size, *own)
-        created = item[2]
-        if type(created) is not float or not created >= 0:
-            return None
-        sec = int(created)
-        tz = self._tz
-        if (tz is None or tz[0] != sec) and self._time(created, item[3]) is None:
-            return None
-        tz = self._tz
-        assert tz is not None
-        if self._message:
-            return (self.number, size, *own, message, sec, item[3], tz[1], tz[2], tz[3])
-        return (self.number, size, *own, sec, item[3], tz[1], tz[2], tz[3])
+        fmt = self.format
+        if fmt.quick_bound(len(packed), len(own) + self._message) > limit:
+            try:
+                if fmt.measure_values(own, message if self._message else None)[0] > limit:
+                    return None
+            except ValueError:
+                return None
+        return (self.number, packed)
 
     def record(self, own: Tuple[Any, ...], message: str, created: Any, msecs: Any) -> logging.LogRecord:
         """A LogRecord holding what the stock formatter reads: enough to render
@@ -195,51 +205,49 @@ def _registered(fmt: FieldFormat, converter: Callable[..., time.struct_time]) ->
         return _PLANS[number]
 
 
-# A record on its way: a line, or for the daemon to render one flat tuple
-# (plan number, wire size, *field values), the time value's five parts
-# last. Flat and plain (ints, strs, floats): the cyclic GC untracks such a
-# tuple the first time it sees it, so the thousands of records queued and in
-# flight in a burst never make the app's full collections longer or more
-# frequent. Holding the FieldPlan or lists made each record a tracked object
-# that survived into the oldest generation (6 full collections per 200,000
-# records, +7.5 µs per record in an app with a million objects); so did
-# nesting: a tuple holding a tuple is untracked only once the collector has
-# seen the inner one first, and for a record in a queue it sees the outer one
-# first (5 full collections of 20-70 ms each per 200,000 records, the
-# longest calls of the latency benchmark).
+# A record on its way: a line, or for the daemon to render a pair (plan
+# number, its field values packed by msgpack: the bytes the batch frame
+# carries). Plain: the cyclic GC untracks such a tuple the first time it
+# sees it, so the thousands of records in flight in a burst never make the
+# app's full collections longer or more frequent (holding the FieldPlan,
+# lists or nested tuples made records survive into the oldest generation:
+# 5-6 full collections of 20-70 ms each per 200,000 records). Packed once,
+# a record is never built again to encode a batch: building each batch's
+# records as tuples cost a young collection per batch and 1.5 µs per record.
 Item = Union[str, Tuple[Any, ...]]
+
+_PACKERS = threading.local()  # a msgpack Packer per thread: one is not thread-safe, a new one per call is slow
+
+
+def pack(value: Any) -> bytes:
+    """msgpack.packb(value), with this thread's Packer."""
+    try:
+        packer = _PACKERS.packer
+    except AttributeError:
+        packer = _PACKERS.packer = msgpack.Packer()
+    return packer.pack(value)  # type: ignore[no-any-return]
 
 
 def plan_of(item: Tuple[Any, ...]) -> FieldPlan:
     return _PLANS[item[0]]
 
 
-def in_flight(plan: FieldPlan, values: Tuple[Any, ...], size: int) -> Tuple[Any, ...]:
-    """The flat item for ``values`` (see ``Item``)."""
-    if plan._uses_time:
-        return (plan.number, size, *values[:-1], *values[-1])
-    return (plan.number, size, *values)
+def in_flight(plan: FieldPlan, values: Tuple[Any, ...]) -> Tuple[int, bytes]:
+    """The in-flight item for ``values`` (see ``Item``; ``values()`` checked them)."""
+    return (plan.number, pack(values))
 
 
-def values_of(item: Tuple[Any, ...]) -> Tuple[Any, ...]:
-    """An item's field values as the wire carries them (the time as one
-    array). Tuples, not lists: a batch's worth is built at once, and the
-    collections that building runs would move lists (never untracked) into
-    the oldest generation."""
-    if _PLANS[item[0]]._uses_time:
-        return item[2:-5] + (item[-5:],)
-    return item[2:]
+def values_of(item: Tuple[Any, ...]) -> List[Any]:
+    """An item's field values as the daemon decodes them (lists; the time as one list)."""
+    return msgpack.unpackb(item[1])  # type: ignore[no-any-return]
 
 
-def wire_records(plan: FieldPlan, items: Sequence[Item]) -> List[Any]:
-    """A batch's records for a daemon rendering ``plan``'s format: its items
-    as ``values_of()`` gives them, in one pass (the hot path of encoding a
-    batch); lines, and items of another plan, rendered here."""
+def packed_records(plan: FieldPlan, items: Sequence[Item]) -> List[bytes]:
+    """A batch's records, packed, for a daemon rendering ``plan``'s format:
+    items in flight as they are; lines, and items of another plan, rendered
+    here."""
     number = plan.number
-    if plan._uses_time:
-        return [i[2:-5] + (i[-5:],) if type(i) is not str and i[0] == number else to_line(i)  # type: ignore[operator]
-                for i in items]
-    return [i[2:] if type(i) is not str and i[0] == number else to_line(i) for i in items]
+    return [i[1] if type(i) is not str and i[0] == number else pack(to_line(i)) for i in items]  # type: ignore[misc]
 
 
 def to_line(item: Item) -> str:
@@ -250,8 +258,7 @@ def to_line(item: Item) -> str:
     from .. import protocol
 
     # As lists, as the daemon decodes them: a render error line shows them.
-    values = [list(v) if type(v) is tuple else v for v in values_of(item)]  # type: ignore[arg-type]
-    return protocol.render_records(plan_of(item).format, [values])[0]  # type: ignore[arg-type]
+    return protocol.render_records(plan_of(item).format, [values_of(item)])[0]  # type: ignore[arg-type]
 
 
 def record_of(prepared: Any) -> logging.LogRecord:
@@ -338,9 +345,9 @@ class Renderer:
         if self.fields:
             plan = self._current_plan()
             if plan is not None:
-                measured = plan.values(record, message, self.limit)
-                if measured is not None:
-                    return in_flight(plan, measured[0], measured[1])
+                values = plan.values(record, message, self.limit)
+                if values is not None:
+                    return in_flight(plan, values)
         frozen = logging.LogRecord.__new__(logging.LogRecord)
         frozen.__dict__.update(record.__dict__)
         frozen.msg, frozen.args, frozen.exc_info = message, None, None
@@ -361,7 +368,7 @@ class Renderer:
 def utf8_size(line: Item) -> int:
     """The size of ``line`` on the wire (msgpack strings are UTF-8)."""
     if type(line) is not str:
-        return line[1]  # type: ignore[index,return-value]
+        return len(line[1])  # type: ignore[arg-type]
     return text_size(line)  # type: ignore[arg-type]
 
 
