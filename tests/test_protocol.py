@@ -191,6 +191,14 @@ def test_new_client_id_describes_this_process_and_decodes():
     assert protocol.decode_request(frame).client == a
 
 
+def test_a_program_name_that_is_not_utf8_is_escaped():
+    # os.fsdecode() of a script name with undecodable bytes: msgpack refuses lone surrogates.
+    client = protocol.new_client_id("caf\udce9.py")
+    assert client.program == "caf\\udce9.py"
+    frame = protocol.encode_batch(client, 1, "/x.log", {}, ["r"])
+    assert protocol.decode_request(frame).client == client
+
+
 def test_default_endpoint(monkeypatch):
     monkeypatch.setenv("CLH_WRITERD_ENDPOINT", "tcp://127.0.0.1:5555")
     assert protocol.default_endpoint() == "tcp://127.0.0.1:5555"

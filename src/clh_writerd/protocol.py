@@ -311,11 +311,17 @@ def new_client_id(program: Optional[str] = None) -> ClientId:
     """The identity of this process; call again after fork for a new session."""
     prog = program or os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
     return ClientId(
-        socket.gethostname()[:MAX_NAME_CHARS],
+        _utf8(socket.gethostname())[:MAX_NAME_CHARS],
         os.getpid(),
-        prog[:MAX_NAME_CHARS] or "python",
+        _utf8(prog)[:MAX_NAME_CHARS] or "python",
         uuid.uuid4().hex,
     )
+
+
+def _utf8(name: str) -> str:
+    """``name`` as text msgpack can carry: a lone surrogate (an undecodable
+    byte of a script's file name, say) is shown escaped."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def default_endpoint() -> str:

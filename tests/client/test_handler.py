@@ -348,6 +348,24 @@ def test_same_bytes_via_daemon_fallback_embedded_and_plain_clh(start_daemon, tmp
     assert stats["unencodable"] == 3 and stats["state"] == "daemon" and stats["last_error"] == "", stats
 
 
+def test_a_path_that_is_not_utf8_is_written_by_the_fallback_with_a_warning(start_daemon, make_handler):
+    """The protocol carries only UTF-8 text: a file name os.fsdecode() made of
+    undecodable bytes cannot be named to the daemon (it crashed the sender,
+    and nothing reached the file)."""
+    daemon = start_daemon()
+    path = os.path.join(daemon.log_dir, os.fsdecode(b"caf\xe9.log"))
+    with pytest.warns(RuntimeWarning, match="not UTF-8"):
+        handler = make_handler(path, daemon.endpoint)
+    logger = _logger(handler)
+    for n in range(50):
+        logger.info(seq_record("w", n))
+    logger.error(seq_record("sync", 0))
+    handler.flush()
+    check_sequences(read_lines(path), {"w": 50, "sync": 1}).assert_complete()
+    stats = handler.get_stats()
+    assert stats["state"] == "embedded" and "not UTF-8" in stats["last_error"], stats
+
+
 def test_message_is_frozen_at_emit(target, make_handler):
     path, endpoint = target
     handler = make_handler(path, endpoint)

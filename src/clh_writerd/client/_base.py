@@ -9,6 +9,7 @@ import warnings
 from collections import deque
 from typing import Any, Deque, Dict, Optional, Tuple
 
+import msgpack
 import zmq
 
 from .. import protocol
@@ -40,9 +41,14 @@ def file_spec(handler: CLHHandler) -> Tuple[str, Dict[str, Any], str]:
     except ValueError as exc:  # a CLH feature the daemon cannot reproduce (atTime)
         return os.path.abspath(rotating_part(handler).baseFilename), {}, str(exc)
     try:
-        return path, protocol.check_file_options(options), ""
+        options = protocol.check_file_options(options)
     except protocol.ProtocolError as exc:
         return path, options, str(exc)
+    try:
+        msgpack.packb([path, options])
+    except UnicodeEncodeError:  # a name os.fsdecode() made of undecodable bytes
+        return path, options, "its path or an option is not UTF-8, and the protocol carries only UTF-8 text"
+    return path, options, ""
 
 
 class WrappingHandler(logging.Handler):
