@@ -815,6 +815,31 @@ async def test_emit_after_the_handler_loop_is_gone_writes_synchronously(tmp_path
     check_sequences(read_lines(path), {"x": 2}).assert_complete()
 
 
+@pytest.mark.asyncio
+async def test_after_a_sender_task_crash_each_record_is_still_written(tmp_path):
+    """A bug that ends the sender task must not leave later records in a
+    queue nobody drains (until close(), or dropped once it is full)."""
+    path = str(tmp_path / "logs" / "crash.log")
+    handler = make_handler(path, endpoint=None)
+    log = make_logger(handler)
+    async with handler:
+        log.info(seq_record("w", 0))
+        await handler.aflush()
+        sender = handler._sender
+
+        def crash() -> None:
+            raise RuntimeError("a bug in the sender")
+
+        sender.core.step = crash
+        log.info(seq_record("w", 1))
+        await eventually(lambda: sender.task.done(), what="the sender task to crash")
+        for n in range(2, 12):
+            log.info(seq_record("w", n))
+        await eventually(lambda: check_sequences(read_lines(path), {"w": 12}).missing_count == 0,
+                         what="the records logged after the crash, before close()")
+        assert handler.get_stats()["dropped_count"] == 0
+
+
 # -- 7. real frameworks ----------------------------------------------------------
 APP_LINE = re.compile(r"^\S+ \S+ (INFO|CRITICAL) (\d+) app: (.*)$")
 

@@ -112,7 +112,10 @@ class LoopSender:
         return written
 
     def salvage(self) -> bool:
-        """The loop is gone or the task crashed: write what is left, here."""
+        """The loop is gone or the task crashed: write what is left, here.
+        Later records are written directly (``stopping``), not queued for a
+        task that is gone."""
+        self.stopping = True
         self._leave_job()
         lines: List[Item] = [*self.overflow, *self.core.salvage(self.queue)]
         self.overflow = []
