@@ -1,7 +1,7 @@
 """The client side of the ingest scenario, run as its own process.
 
-``python -m benchmarks.feeder ENDPOINT PATH PARAMS_JSON`` encodes every batch
-first, sends one warm-up batch (so the daemon has opened the file), then sends
+``python -m benchmarks.feeder ENDPOINT PATH PARAMS_JSON [fields]`` encodes every
+batch first (lines, or with ``fields`` field values the daemon renders), sends one warm-up batch (so the daemon has opened the file), then sends
 the batches over one DEALER as fast as acks allow, keeping ``window`` batches
 unacknowledged, and prints one JSON line: records, batches, seconds (first
 send to last ack).
@@ -16,7 +16,7 @@ import zmq
 from clh_writerd import protocol
 
 from .harness import Params
-from .workload import PROGRAM, file_options, make_batches
+from .workload import PROGRAM, encode_batches, file_options
 
 TIMEOUT_MS = 30_000
 
@@ -30,11 +30,10 @@ def _expect_ack(dealer: zmq.Socket) -> int:
     return reply.seq
 
 
-def feed(endpoint: str, path: str, params: Params) -> dict:
+def feed(endpoint: str, path: str, params: Params, fields: bool = False) -> dict:
     client = protocol.new_client_id(PROGRAM)
     options = file_options(params)
-    payloads = [protocol.encode_batch(client, seq, path, options, batch)
-                for seq, batch in enumerate(make_batches(params), start=1)]
+    payloads = encode_batches(params, path, fields)
     context = zmq.Context()
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
@@ -63,7 +62,7 @@ def feed(endpoint: str, path: str, params: Params) -> dict:
 
 def main() -> None:
     endpoint, path, params_json = sys.argv[1:4]
-    result = feed(endpoint, path, Params(**json.loads(params_json)))
+    result = feed(endpoint, path, Params(**json.loads(params_json)), fields=sys.argv[4:5] == ["fields"])
     print(json.dumps(result), flush=True)
 
 

@@ -7,6 +7,9 @@ Rows, all on the same records:
   first send to last ack. The file must then hold every line.
 - ``decode only``: ``protocol.decode_request`` over the same frames, the
   ceiling set by unpacking and validation.
+- ``daemon ingest, fields`` and ``decode+render only``: the same two for
+  the same records sent as field values (render mode ``fields``, what a
+  handler with a stock formatter sends): the daemon renders every line.
 - ``BatchWriter only``: the write seam alone, one ``write()`` per batch, no
   daemon: the ceiling set by CLH's lock, rollover check and the file write.
 - ``CLH per record``: ``logger.info`` into a ConcurrentRotatingFileHandler,
@@ -31,14 +34,15 @@ from clh_writerd._batchwrite import DEFAULT_CHUNK_CHARS, BatchWriter, build_hand
 
 from .daemon import bench_env, running_daemon
 from .harness import ROOT, Goal, Params, Row, scenario
-from .workload import PROGRAM, count_lines, file_options, make_batches
+from .workload import PROGRAM, count_lines, encode_batches, file_options, make_batches
 
 BASELINE = "CLH per record"
 FEED_TIMEOUT = 300.0
 
 
 @scenario("ingest", baseline=BASELINE,
-          goals=[Goal("daemon ingest", min_rate=500_000, min_ratio=10.0)])
+          goals=[Goal("daemon ingest", min_rate=500_000, min_ratio=10.0),
+                 Goal("daemon ingest, fields", min_ratio=10.0)])
 def ingest(params: Params) -> List[Row]:
     """Daemon ingest over ipc vs decode and write ceilings vs CLH per record."""
     workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
@@ -47,6 +51,8 @@ def ingest(params: Params) -> List[Row]:
         return [
             daemon_ingest(params, workdir),
             decode_only(params, batches),
+            daemon_ingest(params, workdir, fields=True),
+            decode_render_only(params),
             batchwriter_only(params, batches, os.path.join(workdir, "batchwriter")),
             clh_per_record(params, batches, os.path.join(workdir, "per-record")),
         ]
@@ -60,20 +66,22 @@ def _expect_lines(path: str, expected: int, what: str) -> None:
         raise RuntimeError(f"{what}: {path} holds {found} lines, expected {expected}")
 
 
-def daemon_ingest(params: Params, workdir: str) -> Row:
-    log_dir = os.path.join(workdir, "daemon-logs")
+def daemon_ingest(params: Params, workdir: str, fields: bool = False) -> Row:
+    log_dir = os.path.join(workdir, "daemon-logs-fields" if fields else "daemon-logs")
     path = os.path.join(log_dir, "ingest.log")
     with running_daemon(workdir, [log_dir]) as endpoint:
         feeder = subprocess.run(
-            [sys.executable, "-m", "benchmarks.feeder", endpoint, path, json.dumps(vars(params))],
+            [sys.executable, "-m", "benchmarks.feeder", endpoint, path, json.dumps(vars(params))]
+            + (["fields"] if fields else []),
             cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=FEED_TIMEOUT,
         )
         if feeder.returncode != 0:
             raise RuntimeError(f"feeder exited with {feeder.returncode}:\n{feeder.stderr}")
         result = json.loads(feeder.stdout.strip().splitlines()[-1])
-    _expect_lines(path, params.records + result["warmup_records"], "daemon ingest")
-    return Row("daemon ingest", result["records"], result["seconds"],
-               f"ipc, {params.batch}/batch, window {params.window}")
+    name = "daemon ingest, fields" if fields else "daemon ingest"
+    _expect_lines(path, params.records + result["warmup_records"], name)
+    return Row(name, result["records"], result["seconds"],
+               f"ipc, {params.batch}/batch, window {params.window}" + (", the daemon renders" if fields else ""))
 
 
 def decode_only(params: Params, batches: List[List[str]]) -> Row:
@@ -86,6 +94,22 @@ def decode_only(params: Params, batches: List[List[str]]) -> Row:
     for payload in payloads:
         decode(payload)
     return Row("decode only", params.records, time.perf_counter() - started, "protocol.decode_request")
+
+
+def decode_render_only(params: Params) -> Row:
+    """The ceiling of the fields path before the file: unpack, check every
+    value and render every line."""
+    payloads = encode_batches(params, "/tmp/x.log", fields=True)
+    decode = protocol.decode_request
+    started = time.perf_counter()
+    for payload in payloads:
+        decode(payload).lines(_no_render_error)  # type: ignore[union-attr]
+    return Row("decode+render only", params.records, time.perf_counter() - started,
+               "protocol.decode_request, then every line rendered")
+
+
+def _no_render_error() -> None:
+    raise RuntimeError("a benchmark record failed to render")
 
 
 def batchwriter_only(params: Params, batches: List[List[str]], directory: str) -> Row:

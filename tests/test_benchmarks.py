@@ -12,7 +12,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ROWS = ("daemon ingest", "decode only", "BatchWriter only", "CLH per record")
+ROWS = ("daemon ingest", "decode only", "daemon ingest, fields", "decode+render only", "BatchWriter only",
+        "CLH per record")
 
 
 @pytest.mark.e2e

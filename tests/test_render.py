@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from clh_writerd import protocol
 from clh_writerd._render import FieldFormat
-from clh_writerd.client._stages import FieldPlan, Renderer
+from clh_writerd.client._stages import FieldPlan, Renderer, in_flight
 from clh_writerd.client._stages import plan_of as plan_of_item
 from clh_writerd.client._stages import values_of
 
@@ -302,13 +302,13 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     # Not UTF-8 (a lone surrogate, from os.fsdecode()): msgpack cannot carry it.
     record = make_record(time.time(), "caf\udce9", "u", 1, 0.5)
     record.obj = "fine"
-    assert plan.values(record, "caf\udce9", 10**6) is None
+    assert in_flight(plan, plan.values(record, "caf\udce9", 10**6)) is None
     frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as Renderer.freeze makes it
     assert plan.flight(frozen, 10**6) is None
     assert plan.flight(frozen[:1] + ("café",) + frozen[2:], 10**6) is not None
     # A large record: over the quick bound, so measured exactly against the limit.
     big = frozen[:1] + ("x" * 30000,) + frozen[2:]
-    exact = plan.format.measure_values(("fine",), "x" * 30000)[0]
+    exact = plan.format.bound_values(("fine",), "x" * 30000)
     assert plan.format.quick_bound(len(msgpack.packb(("fine", "x" * 30000))), 2) > exact
     assert plan.flight(big, exact) is not None
     assert plan.flight(big, exact - 1) is None

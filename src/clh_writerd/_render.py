@@ -169,10 +169,6 @@ class FieldFormat:
     def bound(self, values: Sequence[Any], check_time_value: bool = True) -> int:
         """An upper bound of the rendered line's UTF-8 size; raises
         ValueError for a value the daemon cannot reproduce exactly."""
-        return self.measure(values, check_time_value)[0]
-
-    def measure(self, values: Sequence[Any], check_time_value: bool = True) -> Tuple[int, int]:
-        """(bound, the values' size on the wire); ValueError as bound()."""
         n = len(values)
         if n != len(self.fields):
             raise ValueError(f"a record has {n} values, the format {len(self.fields)} fields")
@@ -181,7 +177,7 @@ class FieldFormat:
             if check_time_value:
                 check_time(values[n])
             values = values[:n]
-        return self.measure_values(values)
+        return self.bound_values(values)
 
     def quick_bound(self, packed_size: int, count: int) -> int:
         """At least ``bound()`` of ``count`` values (no time value) whose msgpack
@@ -191,19 +187,15 @@ class FieldFormat:
         bound is measured exactly."""
         return self._base + self._most * (STRING_FACTOR * packed_size + NUMBER_BOUND * count)
 
-    def measure_values(self, values: Sequence[Any], text: Optional[str] = None) -> Tuple[int, int]:
-        """``measure()`` of ``values`` (no time value), and of the str
-        ``text`` as one more value if given: a client's frozen record is
-        measured from its own values and message without copying them."""
+    def bound_values(self, values: Sequence[Any], text: Optional[str] = None) -> int:
+        """``bound()`` of ``values`` (no time value), and of the str ``text``
+        as one more value if given: a client's frozen record is measured from
+        its own values and message without copying them."""
         chars = others = 0
-        n = len(values)
-        ascii = _ASCII_CHECK  # while every string is ASCII, its UTF-8 size is its length
         for value in values:
             kind = type(value)
             if kind is str:
                 chars += len(value)
-                if ascii and not value.isascii():
-                    ascii = False
             elif kind is int:
                 if not MIN_INT <= value <= MAX_INT:
                     raise ValueError("an int value is out of range")
@@ -216,19 +208,7 @@ class FieldFormat:
             if type(text) is not str:
                 raise ValueError(f"a value of type {type(text).__name__}")
             chars += len(text)
-            n += 1
-            if ascii and not text.isascii():
-                ascii = False
-        if ascii:
-            wire = chars
-        else:
-            # Strict: a lone surrogate (os.fsdecode() makes them of undecodable
-            # bytes) is not UTF-8, msgpack refuses it: UnicodeEncodeError, a ValueError.
-            wire = sum(len(v.encode("utf-8")) for v in values if type(v) is str)
-            if text is not None:
-                wire += len(text.encode("utf-8"))
-        bound = self._base + self._most * (STRING_FACTOR * chars + NUMBER_BOUND * others)
-        return bound, wire + 9 * n + 32
+        return self._base + self._most * (STRING_FACTOR * chars + NUMBER_BOUND * others)
 
     # -- rendering -------------------------------------------------------------
     def render(self, values: Sequence[Any]) -> str:

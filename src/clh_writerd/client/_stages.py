@@ -79,8 +79,7 @@ class FieldPlan:
     def values(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[Any, ...]]:
         """The record's field values (the time as a tuple), or None when the
         daemon could not reproduce the line exactly (traceback, stack, an
-        exotic value, text that is not UTF-8, too large): the client renders
-        that record itself."""
+        exotic value, too large): the client renders that record itself."""
         d = record.__dict__
         if d.get("exc_text") or d.get("stack_info") or d.get("exc_info"):
             return None
@@ -156,7 +155,7 @@ class FieldPlan:
         fmt = self.format
         if fmt.quick_bound(len(packed), len(own) + self._message) > limit:
             try:
-                if fmt.measure_values(own, message if self._message else None)[0] > limit:
+                if fmt.bound_values(own, message if self._message else None) > limit:
                     return None
             except ValueError:
                 return None
@@ -232,9 +231,13 @@ def plan_of(item: Tuple[Any, ...]) -> FieldPlan:
     return _PLANS[item[0]]
 
 
-def in_flight(plan: FieldPlan, values: Tuple[Any, ...]) -> Tuple[int, bytes]:
-    """The in-flight item for ``values`` (see ``Item``; ``values()`` checked them)."""
-    return (plan.number, pack(values))
+def in_flight(plan: FieldPlan, values: Tuple[Any, ...]) -> Optional[Tuple[int, bytes]]:
+    """The in-flight item for ``values()`` (see ``Item``), or None for text
+    that is not UTF-8 (lone surrogates): msgpack refuses it."""
+    try:
+        return (plan.number, pack(values))
+    except UnicodeEncodeError:
+        return None
 
 
 def values_of(item: Tuple[Any, ...]) -> List[Any]:
@@ -346,8 +349,9 @@ class Renderer:
             plan = self._current_plan()
             if plan is not None:
                 values = plan.values(record, message, self.limit)
-                if values is not None:
-                    return in_flight(plan, values)
+                flight = None if values is None else in_flight(plan, values)
+                if flight is not None:
+                    return flight
         frozen = logging.LogRecord.__new__(logging.LogRecord)
         frozen.__dict__.update(record.__dict__)
         frozen.msg, frozen.args, frozen.exc_info = message, None, None
