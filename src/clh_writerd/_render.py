@@ -20,10 +20,11 @@ whole seconds of ``created``, ``record.msecs``, and the client's
 the client's local time whatever its own time zone is.
 """
 
+import operator
 import re
 import string
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 _ASCII_CHECK = hasattr(str, "isascii")  # Python 3.6 (thread client) has no str.isascii: encode there.
 
@@ -119,7 +120,7 @@ class FieldFormat:
     """A validated stock-formatter description; renders field lists."""
 
     __slots__ = ("style", "fmt", "datefmt", "tfmt", "mfmt", "fields", "occurrences", "uses_time", "_base", "_most",
-                 "_time", "_wire", "_template")
+                 "_time", "_wire", "_template", "_positional")
 
     def __init__(self, style: str, fmt: str, datefmt: Optional[str], tfmt: str, mfmt: Optional[str]) -> None:
         if style not in STYLES:
@@ -151,6 +152,7 @@ class FieldFormat:
             self._base += self.occurrences[TIME_FIELD] * STRING_FACTOR * MAX_DATEFMT_CHARS * 8
         self._time: Tuple[Any, str] = (None, "")  # (key, text): one attribute, swapped whole (threads)
         self._template = string.Template(fmt) if style == "$" else None
+        self._positional = _positional(fmt, self.fields) if style == "%" else None
         self._wire = {"style": style, "fmt": fmt, "datefmt": self.datefmt, "tfmt": tfmt, "mfmt": self.mfmt}
 
     @classmethod
@@ -213,11 +215,14 @@ class FieldFormat:
     # -- rendering -------------------------------------------------------------
     def render(self, values: Sequence[Any]) -> str:
         """The line the client's formatter would have made (exceptions as it would raise them)."""
+        if self._positional is not None:  # %-style without a dict per record
+            fmt, pick = self._positional
+            if self.uses_time:
+                values = [*values[:-1], self._asctime(values[-1])]
+            return fmt % pick(values)  # type: ignore[no-any-return]
         d = dict(zip(self.fields, values))
         if self.uses_time:
             d[TIME_FIELD] = self._asctime(values[-1])
-        if self.style == "%":
-            return self.fmt % d
         if self.style == "{":
             return self.fmt.format(**d)
         assert self._template is not None
@@ -235,6 +240,28 @@ class FieldFormat:
         if self.datefmt is None and self.mfmt is not None:
             return self.mfmt % (text, msecs)
         return text
+
+
+def _positional(fmt: str, fields: Sequence[str]) -> Tuple[str, Callable[[Sequence[Any]], Tuple[Any, ...]]]:
+    """A validated %-format as positional conversions, and what picks their
+    values in order: ``"%(b)s %(a)5d" % {...}`` is ``"%s %5d" % (b, a)``,
+    the same text and the same errors, without a dict per record."""
+    index = {name: i for i, name in enumerate(fields)}
+    order: List[int] = []
+
+    def positional(m: "re.Match[str]") -> str:
+        if m.group(0) == "%%":
+            return "%%"
+        order.append(index[m.group(1)])
+        return "%" + m.group(0)[len(m.group(1)) + 3:]  # drop "(name)"
+
+    text = _PERCENT.sub(positional, fmt)
+    if len(order) == 1:
+        only = order[0]
+        return text, lambda values: (values[only],)
+    if not order:
+        return text, lambda values: ()
+    return text, operator.itemgetter(*order)
 
 
 def check_time(t: Any) -> None:
