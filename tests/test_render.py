@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from clh_writerd import protocol
 from clh_writerd._render import FieldFormat
-from clh_writerd.client._stages import FieldPlan, Renderer, in_flight
+from clh_writerd.client._stages import FieldPlan, Renderer
 from clh_writerd.client._stages import plan_of as plan_of_item
 from clh_writerd.client._stages import values_of
 
@@ -287,22 +287,22 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     plan = plan_of(logging.Formatter("%(message)s %(obj)s"))
     record = make_record(time.time(), "m", "u", 1, 0.5)
     record.obj = object()  # str() of an object: only the client can do it
-    assert plan.values(record, "m", 10**6) is None
+    assert plan.flight_of(record, "m", 10**6) is None
     record.obj = "fine"
-    assert plan.values(record, "m", 10**6) == ("fine", "m")  # own attributes first, then message
+    assert values_of(plan.flight_of(record, "m", 10**6)) == ["fine", "m"]  # own attributes first, then message
     record.exc_text = "Traceback ..."
-    assert plan.values(record, "m", 10**6) is None
+    assert plan.flight_of(record, "m", 10**6) is None
     del record.exc_text
     record.stack_info = "Stack ..."
-    assert plan.values(record, "m", 10**6) is None
+    assert plan.flight_of(record, "m", 10**6) is None
     del record.obj  # a missing field: the formatter's own KeyError, client-side
     record.stack_info = None
-    assert plan.values(record, "m", 10**6) is None
-    assert plan.values(make_record(1.0, "x" * 1000, "u", 1, 0.5), "x" * 1000, 5000) is None  # too large
+    assert plan.flight_of(record, "m", 10**6) is None
+    assert plan.flight_of(make_record(1.0, "x" * 1000, "u", 1, 0.5), "x" * 1000, 5000) is None  # too large
     # Not UTF-8 (a lone surrogate, from os.fsdecode()): msgpack cannot carry it.
     record = make_record(time.time(), "caf\udce9", "u", 1, 0.5)
     record.obj = "fine"
-    assert in_flight(plan, plan.values(record, "caf\udce9", 10**6)) is None
+    assert plan.flight_of(record, "caf\udce9", 10**6) is None
     frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as Renderer.freeze makes it
     assert plan.flight(frozen, 10**6) is None
     assert plan.flight(frozen[:1] + ("café",) + frozen[2:], 10**6) is not None

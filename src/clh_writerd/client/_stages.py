@@ -76,17 +76,17 @@ class FieldPlan:
             return None  # month and day names: the daemon's locale is C
         return _registered(fmt, converter)
 
-    def values(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[Any, ...]]:
-        """The record's field values (the time as a tuple), or None when the
-        daemon could not reproduce the line exactly (traceback, stack, an
-        exotic value, too large): the client renders that record itself."""
+    def flight_of(self, record: logging.LogRecord, message: str, limit: int) -> Optional[Tuple[int, bytes]]:
+        """``flight()`` of a record not frozen (a sync record, say), or None
+        when the daemon could not reproduce its line exactly (traceback,
+        stack, an exotic value, too large): the client renders it itself."""
         d = record.__dict__
         if d.get("exc_text") or d.get("stack_info") or d.get("exc_info"):
             return None
         own = self.own_values(d)
         if own is None:
             return None
-        return self.complete(own, message, d.get("created"), d.get("msecs"), limit)
+        return self.flight((self.number, message, d.get("created"), d.get("msecs"), *own), limit)
 
     def own_values(self, d: Dict[str, Any]) -> Optional[Tuple[Any, ...]]:
         """The record's own attributes the format uses, if all are plain
@@ -107,28 +107,9 @@ class FieldPlan:
                 return None
         return values
 
-    def complete(self, own: Tuple[Any, ...], message: str, created: Any, msecs: Any,
-                 limit: int) -> Optional[Tuple[Any, ...]]:
-        """``values()`` from the parts a record was frozen into."""
-        out = list(own)
-        if self._message:
-            out.append(message)
-        if self._uses_time:
-            t = self._time(created, msecs)
-            if t is None:
-                return None
-            out.append(t)
-        try:
-            bound = self.format.bound(out, check_time_value=False)
-        except ValueError:
-            return None
-        if bound > limit:
-            return None
-        return tuple(out)
-
     def flight(self, item: Tuple[Any, ...], limit: int) -> Optional[Tuple[int, bytes]]:
         """A frozen item's in-flight item (see ``Item``), or None as for
-        ``values()``. The sender's hot path, once per queued record while
+        ``flight_of()``. The sender's hot path, once per queued record while
         the daemon renders: one msgpack call, whose size bounds the line
         (``quick_bound``); a record too large for that bound is measured
         value by value."""
@@ -140,10 +121,10 @@ class FieldPlan:
                 return None
             sec = int(created)
             tz = self._tz
-            if (tz is None or tz[0] != sec) and self._time(created, item[3]) is None:
-                return None
-            tz = self._tz
-            assert tz is not None
+            if tz is None or tz[0] != sec:
+                tz = self._zone(sec)
+                if tz is None:
+                    return None
             when = (sec, item[3], tz[1], tz[2], tz[3])
             values = (*own, message, when) if self._message else (*own, when)
         else:
@@ -170,18 +151,16 @@ class FieldPlan:
                                created=created, msecs=msecs)
         return record
 
-    def _time(self, created: Any, msecs: Any) -> Optional[Tuple[Any, ...]]:
-        if type(created) is not float or not created >= 0:
+    def _zone(self, sec: int) -> Optional[Tuple[int, int, int, str]]:
+        """(sec, gmtoff, isdst, zone) of the converter at ``sec``, cached for the
+        next records of the same second; None if the daemon could not
+        reproduce that local time from them."""
+        st = self.converter(sec)
+        gmtoff, zone = getattr(st, "tm_gmtoff", None), getattr(st, "tm_zone", None)
+        if type(gmtoff) is not int or type(zone) is not str or tuple(time.gmtime(sec + gmtoff))[:6] != tuple(st)[:6]:
             return None
-        sec = int(created)
-        tz = self._tz
-        if tz is None or tz[0] != sec:
-            st = self.converter(sec)
-            gmtoff, zone = getattr(st, "tm_gmtoff", None), getattr(st, "tm_zone", None)
-            if type(gmtoff) is not int or type(zone) is not str or tuple(time.gmtime(sec + gmtoff))[:6] != tuple(st)[:6]:
-                return None
-            tz = self._tz = (sec, gmtoff, st.tm_isdst, zone)
-        return (sec, msecs, tz[1], tz[2], tz[3])
+        tz = self._tz = (sec, gmtoff, st.tm_isdst, zone)
+        return tz
 
 
 # Every plan made in this process, one per (format, converter, time zone): a handful.
@@ -229,15 +208,6 @@ def pack(value: Any) -> bytes:
 
 def plan_of(item: Tuple[Any, ...]) -> FieldPlan:
     return _PLANS[item[0]]
-
-
-def in_flight(plan: FieldPlan, values: Tuple[Any, ...]) -> Optional[Tuple[int, bytes]]:
-    """The in-flight item for ``values()`` (see ``Item``), or None for text
-    that is not UTF-8 (lone surrogates): msgpack refuses it."""
-    try:
-        return (plan.number, pack(values))
-    except UnicodeEncodeError:
-        return None
 
 
 def values_of(item: Tuple[Any, ...]) -> List[Any]:
@@ -348,8 +318,7 @@ class Renderer:
         if self.fields:
             plan = self._current_plan()
             if plan is not None:
-                values = plan.values(record, message, self.limit)
-                flight = None if values is None else in_flight(plan, values)
+                flight = plan.flight_of(record, message, self.limit)
                 if flight is not None:
                     return flight
         frozen = logging.LogRecord.__new__(logging.LogRecord)
