@@ -340,6 +340,15 @@ def _wire(style="%", fmt="%(message)s", datefmt=None, tfmt="%Y-%m-%d %H:%M:%S", 
     (_wire(fmt="%(asctime)s"), [[[0, 0.0, 10**6, 0, "UTC"]]], protocol.E_MALFORMED),
     (_wire(fmt="%(message)s" * 64), [["x" * 100000]], protocol.E_TOO_LARGE),
     ({"style": "%"}, [["x"]], protocol.E_MALFORMED),
+    # The daemon checks a second's time whole once: a later record of the
+    # same second with a wrong type or msecs is still refused.
+    (_wire(fmt="%(asctime)s"), [[[5, 0.0, 0, 1, "X"]], [[5, 0.0, 0, True, "X"]]], protocol.E_MALFORMED),
+    (_wire(fmt="%(asctime)s"), [[[5, 0.0, 0, 1, "X"]], [[5.0, 0.0, 0, 1, "X"]]], protocol.E_MALFORMED),
+    (_wire(fmt="%(asctime)s"), [[[5, 0.0, 0, 1, "X"]], [[5, 1000, 0, 1, "X"]]], protocol.E_MALFORMED),
+    (_wire(fmt="%(message)s %(asctime)s"), [["x", [5, 0.0, 0, 1, "X"]], [["y"], [5, 0.0, 0, 1, "X"]]],
+     protocol.E_MALFORMED),
+    (_wire(fmt="%(message)s %(asctime)s"), [["x", "not a time"]], protocol.E_MALFORMED),
+    (_wire(), [["x"], ["x" * 100], 7], protocol.E_MALFORMED),
     ("%(message)s", [["x"]], protocol.E_MALFORMED),
 ])
 def test_hostile_formats_and_values_are_refused(fmt_map, records, code):
@@ -357,6 +366,17 @@ def test_fields_need_version_2_and_lines_still_decode_as_version_1():
     old = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, ["a line"])
     assert msgpack.loads(old)["v"] == 1
     assert protocol.decode_request(old).lines() == ["a line"]
+
+
+def test_a_batch_renders_as_its_records_one_by_one_across_seconds_and_zones():
+    fmt = FieldFormat("%", "%(asctime)s %(levelname)-8s %(message)s", None, "%Y-%m-%d %H:%M:%S %Z", "%s.%03d")
+    times = [[1000, 1.0, 0, 0, "UTC"], [1000, 999.5, 0, 0, "UTC"], [1001, 0.0, 3600, 1, "CEST"],
+             [1001, 0.0, 0, 0, "UTC"], [1000, 7.0, 0, 0, "UTC"]]
+    records = [["INFO", f"record {n}", t] for n, t in enumerate(times)] + ["a client's line"]
+    lines = protocol.render_records(fmt, records)
+    assert lines == [fmt.render(r) for r in records[:-1]] + ["a client's line"]
+    assert lines[2].startswith("1970-01-01 01:16:41 CEST.000 INFO ")
+    assert protocol.decode_request(_frame(fmt.wire(), records)).lines() == lines
 
 
 def test_a_record_its_format_cannot_render_becomes_a_counted_line():

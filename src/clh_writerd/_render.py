@@ -65,6 +65,10 @@ _STRFTIME = re.compile(r"%(?:[_\-0^#]?[EO]?[aAbBcCdDeFgGhHIjmMnpPrRStTuUVwWxXyYz
 _MSEC = re.compile(r"(?:[^%]|%%){0,16}%s(?:[^%]|%%){0,16}%0?\d?d(?:[^%]|%%){0,16}\Z")
 
 
+class RecordTooLarge(ValueError):
+    """A record whose rendered line may exceed the limit."""
+
+
 def _check_str(value: Any, what: str, limit: int) -> str:
     if type(value) is not str or len(value) > limit or "\x00" in value:
         raise ValueError(f"{what} must be a string of at most {limit} characters without NUL")
@@ -144,7 +148,7 @@ class FieldFormat:
         self.fields: Tuple[str, ...] = tuple([n for n in distinct if n not in tail] + tail)
         self.occurrences: Dict[str, int] = {n: names.count(n) for n in self.fields}
         self.uses_time = TIME_FIELD in self.fields
-        # bound(): every value counted as if it occurred as often as the most
+        # The bound (check_records, bound_values): every value counted as if it occurred as often as the most
         # frequent field (one multiplier: one cheap loop per record).
         self._most = max(self.occurrences.values(), default=0)
         self._base = len(fmt) * 4 + sum(self.occurrences.values()) * PAD_BOUND
@@ -168,21 +172,63 @@ class FieldFormat:
         return (self.style, self.fmt, self.datefmt, self.tfmt, self.mfmt)
 
     # -- checks both sides make ----------------------------------------------
-    def bound(self, values: Sequence[Any], check_time_value: bool = True) -> int:
-        """An upper bound of the rendered line's UTF-8 size; raises
-        ValueError for a value the daemon cannot reproduce exactly."""
-        n = len(values)
-        if n != len(self.fields):
-            raise ValueError(f"a record has {n} values, the format {len(self.fields)} fields")
-        if self.uses_time:
-            n -= 1
-            if check_time_value:
-                check_time(values[n])
-            values = values[:n]
-        return self.bound_values(values)
+    def check_records(self, records: Sequence[Any], limit: int) -> None:
+        """Check every record of a batch the way the daemon must before it
+        renders any: a record is a line (``str``, rendered by the client) or
+        one value per field, each of a type the daemon reproduces exactly,
+        the time as ``check_time`` wants it, and a bound of the rendered
+        line's UTF-8 size within ``limit``. Raises ValueError, or
+        RecordTooLarge for the bound.
+
+        One loop for the batch, no call per record: this is the daemon's
+        per-record cost on the fields path. The time is checked whole once
+        per distinct (sec, gmtoff, isdst, zone), as ``_asctime`` caches it:
+        a batch's records mostly share their second."""
+        n = len(self.fields)
+        uses_time = self.uses_time
+        base, most = self._base, self._most
+        seen: Any = None  # the time last checked whole
+        for record in records:
+            if type(record) is not list:
+                if type(record) is str:
+                    continue
+                raise ValueError("a record must be a string or a list")
+            if len(record) != n:
+                raise ValueError(f"a record has {len(record)} values, the format {n} fields")
+            chars = others = lists = 0
+            for value in record:
+                kind = type(value)
+                if kind is str:
+                    chars += len(value)
+                elif kind is int:
+                    if not MIN_INT <= value <= MAX_INT:
+                        raise ValueError("an int value is out of range")
+                    others += 1
+                elif kind is float or kind is bool or value is None:
+                    others += 1
+                elif kind is list:
+                    lists += 1
+                else:
+                    raise ValueError(f"a value of type {kind.__name__}")
+            if uses_time:
+                t = record[-1]
+                if type(t) is not list or len(t) != 5:
+                    raise ValueError("asctime travels as [sec, msecs, gmtoff, isdst, zone]")
+                msecs = t[1]
+                if (type(msecs) is not float and type(msecs) is not int) or not 0 <= msecs < 1000:
+                    raise ValueError("msecs out of range")
+                if (seen is None or t[0] != seen[0] or t[2] != seen[2] or t[3] != seen[3] or t[4] != seen[4]
+                        or type(t[0]) is not int or type(t[2]) is not int or type(t[3]) is not int):
+                    check_time(t)
+                    seen = t
+                lists -= 1
+            if lists:
+                raise ValueError("a value of type list")
+            if base + most * (STRING_FACTOR * chars + NUMBER_BOUND * others) > limit:
+                raise RecordTooLarge(f"a record may render to more than {limit} bytes")
 
     def quick_bound(self, packed_size: int, count: int) -> int:
-        """At least ``bound()`` of ``count`` values (no time value) whose msgpack
+        """At least the bound (``bound_values``) of ``count`` values (no time value) whose msgpack
         takes ``packed_size`` bytes: no string has more characters than the
         packing has bytes, and no more than ``count`` are numbers. One sum
         instead of a loop; far from tight, so a record over the limit by this
@@ -190,7 +236,7 @@ class FieldFormat:
         return self._base + self._most * (STRING_FACTOR * packed_size + NUMBER_BOUND * count)
 
     def bound_values(self, values: Sequence[Any], text: Optional[str] = None) -> int:
-        """``bound()`` of ``values`` (no time value), and of the str ``text``
+        """The bound of ``values`` (no time value), and of the str ``text``
         as one more value if given: a client's frozen record is measured from
         its own values and message without copying them."""
         chars = others = 0
@@ -228,8 +274,55 @@ class FieldFormat:
         assert self._template is not None
         return self._template.substitute(**d)
 
+    def lines(self, records: Sequence[Any], failed: Callable[[Exception, Any], str]) -> List[str]:
+        """Every record of a batch as its line: a ``str`` as it is (the
+        client rendered it), values through ``render``; a record the format
+        cannot render becomes what ``failed(exc, values)`` returns."""
+        out: List[str] = []
+        append = out.append
+        if self._positional is None or not self.uses_time:
+            render = self.render
+            for record in records:
+                if type(record) is str:
+                    append(record)
+                    continue
+                try:
+                    append(render(record))
+                except Exception as exc:
+                    append(failed(exc, record))
+            return out
+        # %-style with the time, the commonest stock format, inlined: this
+        # loop is the daemon's per-record cost of rendering. The stamp of a
+        # second is made once (``_stamp``); the time is the last value.
+        fmt, pick = self._positional
+        mfmt = self.mfmt if self.datefmt is None else None
+        last: Any = None
+        text = ""
+        for record in records:
+            if type(record) is str:
+                append(record)
+                continue
+            try:
+                t = record[-1]
+                if last is None or t[0] != last[0] or t[2] != last[2] or t[3] != last[3] or t[4] != last[4]:
+                    text = self._stamp(t)
+                    last = t
+                values = record.copy()
+                values[-1] = text if mfmt is None else mfmt % (text, t[1])
+                append(fmt % pick(values))
+            except Exception as exc:
+                append(failed(exc, record))
+        return out
+
     def _asctime(self, t: Sequence[Any]) -> str:
-        sec, msecs, gmtoff, isdst, zone = t
+        text = self._stamp(t)
+        if self.datefmt is None and self.mfmt is not None:
+            return self.mfmt % (text, t[1])
+        return text
+
+    def _stamp(self, t: Sequence[Any]) -> str:
+        """``datefmt`` (or ``default_time_format``) of the time's second."""
+        sec, _, gmtoff, isdst, zone = t
         key = (sec, gmtoff, isdst, zone)
         cached_key, text = self._time
         if key != cached_key:
@@ -237,8 +330,6 @@ class FieldFormat:
             st = time.struct_time(tuple(tm)[:8] + (isdst, zone, gmtoff))  # type: ignore[arg-type]
             text = time.strftime(self.datefmt or self.tfmt, st)
             self._time = (key, text)  # one strftime per second
-        if self.datefmt is None and self.mfmt is not None:
-            return self.mfmt % (text, msecs)
         return text
 
 

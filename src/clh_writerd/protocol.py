@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import msgpack
 
-from ._render import FieldFormat
+from ._render import FieldFormat, RecordTooLarge
 
 # Version 2 adds the "fields" render mode (the daemon renders the line);
 # every other message keeps version 1's shape and is still sent as
@@ -239,18 +239,13 @@ def render_records(fmt: Optional[FieldFormat], records: List[Record],
     have raised too) becomes a line saying so, with its values: never lost."""
     if fmt is None:
         return records  # type: ignore[return-value]
-    out: List[str] = []
-    for record in records:
-        if type(record) is str:
-            out.append(record)
-            continue
-        try:
-            out.append(fmt.render(record))
-        except Exception as exc:
-            out.append(render_error_line(exc, record))
-            if on_error is not None:
-                on_error()
-    return out
+
+    def failed(exc: Exception, values: Any) -> str:
+        if on_error is not None:
+            on_error()
+        return render_error_line(exc, values)
+
+    return fmt.lines(records, failed)
 
 
 RENDER_ERROR_PREFIX = "clh-writerd: cannot render a record"
@@ -558,17 +553,23 @@ def check_format(spec: Any) -> FieldFormat:
 
 
 def _check_record(record: Any, fmt: Optional[FieldFormat] = None) -> Record:
-    if type(record) is str:
-        return record
-    if fmt is None or type(record) is not list:
-        raise ProtocolError(E_MALFORMED, "a record must be a string" + (" or a list" if fmt else ""))
+    _check_records((record,), fmt)
+    return record  # type: ignore[no-any-return]
+
+
+def _check_records(records: Sequence[Any], fmt: Optional[FieldFormat]) -> None:
+    """Lines only, or lines and field values ``fmt`` can render within the record limit."""
+    if fmt is None:
+        for record in records:
+            if type(record) is not str:
+                raise ProtocolError(E_MALFORMED, "a record must be a string")
+        return
     try:
-        size = fmt.bound(record)
+        fmt.check_records(records, MAX_RECORD_BYTES)
+    except RecordTooLarge as exc:
+        raise ProtocolError(E_TOO_LARGE, str(exc)) from None
     except ValueError as exc:
         raise ProtocolError(E_MALFORMED, f"record values refused: {exc}") from None
-    if size > MAX_RECORD_BYTES:
-        raise ProtocolError(E_TOO_LARGE, f"a record may render to more than {MAX_RECORD_BYTES} bytes")
-    return record
 
 
 def _report_extras(obj: Mapping[str, Any]) -> Tuple[Optional[str], Optional[str], Optional[str], bool]:
@@ -600,8 +601,7 @@ def decode_request(data: bytes) -> Request:
     if kind == T_BATCH:
         records = _field(obj, "records", list)
         render, fmt = _render(obj)
-        for record in records:
-            _check_record(record, fmt)
+        _check_records(records, fmt)
         path, options = _file(obj)
         return Batch(_client(obj), _int_field(obj, "seq"), path, options, render, records, fmt)
     if kind == T_SYNC:
