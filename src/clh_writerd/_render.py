@@ -307,7 +307,7 @@ class FieldFormat:
                 if last is None or t[0] != last[0] or t[2] != last[2] or t[3] != last[3] or t[4] != last[4]:
                     text = self._stamp(t)
                     last = t
-                values = record.copy()
+                values = list(record)  # a client may render a tuple
                 values[-1] = text if mfmt is None else mfmt % (text, t[1])
                 append(fmt % pick(values))
             except Exception as exc:
