@@ -124,7 +124,7 @@ class FieldFormat:
     """A validated stock-formatter description; renders field lists."""
 
     __slots__ = ("style", "fmt", "datefmt", "tfmt", "mfmt", "fields", "occurrences", "uses_time", "_base", "_most",
-                 "_time", "_wire", "_template", "_positional")
+                 "_time", "_wire", "_template", "_positional", "_timed", "_timed_mfmt")
 
     def __init__(self, style: str, fmt: str, datefmt: Optional[str], tfmt: str, mfmt: Optional[str]) -> None:
         if style not in STYLES:
@@ -157,6 +157,16 @@ class FieldFormat:
         self._time: Tuple[Any, str] = (None, "")  # (key, text): one attribute, swapped whole (threads)
         self._template = string.Template(fmt) if style == "$" else None
         self._positional = _positional(fmt, self.fields) if style == "%" else None
+        # What ``lines`` renders a %-style format with the time by: with the
+        # stock msecs (no datefmt, a default_msec_format) the msecs format
+        # inlined into the line's format where it can be (one ``%`` per
+        # record), else the positional format and the msecs applied apart.
+        self._timed = self._positional if style == "%" and self.uses_time else None
+        self._timed_mfmt = self.mfmt if self.datefmt is None else None
+        if self._timed is not None and self._timed_mfmt is not None:
+            inlined = _positional(fmt, self.fields, self._timed_mfmt)
+            if inlined is not None:
+                self._timed, self._timed_mfmt = inlined, None
         self._wire = {"style": style, "fmt": fmt, "datefmt": self.datefmt, "tfmt": tfmt, "mfmt": self.mfmt}
 
     @classmethod
@@ -280,7 +290,7 @@ class FieldFormat:
         cannot render becomes what ``failed(exc, values)`` returns."""
         out: List[str] = []
         append = out.append
-        if self._positional is None or not self.uses_time:
+        if self._timed is None:
             render = self.render
             for record in records:
                 if type(record) is str:
@@ -293,9 +303,10 @@ class FieldFormat:
             return out
         # %-style with the time, the commonest stock format, inlined: this
         # loop is the daemon's per-record cost of rendering. The stamp of a
-        # second is made once (``_stamp``); the time is the last value.
-        fmt, pick = self._positional
-        mfmt = self.mfmt if self.datefmt is None else None
+        # second is made once (``_stamp``); the time is the last value, and
+        # its msecs go one past it, where an inlined msecs format reads them.
+        fmt, pick = self._timed
+        mfmt = self._timed_mfmt
         last: Any = None
         text = ""
         for record in records:
@@ -309,6 +320,7 @@ class FieldFormat:
                     last = t
                 values = list(record)  # a client may render a tuple
                 values[-1] = text if mfmt is None else mfmt % (text, t[1])
+                values.append(t[1])
                 append(fmt % pick(values))
             except Exception as exc:
                 append(failed(exc, record))
@@ -333,20 +345,38 @@ class FieldFormat:
         return text
 
 
-def _positional(fmt: str, fields: Sequence[str]) -> Tuple[str, Callable[[Sequence[Any]], Tuple[Any, ...]]]:
+Positional = Tuple[str, Callable[[Sequence[Any]], Tuple[Any, ...]]]
+
+
+def _positional(fmt: str, fields: Sequence[str], mfmt: Optional[str] = None) -> Optional[Positional]:
     """A validated %-format as positional conversions, and what picks their
     values in order: ``"%(b)s %(a)5d" % {...}`` is ``"%s %5d" % (b, a)``,
-    the same text and the same errors, without a dict per record."""
+    the same text and the same errors, without a dict per record.
+
+    With ``mfmt`` (a checked default_msec_format such as ``'%s,%03d'``),
+    every ``%(asctime)s`` becomes ``mfmt`` itself, reading the stamp where
+    the time is and the msecs one position past the fields: ``%s`` of
+    ``mfmt % (stamp, msecs)`` is that text, made by the line's own ``%``.
+    None then if an asctime conversion has flags, a width or a precision."""
     index = {name: i for i, name in enumerate(fields)}
     order: List[int] = []
+    plain = True
 
     def positional(m: "re.Match[str]") -> str:
+        nonlocal plain
         if m.group(0) == "%%":
             return "%%"
-        order.append(index[m.group(1)])
-        return "%" + m.group(0)[len(m.group(1)) + 3:]  # drop "(name)"
+        name = m.group(1)
+        if mfmt is not None and name == TIME_FIELD:
+            plain = plain and m.group(0) == "%(asctime)s"
+            order.extend((index[name], len(fields)))
+            return mfmt
+        order.append(index[name])
+        return "%" + m.group(0)[len(name) + 3:]  # drop "(name)"
 
     text = _PERCENT.sub(positional, fmt)
+    if not plain:
+        return None
     if len(order) == 1:
         only = order[0]
         return text, lambda values: (values[only],)

@@ -1,8 +1,10 @@
 """Unit tests of daemon.writers without a subprocess: a FileWriter writing
 a real file and acking through the AckQueue the main loop polls, and the
-Router's policy with a writer factory that records what it was asked.
+Router's policy with a writer factory that records what it was asked, and
+the Server's tuning of the cycle collector given back when it stops.
 Stable interfaces only (Router.route, FileWriter.submit/stop/join, Work)."""
 
+import gc
 import os
 from typing import Any, Dict, List, Tuple
 
@@ -13,6 +15,7 @@ from clh_writerd import protocol
 from clh_writerd.daemon.config import config_from_mapping
 from clh_writerd.daemon.stats import DaemonStats, FileStats
 from clh_writerd.daemon.paths import Target
+from clh_writerd.daemon.server import GC_THRESHOLD, Server
 from clh_writerd.daemon.writers import AckQueue, FileWriter, Router, Work
 
 
@@ -131,3 +134,17 @@ def test_router_serves_at_most_max_files_while_none_is_idle(tmp_path):
     with pytest.raises(protocol.ProtocolError) as info:
         router.route(os.path.join(logs, "3.log"), {})
     assert info.value.code == protocol.E_BUSY
+
+
+def test_serving_tunes_the_cycle_collector_and_stopping_gives_it_back(tmp_path):
+    logs = str(tmp_path / "logs")
+    os.mkdir(logs)
+    server = Server(config_from_mapping({"daemon": {"endpoint": f"ipc://{tmp_path}/s.sock", "allowed_dirs": [logs]}}))
+    before = gc.get_threshold()
+    server._tune_collector()
+    try:
+        assert gc.get_threshold() == (GC_THRESHOLD,) + before[1:]
+        assert gc.get_freeze_count() > 0  # what startup made is out of the collections
+    finally:
+        server._release()
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0

@@ -10,6 +10,7 @@ Signal handlers only set flags.
 import ctypes
 import dataclasses
 import fcntl
+import gc
 import grp
 import logging
 import os
@@ -63,6 +64,15 @@ TRIM_AFTER_CONNECTIONS = 256
 REPLY_HWM = 1000
 # Seconds between sweeps for idle files.
 IDLE_SWEEP_SECONDS = 1.0
+# The cycle collector's first threshold while serving (Python's default is
+# 700). A batch of field values is two lists per record, alive until its
+# lines are written: at 700 a collection ran for nearly every batch, moved
+# the batches in flight to older generations and, with them, brought full
+# collections; measured in the fields ingest (1,000,000 records), 9-10 % of
+# the main thread's CPU. What the daemon keeps in flight stays below this
+# count, so collections become rare; cyclic garbage (an exception's
+# traceback) is still collected, after at most this many net allocations.
+GC_THRESHOLD = 10_000
 
 
 def raise_fd_limit() -> int:
@@ -263,6 +273,7 @@ class Server:
         self._writers_running = False
         self._blocked: Dict[Tuple[Any, str], Tuple[int, float]] = {}
         self._old_handlers: List[Any] = []
+        self._old_gc_threshold: Optional[Tuple[int, ...]] = None
         self.notifier = SystemdNotifier()
         self.metrics: Optional[Any] = None
         self.forwarder: Optional[Any] = None  # forward.Forwarder when [forward] target is set
@@ -325,6 +336,7 @@ class Server:
                 raise StartupError(f"forward: {exc}") from None
             self.forwarder.start()
         self._install_signal_handlers()
+        self._tune_collector()
         self.notifier.ready(f"serving {cfg.endpoint}")
         log.info(
             "clh-writerd %s serving %s (pid %d, config %s); allowed dirs: %s",
@@ -788,6 +800,13 @@ class Server:
                              (signal.SIGHUP, self._on_reload)):
             self._old_handlers.append((sig, signal.signal(sig, handler)))
 
+    def _tune_collector(self) -> None:
+        """GC_THRESHOLD while serving; what startup made (modules, config)
+        frozen out of the collections that still run."""
+        self._old_gc_threshold = gc.get_threshold()
+        gc.freeze()
+        gc.set_threshold(GC_THRESHOLD, *self._old_gc_threshold[1:])
+
     def _on_stop(self, signum: int, frame: Any) -> None:
         if self.should_exit and signum == signal.SIGINT:
             self.force_exit = True  # second Ctrl-C: stop draining
@@ -807,6 +826,10 @@ class Server:
         for sig, handler in self._old_handlers:
             signal.signal(sig, handler)
         self._old_handlers = []
+        if self._old_gc_threshold is not None:
+            gc.set_threshold(*self._old_gc_threshold)
+            gc.unfreeze()
+            self._old_gc_threshold = None
         if self.guard is not None:
             self.router_socket.disable_monitor() if self.router_socket is not None else None
             self.guard.close()
