@@ -368,20 +368,35 @@ def test_fields_need_version_2_and_lines_still_decode_as_version_1():
     assert protocol.decode_request(old).lines() == ["a line"]
 
 
-def test_a_batch_renders_as_its_records_one_by_one_across_seconds_and_zones():
-    fmt = FieldFormat("%", "%(asctime)s %(levelname)-8s %(message)s", None, "%Y-%m-%d %H:%M:%S %Z", "%s.%03d")
+@pytest.mark.parametrize("line_fmt, datefmt, third", [
+    # the msecs inlined into the line's own % (the stock case)
+    ("%(asctime)s %(levelname)-8s %(message)s", None, "1970-01-01 01:16:41 CEST.000 INFO     record 2"),
+    ("%(asctime)s 100%% %(asctime)s %(message)s", None,
+     "1970-01-01 01:16:41 CEST.000 100% 1970-01-01 01:16:41 CEST.000 record 2"),
+    # a width on asctime: the msecs applied apart; a datefmt: no msecs
+    ("%(asctime)-33s|%(levelname)s %(message)s", None, "1970-01-01 01:16:41 CEST.000     |INFO record 2"),
+    ("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S", "01:16:41 INFO record 2"),
+])
+def test_a_batch_renders_as_its_records_one_by_one_across_seconds_and_zones(line_fmt, datefmt, third):
+    fmt = FieldFormat("%", line_fmt, datefmt, "%Y-%m-%d %H:%M:%S %Z", "%s.%03d")
     times = [[1000, 1.0, 0, 0, "UTC"], [1000, 999.5, 0, 0, "UTC"], [1001, 0.0, 3600, 1, "CEST"],
              [1001, 0.0, 0, 0, "UTC"], [1000, 7.0, 0, 0, "UTC"]]
-    records = [["INFO", f"record {n}", t] for n, t in enumerate(times)] + ["a client's line"]
+    records = []
+    for n, t in enumerate(times):
+        values = {"levelname": "INFO", "message": f"record {n}", "asctime": t}
+        records.append([values[name] for name in fmt.fields])
+    records.append("a client's line")
     lines = protocol.render_records(fmt, records)
     assert lines == [fmt.render(r) for r in records[:-1]] + ["a client's line"]
-    assert lines[2].startswith("1970-01-01 01:16:41 CEST.000 INFO ")
+    assert lines[2] == third
     assert protocol.decode_request(_frame(fmt.wire(), records)).lines() == lines
 
 
-def test_a_record_its_format_cannot_render_becomes_a_counted_line():
-    fmt = FieldFormat("%", "%(n)d", None, "%Y", "%s,%03d")
+@pytest.mark.parametrize("line_fmt, values", [("%(n)d", ["not a number"]),
+                                              ("%(asctime)s %(n)d", ["not a number", [5, 0.0, 0, 0, "UTC"]])])
+def test_a_record_its_format_cannot_render_becomes_a_counted_line(line_fmt, values):
+    fmt = FieldFormat("%", line_fmt, None, "%Y", "%s,%03d")
     errors = []
-    lines = protocol.render_records(fmt, [["not a number"], "a line"], lambda: errors.append(1))
+    lines = protocol.render_records(fmt, [values, "a line"], lambda: errors.append(1))
     assert lines[0].startswith(protocol.RENDER_ERROR_PREFIX) and "not a number" in lines[0]
     assert lines[1] == "a line" and errors == [1]
