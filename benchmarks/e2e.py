@@ -28,7 +28,8 @@ DAEMON = "NonBlocking via daemon"
 WRITER_TIMEOUT = 600.0
 
 
-@scenario("e2e", baseline=BASELINE, goals=[Goal(DAEMON, min_ratio=4.0)])
+# Issue 3 asked 4x; issue 16 raised it to 6x.
+@scenario("e2e", baseline=BASELINE, goals=[Goal(DAEMON, min_ratio=6.0)])
 def e2e(params: Params) -> List[Row]:
     """N processes into one rotating file: NonBlocking via the daemon vs CLH direct."""
     workdir = tempfile.mkdtemp(prefix="clh-bench-", dir=params.workdir)
