@@ -286,8 +286,10 @@ class FieldFormat:
 
     def lines(self, records: Sequence[Any], failed: Callable[[Exception, Any], str]) -> List[str]:
         """Every record of a batch as its line: a ``str`` as it is (the
-        client rendered it), values through ``render``; a record the format
-        cannot render becomes what ``failed(exc, values)`` returns."""
+        client rendered it), values as ``render`` renders them (the same
+        text and errors; a %-style format with the time in one loop of its
+        own); a record the format cannot render becomes what
+        ``failed(exc, values)`` returns."""
         out: List[str] = []
         append = out.append
         if self._timed is None:
