@@ -16,10 +16,16 @@ import codecs
 import locale
 import logging
 import os
+import time
 from contextlib import suppress
-from typing import Any, Dict, List, NamedTuple, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no bounded wait for the lock (CLH's own wait applies)
+    fcntl = None  # type: ignore[assignment]
 
 CLHHandler = Union[ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler]
 
@@ -34,10 +40,26 @@ _PROBE = logging.makeLogRecord({"msg": ""})
 _WHEN_SECONDS = {"S": 1, "M": 60, "H": 3600, "D": 86400, "MIDNIGHT": 86400}
 
 
+class LockTimeout(OSError):
+    """Another process held the file's CLH lock for longer than the write
+    may wait (``BatchWriter.write(lock_wait=...)``)."""
+
+
+# How long a write may wait for the lock: seconds from now, or a function
+# giving the seconds left, read again while waiting (a deadline that may come
+# nearer meanwhile: a stop requested by another thread).
+LockWait = Union[float, Callable[[], float]]
+
+
 class WriteResult(NamedTuple):
     bytes: int
     rotations: int
     skipped: int = 0  # lines the encoding refused (unicode_error_policy="strict")
+
+
+def _countdown(seconds: float) -> Callable[[], float]:
+    end = time.monotonic() + seconds
+    return lambda: end - time.monotonic()
 
 
 def rotating_part(handler: CLHHandler) -> ConcurrentRotatingFileHandler:
@@ -119,10 +141,30 @@ class BatchWriter:
     def path(self) -> str:
         return str(self._clh.baseFilename)
 
-    def write(self, lines: Sequence[str], fsync: bool = False) -> WriteResult:
-        """Write ``lines`` (each gets the terminator) under one lock acquisition."""
+    def write(self, lines: Sequence[str], fsync: bool = False, lock_wait: Optional[LockWait] = None) -> WriteResult:
+        """Write ``lines`` (each gets the terminator) under one lock acquisition.
+
+        ``lock_wait`` (see LockWait): how long to wait at most while another
+        process holds the lock, then raise LockTimeout (nothing written);
+        None waits as long as CLH does (for ever)."""
         if not lines:
             return WriteResult(0, 0)
+        if lock_wait is None:
+            return self._write(lines, fsync)
+        left = lock_wait if callable(lock_wait) else _countdown(lock_wait)
+        # Bounded: first this process's own writers (CLH's thread lock, an
+        # RLock that _do_lock() then re-enters), then other processes.
+        thread_lock = getattr(self._clh, "_thread_lock", None)
+        if thread_lock is not None and not thread_lock.acquire(timeout=max(0.0, left())):
+            raise LockTimeout(f"another thread's write to {self.path} did not end in time")
+        try:
+            self._wait_for_lock(left)
+            return self._write(lines, fsync)
+        finally:
+            if thread_lock is not None:
+                thread_lock.release()
+
+    def _write(self, lines: Sequence[str], fsync: bool) -> WriteResult:
         clh = self._clh
         clh._do_lock()
         try:
@@ -145,6 +187,36 @@ class BatchWriter:
             return WriteResult(written, rotations, skipped)
         finally:
             clh._do_unlock()
+
+    def _wait_for_lock(self, left: Callable[[], float]) -> None:
+        """Return once no other process holds the lock file, or raise
+        LockTimeout when ``left()`` seconds are up. Probed on a descriptor of its own, so
+        CLH's blocking flock() that follows waits only for ordinary
+        contention (another writer's batch), never for a holder that does
+        not let go."""
+        if fcntl is None:
+            return
+        try:
+            fd = os.open(self._clh.lockFilename, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return  # no lock file yet (nobody holds it), or one CLH itself will report on
+        try:
+            started = time.monotonic()
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    return
+                except BlockingIOError:
+                    remaining = left()
+                    if remaining <= 0:
+                        raise LockTimeout(f"the lock file {self._clh.lockFilename} was held by another process "
+                                          f"for {time.monotonic() - started:.1f}s") from None
+                    time.sleep(min(pause, remaining))
+                    pause = min(pause * 2, 0.05)
+        finally:
+            os.close(fd)
 
     def fsync(self) -> bool:
         """fsync the open stream, if any (for interval policies); True if done."""

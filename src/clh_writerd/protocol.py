@@ -9,6 +9,7 @@ Every message is one msgpack map with at least ``v`` (the protocol version)
 and ``type``. Decoding untrusted bytes raises only :class:`ProtocolError`.
 """
 
+import codecs
 import os
 import socket
 import sys
@@ -44,7 +45,7 @@ MAX_INT = 2**63 - 1
 # The counters a client may report about itself (``report`` messages); the
 # daemon keeps only these names, so a client cannot grow its stats document.
 REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
-                   "sent", "acked", "write_errors", "unencodable")
+                   "sent", "acked", "write_errors", "unencodable", "lost")
 # What a report may say about the client's state (client/_stats.py), and how
 # much of its last error the daemon keeps.
 REPORT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")
@@ -161,8 +162,6 @@ def check_file_options(options: Mapping[str, Any]) -> Dict[str, Any]:
             raise ProtocolError(E_BAD_OPTIONS, f"option {name!r} is too long or holds NUL")
         out[name] = value
     if "encoding" in out:
-        import codecs
-
         try:
             info = codecs.lookup(out["encoding"])
         except LookupError:

@@ -16,7 +16,7 @@ import pytest
 from clh_writerd import protocol
 from clh_writerd.client._delivery import Delivery
 from clh_writerd.client._options import THREAD, HandlerOptions
-from clh_writerd.client._sender import RETRY_DELAY, Flush, SenderCore
+from clh_writerd.client._sender import GIVE_UP_AFTER, RETRY_DELAY, Flush, SenderCore
 from clh_writerd.client._stages import Renderer
 from clh_writerd.client._stats import ClientStats
 from clh_writerd.client._transport import CONNECTED, DISCONNECTED
@@ -111,6 +111,7 @@ class Driver:
         self.queue: Deque[Any] = deque()
         self.fallback: List[str] = []
         self.fallback_fails = False
+        self.fallback_error: BaseException = OSError(28, "No space left on device")
 
     def log(self, *messages: str) -> None:
         for message in messages:
@@ -129,7 +130,7 @@ class Driver:
             if ok:
                 self.fallback += lines
                 self.stats.fallback_written += len(lines)  # as _direct.Fallback counts them
-            self.core.written(lines, ok)
+            self.core.written(lines, ok, None if ok else self.fallback_error)
         for flush in self.core.settled():
             flush.release()
 
@@ -284,7 +285,38 @@ def test_a_failed_fallback_write_is_retried_and_given_up_only_at_the_stop_deadli
     d.log("doomed")
     d.core.request_stop(1.0)
     d.run(lambda: d.core.finished(d.queue), seconds=2)
-    assert d.core.lost == 1
+    assert d.stats.lost == 1 and "No space" in d.stats.loss_cause
+
+
+def test_a_write_failing_for_good_is_lost_at_once_counted_and_announced(capsys):
+    """A permission or a missing directory will not pass: no retry until
+    exit (exit stalled for drain_timeout), the records are lost now, counted,
+    and said on stderr with the error's traceback and what to do."""
+    d = Driver(None)
+    d.fallback_fails = True
+    d.fallback_error = PermissionError(13, "Permission denied", "/var/log/app/unit.log")
+    d.log(*records(3))
+    d.turn()
+    assert d.stats.lost == 3 and not d.core.pending and d.core.accepting
+    err = capsys.readouterr().err
+    assert "3 records could not be written" in err and "PermissionError" in err
+    assert "let this process's user write /var/log/app" in err
+    d.log(*records(2))
+    d.turn()
+    assert d.stats.lost == 5
+    assert "could not be written" not in capsys.readouterr().err  # the next notice comes later, with the count since
+
+
+def test_a_write_failing_for_a_while_is_retried_then_given_up():
+    """A full disk may pass: retried every RETRY_DELAY, then lost after
+    GIVE_UP_AFTER (the queue behind would otherwise stay full for good)."""
+    d = Driver(None)
+    d.fallback_fails = True
+    d.log(*records(2))
+    d.turn()
+    assert d.core.pending == records(2) and d.stats.lost == 0
+    d.run(lambda: d.stats.lost == 2, seconds=GIVE_UP_AFTER + 1)
+    assert d.clock.now - 1000.0 >= GIVE_UP_AFTER and not d.core.pending
 
 
 def test_drop_warnings_go_ahead_of_queued_records_and_before_a_flush_settles():

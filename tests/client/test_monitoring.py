@@ -30,7 +30,8 @@ BACK = "back on the daemon"
 # How each get_stats() key travels in a report (protocol.REPORT_COUNTERS).
 REPORTED = {"dropped": "dropped_count", "fallback": "fallback_written", "resent": "resent",
             "queue_full": "fallback_count", "sync_timeouts": "sync_timeouts", "oversize": "oversize",
-            "sent": "sent", "acked": "acked", "write_errors": "write_errors", "unencodable": "unencodable"}
+            "sent": "sent", "acked": "acked", "write_errors": "write_errors", "unencodable": "unencodable",
+            "lost": "lost"}
 # Fast reports and a fast verdict on a silent daemon keep the suite short.
 FAST = {"report_interval": 0.2, "ack_timeout": 0.5, "liveness_timeout": 0.3, "max_probe_interval": 0.2}
 

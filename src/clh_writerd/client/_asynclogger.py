@@ -7,6 +7,7 @@ function from the frame that awaited it), hands it to the handler's
 
 import logging
 import sys
+import traceback
 from typing import Any, Dict, List, Optional
 
 
@@ -54,8 +55,6 @@ class AsyncLogger:
                 (type(exc_info), exc_info, exc_info.__traceback__)
         sinfo = None
         if stack_info:
-            import traceback
-
             sinfo = "Stack (most recent call last):\n" + "".join(traceback.format_stack(frame)).rstrip("\n")
         record = logger.makeRecord(logger.name, level, code.co_filename, frame.f_lineno, msg, args,
                                    exc_info, code.co_name, extra, sinfo)

@@ -11,6 +11,7 @@ from typing import Any, Deque, Dict, Optional, Tuple
 
 import msgpack
 import zmq
+from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
 
 from .. import protocol
 from .._batchwrite import CLHHandler, describe_handler, rotating_part
@@ -25,7 +26,7 @@ from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
 # close(): seconds to wait for a write in progress before closing the file.
-CLOSE_WAIT = 5.0
+CLOSE_WAIT = 2.0
 
 
 # The logger a handler says things about itself on (never handled by one of ours).
@@ -55,6 +56,7 @@ class WrappingHandler(logging.Handler):
     """The base of both handlers; subclasses say how the sender waits."""
 
     KIND = ""  # _options.THREAD or _options.ASYNC
+    clh_writerd_handler = True  # how _notices tells our handlers from others
     # Class defaults: a handler whose constructor raised must still close
     # quietly when logging.shutdown() reaches it at exit.
     _closed = True
@@ -93,10 +95,12 @@ class WrappingHandler(logging.Handler):
         self._renderer = Renderer(handler)
         self._closed = False
         self._new_process_state()
+        self._pid = os.getpid()
 
     # -- per-process state (rebuilt in a forked child) -------------------------
     def _new_process_state(self) -> None:
-        self._pid = os.getpid()
+        """Everything that belongs to one process (``_pid`` says which, and
+        is set by the caller once all of it is built)."""
         self.stats = ClientStats()
         self.stats.state = STATE_EMBEDDED if self.endpoint is None else self.stats.state
         self.stats.last_error = self._refused
@@ -108,6 +112,7 @@ class WrappingHandler(logging.Handler):
         self._transport: Optional[ZmqTransport] = None
         self._core = None
         self._queue: Deque[Any] = deque()  # prepared records and Flush markers
+        _process.account(self)
 
     def _open_sync(self) -> None:
         """The context and the REQ channel for sync records (with a daemon)."""
@@ -152,8 +157,28 @@ class WrappingHandler(logging.Handler):
     def belongs_here(self) -> bool:
         return self._pid == os.getpid()
 
+    def _rebuild_in_child(self) -> None:
+        """First use in a forked child, from any thread: one thread rebuilds
+        the per-process state (``_rebuild``), the others wait for it. Two
+        threads of a fresh gunicorn gthread worker rebuilt it at once: one's
+        records went to a queue the other then replaced."""
+        with _process.CHILD_REBUILD:
+            if self._pid == os.getpid():
+                return  # another thread did it meanwhile
+            self._rebuild()
+            self._pid = os.getpid()  # last: a thread that sees it finds everything built
+
+    def _rebuild(self) -> None:
+        self._new_process_state()
+
     def stop(self, timeout: Optional[float] = None) -> bool:
         raise NotImplementedError
+
+    def park_for_fork(self, deadline: float) -> None:
+        """Before fork(): park this handler's own threads (see _process)."""
+
+    def resume_after_fork(self) -> None:
+        """After fork(), in the parent: let them go on."""
 
     # -- logging.Handler ---------------------------------------------------------
     def setFormatter(self, fmt: Optional[logging.Formatter]) -> None:
@@ -208,10 +233,12 @@ class WrappingHandler(logging.Handler):
     # -- policies shared by both handlers ------------------------------------------
     def _after_close(self, record: logging.LogRecord) -> None:
         """A record emitted after close(): written through the fallback, as
-        FileHandler reopens its file; counted, never a traceback."""
+        FileHandler reopens its file; counted. If even that fails it is lost:
+        counted, and handleError (the caller's) says why."""
         self.stats.closed_count += 1
         if not self._fallback.write([self._renderer.render_now(record)]):
-            self.stats.dropped_count += 1
+            self.stats.lose(1, self.stats.last_error)
+            raise OSError(self.stats.last_error) from self._fallback.error
 
     def _render_failed(self, item: Any) -> None:
         self.handleError(record_of(item))
@@ -244,8 +271,6 @@ class WrappingHandler(logging.Handler):
 
 def build_clh(filename: Any, use_timed: bool, kwargs: Dict[str, Any]) -> CLHHandler:
     """The CLH handler a factory wraps (an absolute path: the daemon needs one)."""
-    from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
-
     path = os.path.abspath(os.fspath(filename))
     if use_timed:
         return ConcurrentTimedRotatingFileHandler(path, **kwargs)

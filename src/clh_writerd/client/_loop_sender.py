@@ -11,6 +11,7 @@ from concurrent.futures import Executor
 from typing import Any, Callable, Deque, List, Optional, Set
 
 import zmq
+import zmq.asyncio
 
 from ._direct import Fallback
 from ._sender import Flush, SenderCore
@@ -91,13 +92,14 @@ class LoopSender:
         """Drain and end the task; True if everything was written in time.
         Past ``timeout`` the task is cancelled: it writes what is left
         directly as it ends (after the write in progress, never under it)."""
+        lost_before = self.stats.lost
         self.begin_stop(timeout)
         # asyncio.wait neither cancels the task on timeout nor raises its
         # outcome (a task cancelled meanwhile, by asyncio.run or an earlier stop).
         finished, _ = await asyncio.wait({self.task}, timeout=timeout + 1.0)
         if finished:
             task = self.task
-            done = not task.cancelled() and task.exception() is None and not self.core.lost
+            done = not task.cancelled() and task.exception() is None and self.stats.lost == lost_before
         else:
             self.task.cancel()
             done = False
@@ -120,14 +122,15 @@ class LoopSender:
         lines: List[Item] = [*self.overflow, *self.core.salvage(self.queue)]
         self.overflow = []
         self.stats.state = STATE_STOPPED
-        return self.fallback.write(lines)
+        if self.fallback.write(lines):
+            return True
+        self.core.lose(lines, self.stats.last_error, self.fallback.error)
+        return False
 
     # -- the task ------------------------------------------------------------------------
     async def _run(self, sockets: List[zmq.Socket]) -> None:
         poller: Optional[Any] = None
         if sockets:
-            import zmq.asyncio  # here: importing the package must not load it (the daemon imports it)
-
             poller = zmq.asyncio.Poller()
             for sock in sockets:
                 poller.register(sock, zmq.POLLIN)
@@ -164,7 +167,7 @@ class LoopSender:
         if self.job is None:
             lines = core.step()
             if lines:
-                self.job = WriteJob(lines, self.executor.submit(self.fallback.write, lines))
+                self.job = WriteJob(lines, self.executor.submit(self.fallback.write, lines, core.lock_wait()))
         if self.job is not None:
             # No step while a write is in progress (what it sends or writes
             # next must come after these lines), no flush settles before it.
@@ -232,7 +235,7 @@ class LoopSender:
         if job is None or not job.future.done():
             return
         self.job = None
-        self.core.written(job.lines, job.ok())
+        self.core.written(job.lines, job.ok(), self.fallback.error)
 
     def _leave_job(self) -> None:
         """The task ends with a write in the executor: one not started is
@@ -244,9 +247,9 @@ class LoopSender:
         if job.future.cancel():
             self.core.put_back(job.lines)
         elif job.future.done():
-            self.core.written(job.lines, job.ok())
+            self.core.written(job.lines, job.ok(), self.fallback.error)
         else:
-            job.future.add_done_callback(functools.partial(_report_late_write, len(job.lines)))
+            job.future.add_done_callback(functools.partial(self._late_write_done, job.lines))
 
     def _task_done(self, task: "asyncio.Task[None]") -> None:
         # A crashed sender must not strand records or flush() callers.
@@ -259,18 +262,28 @@ class LoopSender:
     def _direct_done(self, future: "asyncio.Future[Any]") -> None:
         self.direct.discard(future)
         if not future.cancelled() and future.exception() is not None:
-            self.stats.last_error = f"direct write failed: {future.exception()}"
+            error = future.exception()
+            self.stats.last_error = f"direct write failed: {error}"
+            self.core.announce(1, self.stats.last_error, error)  # counted as lost by Confirmed.write
         self.wakeup.set()
 
     def _write_overflow(self) -> None:
         lines, self.overflow = self.overflow, []
         self.overflow_job = self.submit(self.fallback.write, lines)
-        self.overflow_job.add_done_callback(self._overflow_written)
+        self.overflow_job.add_done_callback(functools.partial(self._overflow_written, lines))
 
-    def _overflow_written(self, future: "asyncio.Future[Any]") -> None:
+    def _overflow_written(self, lines: List[Item], future: "asyncio.Future[Any]") -> None:
         self.overflow_job = None
+        if not future.cancelled() and future.exception() is None and not future.result():
+            self.core.lose(lines, self.stats.last_error, self.fallback.error)
         if self.overflow:  # gathered while that write ran
             self._write_overflow()
+
+    def _late_write_done(self, lines: List[Item], future: "concurrent.futures.Future[bool]") -> None:
+        """A write that was still running when the task ended (any thread)."""
+        if future.cancelled() or future.exception() is not None or not future.result():
+            self.core.lose(lines, f"could not be written while the sender stopped: {self.stats.last_error}",
+                           self.fallback.error)
 
 
 class WriteJob:
@@ -288,11 +301,6 @@ class WriteJob:
     def ok(self) -> bool:
         future = self.future
         return not future.cancelled() and future.exception() is None and bool(future.result())
-
-
-def _report_late_write(count: int, future: "concurrent.futures.Future[bool]") -> None:
-    if future.cancelled() or future.exception() is not None or not future.result():
-        log.error("clh-writerd: %d records could not be written while the sender stopped", count)
 
 
 def _settle(future: "asyncio.Future[None]") -> None:

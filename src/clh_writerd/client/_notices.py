@@ -12,10 +12,21 @@ Two rules shape ``emit``:
   case: our handler on the root logger, nothing else configured), logging
   finds "a handler" and never uses ``logging.lastResort``; the notice would
   vanish. So ``emit`` hands it to ``logging.lastResort`` (stderr) itself then.
+  The same when our logger is disabled: ``dictConfig`` disables every logger
+  that exists before it runs unless told ``disable_existing_loggers: False``,
+  ours included, and a warning about records going elsewhere or being lost
+  must not vanish because of a default.
+
+Lost records (``announce_loss``) always reach stderr, as CLH's
+``handleError`` tracebacks do, and at exit a process that lost records says
+so in one line (``exit_line``).
 """
 
 import logging
-from typing import Any, Dict, Optional
+import os
+import sys
+import traceback
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol
 
@@ -64,8 +75,6 @@ KIND_OF_ERROR = {
 
 
 def advice(kind: str, path: str) -> str:
-    import os
-
     return ADVICE.get(kind, ADVICE[POLICY]).format(dir=os.path.dirname(path) or path, path=path)
 
 
@@ -93,35 +102,105 @@ def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:
             f"in flight {snap['in_flight']}; sent {snap['sent']} acked {snap['acked']} "
             f"fallback {snap['fallback_written']} dropped {snap['dropped_count']} resent {snap['resent']} "
             f"queue_full {snap['fallback_count']} oversize {snap['oversize']} unencodable {snap['unencodable']} "
-            f"write_errors {snap['write_errors']}")
+            f"write_errors {snap['write_errors']} lost {snap['lost']}")
     if snap.get("last_error"):
         line += f"; last error: {snap['last_error']}"
     return line
 
 
 def _ours(handler: logging.Handler) -> bool:
-    from ._base import WrappingHandler  # here: _base imports this module
+    # A class attribute of WrappingHandler, not isinstance(): _base imports this module.
+    return getattr(handler, "clh_writerd_handler", False) is True
 
-    return isinstance(handler, WrappingHandler)
 
-
-def emit(level: int, msg: str, *args: Any, logger: Optional[logging.Logger] = None) -> None:
+def emit(level: int, msg: str, *args: Any, logger: Optional[logging.Logger] = None, loud: bool = False) -> None:
     """Log ``msg`` on the ``clh_writerd.client`` logger; see the module
-    docstring for where it goes when only our handlers are configured."""
+    docstring for where it goes when only our handlers are configured, or
+    our logger is disabled. ``loud``: on stderr also when its level filters
+    it out (records were lost)."""
     logger = logger or log
+    if logger.disabled:
+        _to_stderr(logger.makeRecord(logger.name, level, "(clh-writerd)", 0, msg, args, None), loud)
+        return
     if not logger.isEnabledFor(level):
+        if loud:
+            _to_stderr(logger.makeRecord(logger.name, level, "(clh-writerd)", 0, msg, args, None), loud)
         return
     record = logger.makeRecord(logger.name, level, "(clh-writerd)", 0, msg, args, None)
     logger.handle(record)
-    found = others = 0
+    found = others = on_stderr = 0
     current: Optional[logging.Logger] = logger
     while current is not None:
         for handler in current.handlers:
             found += 1
             others += not _ours(handler)
+            on_stderr += getattr(handler, "stream", None) is sys.stderr and level >= handler.level
         if not current.propagate:
             break
         current = current.parent  # type: ignore[assignment]
-    # found == 0: logging itself used lastResort already.
-    if found and not others and logging.lastResort is not None and level >= logging.lastResort.level:
-        logging.lastResort.handle(record)
+    # found == 0: logging itself used lastResort already. Loud: on stderr
+    # even when it went to a file or a collector, as handleError's tracebacks do.
+    if (found and not others) or (found and loud and not on_stderr):
+        _to_stderr(record, loud)
+
+
+def _to_stderr(record: logging.LogRecord, loud: bool) -> None:
+    """Through ``logging.lastResort`` (WARNING and above, as logging does
+    with no handler at all); ``loud``: whatever its level, and straight to
+    stderr if an app removed lastResort."""
+    last = logging.lastResort
+    if last is not None and (loud or record.levelno >= last.level):
+        last.handle(record)
+    elif loud:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+        except Exception:
+            pass
+
+
+# Loss causes, by what the error says, and what to do about them.
+_LOSS_ADVICE: Tuple[Tuple[str, str], ...] = (
+    ("LockTimeout", "find the process holding {lock} (`fuser {lock}`) and stop it"),
+    ("Permission", "let this process's user write {dir} and the log and lock files in it (the group the "
+                   "daemon's files get: docs/operations.md, permissions)"),
+    ("FileNotFound", "create {dir}, or let this process create it"),
+    ("NotADirectory", "a file stands where {dir} or one of its parents should be a directory: move it"),
+    ("No space", "free space on the file system of {dir}"),
+)
+
+
+def loss_advice(cause: str, path: str) -> str:
+    directory = os.path.dirname(path) or path
+    lock = os.path.join(directory, ".__" + os.path.basename(path).rsplit(".log", 1)[0] + ".lock")
+    for key, text in _LOSS_ADVICE:
+        if key in cause:
+            return text.format(dir=directory, lock=lock)
+    return "check the file system and the daemon (`clh-writerd stats`)"
+
+
+def announce_loss(path: str, count: int, total: int, cause: str, error: Optional[BaseException] = None) -> None:
+    """Records could not be written anywhere: say so on stderr (loud), with
+    the traceback of ``error`` the first time, as CLH's handleError would
+    (only while ``logging.raiseExceptions``, as there)."""
+    emit(logging.ERROR, "clh-writerd: %s: %d records could not be written (neither the daemon nor the fallback "
+         "took them): %s; %d lost so far in process %d. To fix: %s.", path, count, cause, total, os.getpid(),
+         loss_advice(cause, path), loud=True)
+    if error is not None and logging.raiseExceptions:
+        try:
+            sys.stderr.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))
+        except Exception:
+            pass
+
+
+def exit_line(losses: List[Tuple[str, int, int, str]]) -> str:
+    """The one line a process that lost or dropped records prints at exit:
+    ``losses`` holds (path, lost, dropped, cause) per handler."""
+    parts = []
+    for path, lost, dropped, cause in losses:
+        what = []
+        if lost:
+            what.append(f"{lost} lost ({cause or 'see above'})")
+        if dropped:
+            what.append(f"{dropped} dropped by policy (queue full)")
+        parts.append(f"{path}: {', '.join(what)}")
+    return f"clh-writerd: process {os.getpid()} exits with records not written: {'; '.join(parts)}"

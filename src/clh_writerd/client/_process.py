@@ -1,57 +1,125 @@
-"""Process lifecycle shared by both handlers: fork and exit hooks.
+"""Process lifecycle shared by both handlers: fork, termination and exit.
 
-Every live handler (thread-based or asyncio) registers here. At fork, no
-write of a wrapped CLH handler may be in progress; in the child every handler
-is marked stale and rebuilds its queue, sender and sockets on its next
-emit(). At exit (atexit, and multiprocessing's finalizers for children that
-leave through os._exit) every handler is stopped, which drains its queue.
+Every live handler (thread-based or asyncio) registers here.
+
+- **Fork.** Before ``fork()`` every handler's own threads are parked at a
+  safe point (no import, no zmq call, no lock of ours mid-update) and no
+  write of a wrapped CLH handler may be in progress; after it the parent's
+  threads go on. In the child every handler is marked stale and rebuilds its
+  queue, sender and sockets on its next emit(). A child forked while a
+  thread of ours held a lock (an import's module lock, say) would otherwise
+  wait for it for ever: the thread that holds it does not exist there.
+- **Termination.** A child process of ours (forked with live handlers, or a
+  multiprocessing child that builds one) gets a SIGTERM handler, unless the
+  app has set one: it drains every handler within its drain_timeout, then
+  lets SIGTERM end the process as it would have. ``multiprocessing.Pool``'s
+  ``terminate()`` (what ``with Pool()`` does on exit) SIGTERMs its workers
+  with records still queued.
+- **Exit.** At exit (atexit, and multiprocessing's finalizers for children
+  that leave through os._exit) every handler is stopped, which drains its
+  queue; a process that lost or dropped records says so in one line on
+  stderr.
 """
 
 import atexit
 import os
+import signal
 import sys
+import threading
+import time
 import weakref
-from typing import Any, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._batchwrite import rotating_part
+from . import _notices
+from ._sender import SyncItem
+from ._stages import PLANS_LOCK
 
 # Anything with .handler (the wrapped CLH handler), .mark_forked(),
-# .belongs_here() and .stop().
+# .belongs_here(), .stop(), .park_for_fork(deadline), .resume_after_fork()
+# and .stats.
 _live: "weakref.WeakSet[Any]" = weakref.WeakSet()
+# Every handler's (path, stats) in this process, closed ones included: what
+# the exit line reports (a handler closed before exit lost records too).
+_accounts: Dict[int, Tuple[str, Any]] = {}
+MAX_ACCOUNTS = 1000
 
-# Wrapped handlers' write locks held across fork() (see _before_fork).
-_FORK_LOCK_TIMEOUT = 5.0
+# Seconds fork() waits at most for our threads to park and for writes in
+# progress to end (a write stuck on another process's file lock must not
+# hang fork() for ever).
+FORK_WAIT = 2.0
+# Locks of ours held across fork() (see _before_fork).
 _fork_held: List[Any] = []
+# One thread of a forked child rebuilds a handler (WrappingHandler._rebuild_in_child).
+CHILD_REBUILD = threading.Lock()
 _mp_finalizer: Any = None
-
-
+_after_bootstrap_registered = False
 _hooked = False
+_exit_reported = False
 
 
 def register(handler: Any) -> None:
     _install_hooks()
     _live.add(handler)
     _drain_at_multiprocessing_exit()
+    if _is_multiprocessing_child():
+        _drain_on_sigterm()
+
+
+class _Bootstrap:
+    """What multiprocessing's after-fork registry holds on to (weakly)."""
+
+
+_BOOTSTRAP = _Bootstrap()
+
+
+def _after_multiprocessing_bootstrap(_: Any) -> None:
+    """A multiprocessing child starting its target (every start method).
+
+    A spawn or forkserver child imports the main module, building a handler
+    there, *before* it knows it is a child, and then clears multiprocessing's
+    finalizers, ours with them. So: once it knows, drain on SIGTERM, and at
+    its exit (a forkserver child leaves through os._exit: no atexit)."""
+    if _live:
+        _drain_at_multiprocessing_exit()
+        _drain_on_sigterm()
 
 
 def unregister(handler: Any) -> None:
     _live.discard(handler)
 
 
-def _before_fork() -> None:
-    """Let no thread be inside a write of a wrapped CLH handler when we fork.
+def account(handler: Any) -> None:
+    """Keep ``handler``'s current stats for the exit line (its per-process
+    state was (re)built). Bounded: past MAX_ACCOUNTS, the accounts with
+    nothing to report go."""
+    if len(_accounts) >= MAX_ACCOUNTS:
+        for key, (_, stats) in list(_accounts.items()):
+            if not (stats.lost or stats.dropped_count):
+                del _accounts[key]
+    _accounts[id(handler)] = (handler.path, handler.stats)
 
-    The child inherits the handler's open file object; forked in the middle of
-    a write, it holds the parent's half-written buffer and its internal lock in
-    the held state: the child's first write then fails ("reentrant call") or
-    blocks forever. Every write (sender and synchronous paths) holds CLH's
-    thread lock, so holding it across fork() (as logging did before 3.9) means
-    the child gets a clean stream. Bounded: a write stuck on another process's
-    file lock must not hang fork() forever.
+
+# -- fork ----------------------------------------------------------------------
+def _before_fork() -> None:
+    """Park our threads, then hold the locks a child must find free.
+
+    CLH's thread lock: the child inherits the handler's open file object;
+    forked in the middle of a write, it holds the parent's half-written
+    buffer and its internal lock in the held state: the child's first write
+    then fails ("reentrant call") or blocks forever. Every write (sender and
+    synchronous paths) holds CLH's thread lock, so holding it across fork()
+    (as logging did before 3.9) means the child gets a clean stream. Our
+    module-level locks the same way. Everything is bounded by FORK_WAIT.
     """
-    for handler in list(_live):
-        lock = getattr(rotating_part(handler.handler), "_thread_lock", None)
-        if lock is not None and lock.acquire(timeout=_FORK_LOCK_TIMEOUT):
+    deadline = time.monotonic() + FORK_WAIT
+    handlers = list(_live)
+    for handler in handlers:
+        handler.park_for_fork(deadline)
+    locks: List[Any] = [CHILD_REBUILD, SyncItem.lock, PLANS_LOCK]
+    locks += [getattr(rotating_part(h.handler), "_thread_lock", None) for h in handlers]
+    for lock in locks:
+        if lock is not None and lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             _fork_held.append(lock)
 
 
@@ -64,18 +132,82 @@ def _release_fork_locks() -> None:
             pass
 
 
-def _after_fork_in_child() -> None:
+def _after_fork_in_parent() -> None:
     _release_fork_locks()
     for handler in list(_live):
+        handler.resume_after_fork()
+
+
+def _after_fork_in_child() -> None:
+    global _exit_reported
+    _release_fork_locks()
+    _exit_reported = False
+    _accounts.clear()  # the parent's losses are its own; each handler accounts again as it rebuilds
+    handlers = list(_live)
+    for handler in handlers:
         handler.mark_forked()  # the next emit() rebuilds it in the child
+    if handlers:
+        _drain_on_sigterm()
 
 
-def stop_all() -> None:
-    """Drain and stop every handler of this process (exit hooks)."""
+# -- termination -------------------------------------------------------------------
+def _is_multiprocessing_child() -> bool:
+    """A process started by multiprocessing (spawn, forkserver: no fork hook
+    of ours ran in it). Never imports multiprocessing itself. While a spawn
+    or forkserver child imports the main module (where apps configure
+    logging), it does not know its parent yet; ``_inheriting`` says it is
+    being made then."""
+    process = sys.modules.get("multiprocessing.process")
+    if process is None:
+        return False
+    if getattr(process.current_process(), "_inheriting", False):
+        return True
+    parent = getattr(process, "parent_process", None)  # Python 3.8+
+    return parent is not None and parent() is not None
+
+
+def _drain_on_sigterm() -> None:
+    """SIGTERM drains our handlers first, where the app has no handler of its
+    own for it (default disposition) and this is the main thread."""
+    try:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError, AttributeError):  # no signals here (another interpreter, Windows)
+        pass
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """Drain within each handler's drain_timeout, then end as SIGTERM would
+    have (same exit status for whoever waits for us). A second SIGTERM while
+    draining ends the process at once."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        stop_all()
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+# -- exit ------------------------------------------------------------------------------
+def stop_all(timeout: Optional[float] = None) -> None:
+    """Drain and stop every handler of this process (exit hooks), then say in
+    one line on stderr if records were lost or dropped."""
+    global _exit_reported
     for handler in list(_live):
         try:
             if handler.belongs_here():
-                handler.stop()
+                handler.stop(timeout)
+        except Exception:
+            pass
+    losses = [(path, stats.lost, stats.dropped_count, stats.loss_cause)
+              for path, stats in list(_accounts.values()) if stats.lost or stats.dropped_count]
+    if losses and not _exit_reported:
+        _exit_reported = True
+        try:
+            sys.stderr.write(_notices.exit_line(losses) + "\n")
+            sys.stderr.flush()
         except Exception:
             pass
 
@@ -88,9 +220,14 @@ def _drain_at_multiprocessing_exit() -> None:
     finalizers do. The child's registry is cleared when it starts, so this is
     (re)registered by the first handler registered in each process.
     """
-    global _mp_finalizer
+    global _mp_finalizer, _after_bootstrap_registered
     mp_util = sys.modules.get("multiprocessing.util")
-    if mp_util is None or (_mp_finalizer is not None and _mp_finalizer.still_active()):
+    if mp_util is None:
+        return
+    if not _after_bootstrap_registered:
+        _after_bootstrap_registered = True
+        mp_util.register_after_fork(_BOOTSTRAP, _after_multiprocessing_bootstrap)
+    if _mp_finalizer is not None and _mp_finalizer.still_active():
         return
     # Lowest priority: runs after other finalizers, which may still log.
     _mp_finalizer = mp_util.Finalize(None, stop_all, exitpriority=-100)
@@ -104,6 +241,6 @@ def _install_hooks() -> None:
         return
     _hooked = True
     if hasattr(os, "register_at_fork"):
-        os.register_at_fork(before=_before_fork, after_in_parent=_release_fork_locks,
+        os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
                             after_in_child=_after_fork_in_child)
     atexit.register(stop_all)

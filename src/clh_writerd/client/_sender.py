@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import _notices
 from ._delivery import Delivery
+from ._direct import LOCK_WAIT, describe, is_permanent
 from ._stages import Item, Renderer
 from ._stats import ClientStats
 
@@ -26,6 +27,12 @@ log = logging.getLogger("clh_writerd.client")
 
 # Pause before writing again lines whose fallback write failed (disk full).
 RETRY_DELAY = 0.1
+# Lines whose fallback write kept failing this long are counted as lost (the
+# queue behind them would otherwise fill up and stay full for good).
+GIVE_UP_AFTER = 10.0
+# After the first, at most one loss notice per this many seconds (with the
+# count since the last one): a full disk must not flood stderr.
+LOSS_NOTICE_EVERY = 10.0
 # Items taken per clock check when collecting under a time budget.
 _BUDGET_STRIDE = 16
 
@@ -46,14 +53,14 @@ class SyncItem:
     or the waiting caller after ``sync_timeout`` (it writes it itself)."""
 
     __slots__ = ("item", "owner")
-    _lock = threading.Lock()
+    lock = threading.Lock()  # held across fork() (_process), so a child finds it free
 
     def __init__(self, item: Any) -> None:
         self.item = item
         self.owner = ""
 
     def claim(self, owner: str) -> bool:
-        with self._lock:
+        with self.lock:
             if self.owner:
                 return False
             self.owner = owner
@@ -78,7 +85,15 @@ class SenderCore:
         self.pending: List[Item] = []  # to write through the fallback, in order
         self.retry_at = 0.0
         self.deadline: Optional[float] = None  # set by request_stop()
-        self.lost = 0  # lines whose write still failed at the stop deadline
+        self.failing_since: Optional[float] = None  # the first of the fallback writes failing since
+        self.loss_notice_at = 0.0  # when the next loss notice may be logged
+        self.unannounced = 0  # lost since the last loss notice
+        # Lines handed out by step() and not reported back by written() yet:
+        # a driver that takes over from a stuck sender writes them too.
+        self.writing: List[Item] = []
+        # Set by a thread that took over from a stuck driver (stop at its
+        # deadline): the driver, if it ever goes on, must touch nothing more.
+        self.taken_over = False
         # monitor_interval: log ``summary()`` (the handler's get_stats()) that often.
         self.summary = summary
         self.monitor_interval = delivery.s.monitor_interval
@@ -214,20 +229,59 @@ class SenderCore:
         if not self.pending or now < self.retry_at:
             return []
         lines, self.pending = self.pending, []
+        self.writing = lines
         return lines
 
-    def written(self, lines: List[Item], ok: bool) -> None:
-        """The fallback wrote ``lines`` (ok) or failed: keep them for a retry,
-        unless the stop deadline passed."""
+    def lock_wait(self) -> Callable[[], float]:
+        """How long the next fallback write may wait for another process's
+        lock, read again while it waits: LOCK_WAIT, and never past the
+        drain's deadline (a stop requested meanwhile cuts the wait short)."""
+        end = self.clock() + LOCK_WAIT
+
+        def left() -> float:
+            deadline = self.deadline
+            return (end if deadline is None else min(end, deadline)) - self.clock()
+
+        return left
+
+    def written(self, lines: List[Item], ok: bool, error: Optional[BaseException] = None) -> None:
+        """The fallback wrote ``lines`` (ok) or failed with ``error``: keep
+        them for a retry, unless the failure will not pass (a permission, a
+        path), has lasted GIVE_UP_AFTER, or the stop deadline passed: then
+        they are lost, counted and announced."""
+        self.writing = []
         if ok:
+            self.failing_since = None
             return
         now = self.clock()
-        if self.deadline is not None and now >= self.deadline:
-            self.lost += len(lines)
-            log.error("clh-writerd: %d records could not be written: %s", len(lines), self.stats.last_error)
+        if self.failing_since is None:
+            self.failing_since = now
+        if ((error is not None and is_permanent(error)) or now - self.failing_since >= GIVE_UP_AFTER
+                or (self.deadline is not None and now >= self.deadline)):
+            self.lose(lines, describe(error) if error is not None else self.stats.last_error, error)
             return
         self.put_back(lines)
         self.retry_at = now + RETRY_DELAY
+
+    def lose(self, lines: List[Item], cause: str, error: Optional[BaseException] = None) -> None:
+        """Count ``lines`` as lost and announce it (on stderr whatever the
+        logging configuration: the first loss with its traceback, then at
+        most one notice per LOSS_NOTICE_EVERY)."""
+        if not lines:
+            return
+        self.stats.lose(len(lines), cause)
+        self.announce(len(lines), cause, error)
+
+    def announce(self, count: int, cause: str, error: Optional[BaseException] = None) -> None:
+        """Announce ``count`` records lost (already counted); see ``lose``."""
+        self.unannounced += count
+        now = self.clock()
+        if now < self.loss_notice_at and self.deadline is None:
+            return
+        first = self.loss_notice_at == 0.0
+        self.loss_notice_at = now + LOSS_NOTICE_EVERY
+        count, self.unannounced = self.unannounced, 0
+        _notices.announce_loss(self.delivery.path, count, self.stats.lost, cause, error if first else None)
 
     def put_back(self, lines: List[Item]) -> None:
         """Lines handed out by step() but not written: ahead of the rest."""
@@ -277,10 +331,16 @@ class SenderCore:
             due = min(due, self.monitor_at - now)
         return max(0.0, due)
 
-    def salvage(self, queue: Deque[Any]) -> List[Item]:
+    def salvage(self, queue: Deque[Any], writing: bool = False) -> List[Item]:
         """The driver cannot go on (crash, loop gone): every line it still
-        holds and every queued record, oldest first; releases all waiters."""
-        lines: List[Item] = [*self.pending, *self.delivery.take_all(), *self.warnings]
+        holds and every queued record, oldest first; releases all waiters.
+        ``writing``: also the lines of a write in progress (a driver stuck
+        in it: if that write ends after all, they are there twice, counted
+        as resent)."""
+        held = self.writing if writing else []
+        self.stats.resent += len(held)
+        lines: List[Item] = [*held, *self.pending, *self.delivery.take_all(), *self.warnings]
+        self.writing = []
         self.pending = []
         self.warnings.clear()
         while queue:

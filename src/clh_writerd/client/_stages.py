@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import msgpack
 
+from .. import protocol
 from .._batchwrite import CLHHandler
 from .._render import _ASCII_CHECK, TIME_FIELD, FieldFormat, text_size
 from ._stats import RECORD_LIMIT
@@ -168,14 +169,15 @@ _PLANS: List[FieldPlan] = []
 _PLAN_NUMBERS: Dict[Tuple[Any, ...], int] = {}
 
 
-_PLANS_LOCK = threading.Lock()
+# Held across fork() (_process), so a child finds it free.
+PLANS_LOCK = threading.Lock()
 
 
 def _registered(fmt: FieldFormat, converter: Callable[..., time.struct_time]) -> FieldPlan:
     # The zone is part of the key: a plan caches the offset of the current
     # second, and a formatter made after time.tzset() must not inherit it.
     key = (fmt.key(), converter, time.tzname, time.timezone, time.altzone)
-    with _PLANS_LOCK:  # once per formatter and handler: callers' threads and senders may race here
+    with PLANS_LOCK:  # once per formatter and handler: callers' threads and senders may race here
         number = _PLAN_NUMBERS.get(key)
         if number is None:
             number = _PLAN_NUMBERS[key] = len(_PLANS)
@@ -228,8 +230,6 @@ def to_line(item: Item) -> str:
     a daemon speaking protocol 1): the same text the daemon would write."""
     if type(item) is str:
         return item  # type: ignore[return-value]
-    from .. import protocol
-
     # As lists, as the daemon decodes them: a render error line shows them.
     return protocol.render_records(plan_of(item).format, [values_of(item)])[0]  # type: ignore[arg-type]
 
@@ -321,9 +321,12 @@ class Renderer:
                 flight = plan.flight_of(record, message, self.limit)
                 if flight is not None:
                     return flight
+        # A copy whose message is frozen. exc_info stays: a custom formatter
+        # may read it (a JSON one, say); the stock one uses the exc_text
+        # prepare() made, as it would have made it itself.
         frozen = logging.LogRecord.__new__(logging.LogRecord)
         frozen.__dict__.update(record.__dict__)
-        frozen.msg, frozen.args, frozen.exc_info = message, None, None
+        frozen.msg, frozen.args = message, None
         return self.handler.format(frozen)
 
     def render_line(self, item: Tuple[logging.LogRecord, str]) -> str:

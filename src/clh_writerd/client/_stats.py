@@ -31,13 +31,15 @@ class ClientStats:
     sync_timeouts: int = 0  # sync records the daemon did not confirm in time
     resent: int = 0  # records sent but not acked, then sent again or written by the fallback
     busy: int = 0  # batches refused by the daemon's backpressure
-    write_errors: int = 0  # fallback writes that raised
+    write_errors: int = 0  # fallback writes that raised (attempts, not records)
+    lost: int = 0  # records that could not be written anywhere (the daemon and the fallback failed)
     oversize: int = 0  # records too large for one frame: written by the fallback
     unencodable: int = 0  # records whose text is not UTF-8 (lone surrogates): written by the fallback
     closed_count: int = 0  # records emitted after close(): written through the fallback
     # Not counters:
     state: str = STATE_CONNECTING
     last_error: str = ""
+    loss_cause: str = ""  # why the last records were lost (the exit line says it)
     # The largest record (UTF-8 bytes) sent to the daemon, lowered by its
     # max_message_bytes (ping reply); batch and sync paths both read it.
     record_limit: int = RECORD_LIMIT
@@ -55,7 +57,13 @@ class ClientStats:
             "sent": self.sent,
             "acked": self.acked,
             "write_errors": self.write_errors,
+            "lost": self.lost,
         }
+
+    def lose(self, count: int, cause: str) -> None:
+        """``count`` records could not be written anywhere, because of ``cause``."""
+        self.lost += count
+        self.loss_cause = cause
 
     def count(self, counter: str) -> None:
         """One more for the counter named ``counter`` (a field of this class)."""

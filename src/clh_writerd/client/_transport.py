@@ -2,6 +2,7 @@
 small interface ``Delivery`` drives, so tests give it a fake) and the REQ
 round trip for sync records."""
 
+import struct
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -80,16 +81,15 @@ class ZmqTransport:
             return None
 
     def events(self) -> Iterator[str]:
-        from zmq.utils.monitor import recv_monitor_message
-
         while self.monitor is not None:
             try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+                frames = self.monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_DISCONNECTED:
+            event = _monitor_event(frames)
+            if event == zmq.EVENT_DISCONNECTED:
                 yield DISCONNECTED
-            elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 yield CONNECTED
 
     def close(self) -> None:
@@ -102,6 +102,15 @@ class ZmqTransport:
                 self.monitor.close(linger=0)
             self.dealer.close(linger=0)
             self.dealer = self.monitor = None
+
+
+def _monitor_event(frames: List[bytes]) -> int:
+    """The event id of a monitor message (a 16-bit id and a 32-bit value in
+    the first frame, the endpoint in the second). Parsed here rather than by
+    zmq.utils.monitor, which imports asyncio for the thread handler's sake."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        return 0
+    return int(struct.unpack("=Hi", frames[0])[0])
 
 
 class SyncChannel:

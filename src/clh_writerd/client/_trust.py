@@ -15,6 +15,8 @@ import os
 import warnings
 from typing import Optional, Tuple
 
+import zmq.auth
+
 from .._sockdir import group_id, ipc_directory, socket_dir_problem, user_id
 
 
@@ -59,8 +61,6 @@ class EndpointTrust:
 
 def read_key(path: str, secret: bool) -> Tuple[bytes, bytes]:
     """(public, secret) of a zmq.auth certificate file (``clh-writerd keygen``)."""
-    import zmq.auth
-
     public, secret_key = zmq.auth.load_certificate(path)
     if secret and not secret_key:
         raise ValueError(f"{path} holds no secret key (use the .key_secret file)")

@@ -178,7 +178,7 @@ class AsyncConcurrentHandler(WrappingHandler):
 
     def _emit_without_loop(self, record: logging.LogRecord) -> None:
         if not self.belongs_here():
-            self._new_process_state()
+            self._rebuild_in_child()
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -7,6 +7,12 @@ batch, send, acks, fallback switch) and write what it hands back through the
 wrapped CLH handler, inline; it waits on a poller (wake-up pipe + sockets).
 Records at or above ``sync_level`` go through a REQ socket (or the fallback)
 before ``emit()`` returns.
+
+The sender is never trusted blindly: across ``fork()`` it is parked between
+two steps (``park_for_fork``); a sender that makes no progress for
+STALL_SECONDS while records wait is bypassed (records are written directly,
+with a warning); and a sender that misses ``stop()``'s deadline is taken
+over by the stopping thread, which writes what it held.
 """
 
 import logging
@@ -14,13 +20,15 @@ import math
 import os
 import threading
 import time
+from time import monotonic as _monotonic
 from typing import Any, Optional, Union
 
 import zmq
 
 from .._batchwrite import CLHHandler
-from . import _process
+from . import _notices, _process
 from ._base import WrappingHandler, build_clh
+from ._direct import describe
 from ._options import THREAD, HandlerOptions, split_kwargs
 from ._sender import Flush, SyncItem
 from ._stats import STATE_STOPPED
@@ -39,6 +47,18 @@ log = logging.getLogger("clh_writerd.client")
 # whole intervals and starve the sender (measured: the queue filled up and
 # callers wrote synchronously); the interpreter's fair share applies.
 SLICE_SECONDS = 0.0002
+# Records wait and the sender has not come round its loop for this long (an
+# import lock inherited across fork, a bug): new records are written directly
+# until it does. A fallback write in progress does not count (a held lock is
+# bounded there: _direct.LOCK_WAIT).
+STALL_SECONDS = 2.0
+# stop(): after the drain's deadline, how long to wait more for the sender to
+# end, then for it to reach a point between two steps before taking over.
+STOP_MARGIN = 0.5
+TAKEOVER_LOCK_WAIT = 1.0
+# A parked sender goes on by itself after this long (fork() returned long ago).
+PARK_LIMIT = 10.0
+_NEVER = float("inf")
 
 
 class NonBlockingConcurrentHandler(WrappingHandler):
@@ -66,12 +86,21 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         super()._new_process_state()
         self._idle = False
         self._stopping = False
+        # The sender's heartbeat: records waiting past this time mean it is stuck.
+        self._stall_at = _NEVER
+        self._stalled_since = 0.0  # >0 while records bypass a stuck sender
+        # fork(): the sender parks between two steps (park_for_fork); it holds
+        # _turn for the whole of each step, so whoever holds it sees a consistent core.
+        self._turn = threading.Lock()
+        self._park_requested = False
+        self._parked = threading.Event()
+        self._resume = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
         self._thread: Optional[threading.Thread] = None
 
-    def _after_fork_in_child(self) -> None:
+    def _rebuild(self) -> None:
         # Never touch the parent's zmq context or sockets here: drop them.
         # The wrapped CLH handler reopens its lock file itself after a fork.
         was_running = self._started and not self._closed
@@ -98,7 +127,9 @@ class NonBlockingConcurrentHandler(WrappingHandler):
 
         Idempotent. Returns True if everything queued was written within
         ``timeout`` (default: drain_timeout); at the deadline, whatever the
-        daemon has not acknowledged is written through the fallback.
+        daemon has not acknowledged is written through the fallback (by this
+        thread, if the sender is stuck). What cannot be written is counted
+        as lost and announced.
         """
         thread, core = self._thread, self._core
         if thread is None or core is None or not self.belongs_here():
@@ -106,17 +137,37 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             return True
         timeout = self.drain_timeout if timeout is None else timeout
         self._stopping = True  # emit() now writes directly
+        lost_before = self.stats.lost
         core.request_stop(timeout)
         self._wake()
-        thread.join(timeout + 1.0)
-        done = not thread.is_alive()
-        if done:
+        thread.join(timeout + STOP_MARGIN)
+        stuck = thread.is_alive()
+        if stuck:
+            lines = self._take_over(core)
+        else:
             self._release_sockets()
             self._close_pipe()
-            # A record appended while the sender was finishing: write it here.
-            done = self._fallback.write(core.salvage(self._queue)) and not core.lost
+            lines = core.salvage(self._queue)  # appended while the sender was finishing
+        self._thread = None
+        if lines and not self._fallback.write(lines, TAKEOVER_LOCK_WAIT):
+            core.lose(lines, self.stats.last_error, self._fallback.error)
         self.stats.state = STATE_STOPPED
-        return done
+        return not stuck and self.stats.lost == lost_before
+
+    def _take_over(self, core: Any) -> list:
+        """The sender missed the drain's deadline (stuck in an import, a
+        lock, a write): from now on it touches nothing, and this thread
+        writes everything it held and everything queued."""
+        got = self._turn.acquire(timeout=TAKEOVER_LOCK_WAIT)  # between two of its steps, if it ever gets there
+        try:
+            core.taken_over = True
+            lines = core.salvage(self._queue, writing=not got)
+        finally:
+            if got:
+                self._turn.release()
+        self.stats.last_error = "the sender did not finish by the drain's deadline; the stopping thread wrote its records"
+        _notices.emit(logging.WARNING, "clh-writerd: %s: %s (%d records)", self.path, self.stats.last_error, len(lines))
+        return lines
 
     def close(self) -> None:
         """Stop (draining the queue) and close the wrapped handler."""
@@ -150,7 +201,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             if self._pid < 0:  # set by the fork hook in a child (no getpid() syscall per call)
-                self._after_fork_in_child()
+                self._rebuild_in_child()
             if self._closed:
                 self._after_close(record)
             elif record.levelno >= self.sync_level:
@@ -169,6 +220,9 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         the daemon's REQ path (or the fallback)."""
         self.stats.sync_count += 1
         core = self._core
+        if self._queue and _monotonic() > self._stall_at:
+            self._sender_stuck()  # waiting behind the queue would wait for sync_timeout
+            core = None
         if (not self.opts.sync_order or core is None or self._thread is None or self._stopping
                 or core.idle(self._queue)):
             self._confirmed.write(self._renderer.render_now(record))
@@ -189,14 +243,16 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         if not sync.claim("caller"):
             self.stats.resent += 1
         if not self._fallback.write([self._renderer.render_line(sync.item)]):
-            raise OSError(self.stats.last_error)
+            self.stats.lose(1, self.stats.last_error)
+            raise OSError(self.stats.last_error) from self._fallback.error
 
     def enqueue(self, record: logging.LogRecord) -> None:
         """freeze (the message, and the values the daemon renders) and append; the hot path, kept flat."""
         item = self._renderer.freeze(record)
         queue = self._queue
-        if len(queue) >= self.queue_size or self._stopping or self._thread is None:
-            self._queue_full(item)
+        if (len(queue) >= self.queue_size or self._stopping or self._thread is None
+                or (queue and _monotonic() > self._stall_at)):
+            self._not_queued(item)
             return
         queue.append(item)
         self.stats.enqueued += 1
@@ -206,12 +262,33 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             self._idle = False
             self._wake()
 
-    def _queue_full(self, item: Any) -> None:
-        if self.fallback_on_full or self._stopping or self._thread is None:
+    def _not_queued(self, item: Any) -> None:
+        """A record the queue does not take: full, stopping, or the sender stuck."""
+        queue = self._queue
+        stuck = len(queue) < self.queue_size and not self._stopping and self._thread is not None
+        if stuck:
+            self._sender_stuck()
+        if stuck or self.fallback_on_full or self._stopping or self._thread is None:
             self.stats.fallback_count += 1
             self._confirmed.write(self._renderer.render(item))
         else:
             self._drop(item, "fallback_on_full=False")
+
+    def _sender_stuck(self) -> None:
+        """Records wait and the sender has not come round for STALL_SECONDS:
+        say so once (here: the sender cannot), then write them directly
+        until it comes back (``_run`` says when)."""
+        if self._stalled_since:
+            return
+        self._stalled_since = _monotonic()
+        self.stats.last_error = f"the sender made no progress for {STALL_SECONDS:g}s with records waiting"
+        _notices.emit(logging.WARNING, "clh-writerd: %s: %s; records are written directly by the threads that log "
+                      "them until it does (%d queued records wait for it). To fix: report this with a py-spy dump "
+                      "of the process (`py-spy dump --pid %d`).", self.path, self.stats.last_error, len(self._queue),
+                      os.getpid())
+
+    # The queue-full policy is _not_queued's; the asyncio handler has its own.
+    _queue_full = _not_queued
 
     def _wake(self) -> None:
         fd = self._wake_w
@@ -232,6 +309,33 @@ class NonBlockingConcurrentHandler(WrappingHandler):
                 except OSError:
                     pass
 
+    # -- fork: the sender parks between two steps --------------------------------
+    def park_for_fork(self, deadline: float) -> None:
+        """Before fork(): have the sender stop between two steps (no import,
+        no zmq call, no lock of ours held) until resume_after_fork(); wait
+        for it until ``deadline`` at most (a sender stuck in a write or an
+        import cannot park: the child does not need it, it builds its own)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return
+        self._resume.clear()
+        self._parked.clear()
+        self._park_requested = True
+        self._wake()
+        self._parked.wait(max(0.0, deadline - _monotonic()))
+
+    def resume_after_fork(self) -> None:
+        """After fork(), in the parent: the sender goes on."""
+        if self._park_requested:
+            self._park_requested = False
+            self._resume.set()
+
+    def _park(self) -> None:
+        # Only resume_after_fork() clears the request: the next fork's request
+        # may come before this thread has even left the wait.
+        self._parked.set()
+        self._resume.wait(PARK_LIMIT)
+
     # -- sender thread: how it waits, and writes inline --------------------------
     def _run(self, core: Any) -> None:
         queue = self._queue
@@ -239,35 +343,59 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         poller.register(self._wake_r, zmq.POLLIN)
         for sock in self._transport.sockets() if self._transport is not None else ():
             poller.register(sock, zmq.POLLIN)
+        turn = self._turn
         try:
             while True:
                 self._wait(core, poller)
-                sliced = len(queue) * 2 < self.queue_size
-                core.collect(queue, SLICE_SECONDS if sliced else None)
-                lines = core.step()
-                if lines:
-                    core.written(lines, self._fallback.write(lines))
-                for flush in core.settled():
-                    flush.release()
-                if core.finished(queue):
-                    return
+                if self._park_requested:
+                    self._park()
+                with turn:
+                    if core.taken_over:
+                        return  # stop() gave up waiting and wrote what we held
+                    self._stall_at = _monotonic() + STALL_SECONDS
+                    if self._stalled_since:
+                        self._sender_back()
+                    sliced = len(queue) * 2 < self.queue_size
+                    core.collect(queue, SLICE_SECONDS if sliced else None)
+                    lines = core.step()
+                    if lines:
+                        self._stall_at = _NEVER  # a write waits for a lock within its own bound
+                        ok = self._fallback.write(lines, core.lock_wait())
+                        self._stall_at = _monotonic() + STALL_SECONDS
+                        if core.taken_over:
+                            return
+                        core.written(lines, ok, self._fallback.error)
+                    for flush in core.settled():
+                        flush.release()
+                    if core.finished(queue):
+                        return
                 if queue and sliced:
                     time.sleep(0)  # between slices (see SLICE_SECONDS)
         except Exception as exc:  # never die silently: write what we hold
             # From now on emit() writes each record itself, as while stopping:
             # a queue nobody drains would hold them until close(), or drop them.
             self._stopping = True
-            self.stats.last_error = f"sender crashed: {type(exc).__name__}: {exc}"
+            self.stats.last_error = f"sender crashed: {describe(exc)}"
             log.exception("clh-writerd sender thread crashed; writing through the fallback")
-            self._fallback.write(core.salvage(queue))
+            lines = core.salvage(queue)
+            if not self._fallback.write(lines):
+                core.lose(lines, self.stats.last_error, self._fallback.error)
         finally:
-            core.close()
+            self._stall_at = _NEVER
+            if not core.taken_over:
+                core.close()
+
+    def _sender_back(self) -> None:
+        stalled = _monotonic() - self._stalled_since
+        self._stalled_since = 0.0
+        _notices.emit(logging.WARNING, "clh-writerd: %s: the sender goes on after %.1fs without progress; records "
+                      "are queued again", self.path, stalled)
 
     def _wait(self, core: Any, poller: zmq.Poller) -> None:
         """Sleep while there is nothing to take, or no room to take it (an
         ack, a stop or a record wakes the poll)."""
         blocked = not core.accepting
-        if self._queue and not blocked:
+        if self._queue and not blocked and not self._park_requested:
             return
         # Lingering over a partial batch, the poll ends by itself when the
         # batch is due: records logged meanwhile need no wake-up (a pipe
@@ -275,10 +403,12 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         # more CPU than rendering them). Flushes, sync records and stop
         # wake it explicitly.
         self._idle = not blocked and not core.lingering
-        if blocked or not self._queue:  # re-check: a producer may have appended meanwhile
+        if (blocked or not self._queue) and not self._park_requested:  # re-check: a producer may have appended
             # Rounded up: a sub-millisecond wait truncated to poll(0) spun,
             # holding the GIL, until the interpreter forced a switch (5 ms).
-            poller.poll(math.ceil(core.wait_time() * 1000))
+            wait = core.wait_time()
+            self._stall_at = _monotonic() + wait + STALL_SECONDS
+            poller.poll(math.ceil(wait * 1000))
         self._idle = False
         try:
             os.read(self._wake_r, 4096)

@@ -37,7 +37,7 @@ FILE_GAUGES = (
 # What clients report about themselves (protocol.REPORT_COUNTERS, and the
 # names issue 15 adds); a name a client never sent shows as 0.
 CLIENT_REPORTED = ("sent", "acked", "dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
-                   "write_errors", "unencodable")
+                   "write_errors", "unencodable", "lost")
 # The states a client reports (client/_stats.py); every group shows all of
 # them, 0 included, so an alert on state="fallback" has a series to look at.
 CLIENT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")

@@ -82,8 +82,8 @@ def client_errors(c: Dict[str, Any]) -> int:
 
 
 def problem_rank(c: Dict[str, Any]) -> int:
-    """0 dropping, 1 falling back (now or ever), 2 errors, 3 the rest: the table's order."""
-    if _reported(c, "dropped"):
+    """0 losing or dropping, 1 falling back (now or ever), 2 errors, 3 the rest: the table's order."""
+    if _reported(c, "dropped") or _reported(c, "lost"):
         return 0
     if _reported(c, "fallback") or c.get("state") == "fallback":
         return 1
