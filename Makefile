@@ -16,16 +16,19 @@ FAST_TESTS = tests/client/test_core.py tests/client/test_options.py tests/daemon
 venv: $(STAMP)
 
 # Old bundled pips cannot install a pyproject-only project in editable mode.
+# pip -qq: errors only (the build backend's notes about editable installs,
+# and a machine's pip configuration, are not what `make demo` is about).
+PIP = $(BIN)/python -m pip install -qq
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP) -e '.[test]'
 	touch $(STAMP) $(DEMO_STAMP)
 
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP) -e .
 	touch $(DEMO_STAMP)
 
 demo: $(DEMO_STAMP)

@@ -76,6 +76,9 @@ def dist(tmp_path_factory) -> Path:
     result = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(source)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # `make demo` on a fresh clone prints no warning: the build backend has none to give.
+    noisy = [line for line in (result.stdout + result.stderr).splitlines() if "Warning" in line or "deprecat" in line]
+    assert not noisy, noisy
     return out
 
 
@@ -102,8 +105,8 @@ def test_wheel_carries_the_code_the_guides_the_reference_config_and_the_metadata
     assert "clh_writerd/reference/clh-writerd.toml" in names
     (meta_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
     meta = email.message_from_bytes(wheel.read(meta_name))
-    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
-    assert "Apache License" in wheel.read([n for n in names if n.endswith("licenses/LICENSE")][0]).decode()
+    (license_file,) = [n for n in names if re.search(r"\.dist-info/(licenses/)?LICENSE$", n)]
+    assert "Apache License" in wheel.read(license_file).decode()
     assert meta["Requires-Python"] == ">=3.6" and meta["Author"] and meta["License"] == "Apache-2.0"
     classifiers = meta.get_all("Classifier")
     for wanted in ("Typing :: Typed", "Operating System :: POSIX :: Linux", "Programming Language :: Python :: 3.6",

@@ -7,6 +7,7 @@ RHEL 8 and similar can use it. The daemon and ``AsyncConcurrentHandler`` need
 says so, instead of failing later on a missing feature.
 """
 
+import os
 import sys
 
 FULL_PYTHON = (3, 8)
@@ -19,3 +20,22 @@ def require_full_python(what: str) -> None:
             "{} needs Python {}.{} or newer (this is {}.{}); on older Pythons clh-writerd offers "
             "NonBlockingConcurrentHandler, talking to a daemon that runs on a newer Python".format(
                 what, FULL_PYTHON[0], FULL_PYTHON[1], sys.version_info[0], sys.version_info[1]))
+
+
+def unsupported_platform(part: str) -> str:
+    """Why ``part`` ("daemon" or "handler") cannot run here, or "".
+
+    The daemon needs Linux: it identifies its ipc peers by the kernel's
+    credentials (SO_PEERCRED through libzmq) and checks files with /proc
+    and Linux-only flags. The handlers need POSIX: the thread handler's
+    sender waits on a pipe with the sockets (zmq polls sockets only on
+    Windows), and the fork and lock handling are POSIX. Linux is what the
+    test suite runs on; macOS is POSIX but not tested.
+    """
+    if part == "daemon" and not sys.platform.startswith("linux"):
+        return (f"the clh-writerd daemon runs on Linux only (this is {sys.platform}): it identifies its clients by "
+                "the kernel's peer credentials. Apps on this system can use the handlers with endpoint=None")
+    if part == "handler" and os.name != "posix":
+        return (f"clh-writerd's handlers need a POSIX system (Linux, tested; macOS, untested), not {sys.platform}: "
+                "use concurrent_log_handler.ConcurrentRotatingFileHandler directly here")
+    return ""

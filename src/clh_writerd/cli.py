@@ -8,10 +8,11 @@ from typing import Optional
 import click
 
 from . import _resources, protocol
+from ._compat import unsupported_platform
 from ._version import __version__
 from .client.control import DaemonUnavailable, request
 from .daemon.config import ConfigError, config_warnings, load_config
-from .daemon.server import EXIT_CONFIG, Server, configure_logging
+from .daemon.server import EXIT_CONFIG, EXIT_STARTUP, Server, configure_logging
 from .daemon.view import render_table, render_watch
 
 CONFIG_HELP = ("TOML config file (default: the embedded default). "
@@ -19,6 +20,10 @@ CONFIG_HELP = ("TOML config file (default: the embedded default). "
 
 
 def _run(config_path: Optional[str]) -> None:
+    unsupported = unsupported_platform("daemon")
+    if unsupported:
+        click.echo(f"clh-writerd: {unsupported}", err=True)
+        sys.exit(EXIT_STARTUP)
     try:
         config = load_config(config_path)
     except ConfigError as exc:

@@ -15,6 +15,7 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTime
 
 from .. import protocol
 from .._batchwrite import CLHHandler, describe_handler, rotating_part
+from .._compat import unsupported_platform
 from . import _notices, _process
 from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
@@ -66,6 +67,9 @@ class WrappingHandler(logging.Handler):
     def __init__(self, handler: CLHHandler, **options: Any) -> None:
         # Everything that can refuse the arguments runs before
         # logging.Handler.__init__ registers us for logging.shutdown().
+        unsupported = unsupported_platform("handler")
+        if unsupported:
+            raise RuntimeError(unsupported)
         self.opts = HandlerOptions.build(self.KIND, **options)
         path, file_options, refused = file_spec(handler)
         opts = self.opts
