@@ -46,6 +46,8 @@ def test_stats_metrics_and_a_clean_stop(tmp_path, central, raw_client):
             text = response.read().decode()
         assert f'clh_writerd_forward_connected{{target="{central.target}"}} 1.0' in text
         assert 'clh_writerd_forward_events_total{event="acked"} 500.0' in text
+        for event in ("gaps", "lost_bytes", "protocol_errors"):
+            assert f'clh_writerd_forward_events_total{{event="{event}"}} 0.0' in text
         assert f'clh_writerd_forward_lag_bytes{{path="{path}"}} 0.0' in text
         assert daemon.stop() == 0
     finally:

@@ -53,6 +53,9 @@ def assert_forwarded(lab, guarantee, scenario: str, events: int, crash_slack: in
           f" ({local.duplicates} already in the hosts' files, {added} added by forwarding; bound {bound})")
     report.assert_complete(allow_duplicates=True)
     assert 0 <= added <= bound, f"{added} duplicates added by forwarding, bound {bound}"
+    for host in HOSTS:  # nothing lost means nothing counted as lost either: no false alarm
+        fwd = lab.forward_stats(host)
+        assert (fwd["gaps"], fwd["lost_segments"], fwd["protocol_errors"]) == (0, 0, 0), (host, fwd)
     if counted:
         resent = sum(lab.forward_stats(h)["resent"] for h in HOSTS)
         assert added <= resent, f"{added} duplicates but only {resent} counted as resent"
@@ -77,6 +80,7 @@ def test_steady_load_reaches_the_central_exactly_once(lab, guarantee):
     assert table.returncode == 0, table.stderr
     assert "FORWARD to 10.213.1.1:2514: connected" in table.stdout
     forward_block = table.stdout.split("FORWARD to", 1)[1]
+    assert "protocol_errors=0" in forward_block and "lost_bytes=0 gaps=0" in forward_block, forward_block
     row = [line for line in forward_block.splitlines() if line.startswith(lab.host_log(1))]
     assert row and row[0].split()[1:] == ["0", "0.0"], forward_block  # lag bytes, lag seconds
 
@@ -157,9 +161,10 @@ def test_a_tls_central_accepts_only_the_hosts_it_names(lab, tmp_path):
                                      payloads=False).missing_count == 0, 30, "host 1's records")
     for host in (2, 3):
         wait_for(lambda h=host: lab.forward_stats(h)["last_error"], 20, f"host {host}'s refused session")
+        wait_for(lambda h=host: lab.forward_stats(h)["files"][0]["lag_bytes"] == os.path.getsize(lab.host_log(h)),
+                 10, f"host {host} to report its whole file as lagging")
         fwd = lab.forward_stats(host)
         assert not fwd["connected"] and fwd["acked"] == 0, fwd
-        assert fwd["files"][0]["lag_bytes"] == os.path.getsize(lab.host_log(host)), fwd
     records = lab.central_records()
     assert {r[0] for r in records} == {"h1"}
     check_sequences([r[3] for r in records], {"h1a0": 500}, payloads=False).assert_complete()

@@ -143,7 +143,7 @@ class Source:
             named[state.key] = (state, cand)
         self.link(listing.clean, named, mine)
         seen = dict(named)
-        self.held_only = set()
+        held_only: Set[str] = set()
         self.waiting = False
         current = self.reader.state.key if self.reader else None
         for key, state in mine.items():
@@ -157,7 +157,7 @@ class Source:
                 # Retention deleted its names; the hold keeps it until it is forwarded.
                 if not state.final:
                     state.size_seen, state.final = self.fw.hold.size(state), True
-                self.held_only.add(key)
+                held_only.add(key)
                 if key != current and not state.done:
                     seen[key] = (state, self.fw.hold.candidate(state))
                 continue
@@ -169,6 +169,7 @@ class Source:
                 continue
             self.fw.count_lost(self, state)
             self.fw.forget_segment(key)
+        self.held_only = held_only  # replaced whole: snapshot() reads it from another thread
         self.order = sorted(seen.values(), key=lambda sc: sc[1].rank)
         if self.lag() == 0:
             self.caught_up_at = time.time()
@@ -202,7 +203,7 @@ class Source:
         self.fw.count_lost(self, state)
         self.fw.forget_segment(state.key)
         self.order = [(s, c) for s, c in self.order if s.key != state.key]
-        self.held_only.discard(state.key)
+        self.held_only = self.held_only - {state.key}
 
     def read(self, limit: int) -> List[Tuple[SegmentState, int, int, bytes]]:
         """The next lines to send, oldest segment first."""
@@ -491,7 +492,7 @@ class Forwarder:
 
     def held_only_keys(self) -> Set[str]:
         """Segments that only the hold keeps (no name left in their family), as of the last scan."""
-        return {k for source in list(self.sources.values()) for k in source.held_only}
+        return set().union(*[source.held_only for source in list(self.sources.values())])
 
     def count_lost(self, source: Source, state: SegmentState) -> None:
         """A segment the forwarder knew is gone before it was acknowledged: count and warn, never silent.

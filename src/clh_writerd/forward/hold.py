@@ -67,7 +67,7 @@ class Hold:
     def used(self) -> int:
         """Bytes kept alive only by the hold: held segments with no name left in their family."""
         segments = self.fw.checkpoint.segments
-        return sum(self.cost(segments[k]) for k in self.fw.held_only_keys() if k in segments)
+        return sum(self.cost(state) for state in map(segments.get, self.fw.held_only_keys()) if state is not None)
 
     def keep(self, state: SegmentState, cand: Candidate) -> None:
         """Hold ``cand`` (free while it keeps its own name); a ``.gz`` replaces a plain link."""
