@@ -15,8 +15,6 @@ from support import DaemonProcess, check_sequences, free_tcp_port, seq_record, w
 from clh_writerd import protocol
 from clh_writerd.forward.relp import FrameParser, encode_frame
 
-from .conftest import require_rsyslog
-
 
 def forwarding_daemon(tmp_path, central, **daemon_options) -> DaemonProcess:
     daemon = DaemonProcess(str(tmp_path))
@@ -162,7 +160,6 @@ def test_a_hostile_central_is_disconnected_and_counted_with_memory_flat(tmp_path
     """A central that streams a giant frame, garbage or unsolicited acks, with records in flight or
     not: the daemon hangs up each time (protocol_errors), its peak memory stays flat, and once a
     real central listens on the same port every record arrives."""
-    require_rsyslog()
     daemon = forwarding_daemon(tmp_path, central)
     idle = [("giant", False), ("garbage", False)]
     busy = [("giant", True), ("huge", True), ("garbage", True), ("flood", True)]

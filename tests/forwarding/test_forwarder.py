@@ -168,6 +168,34 @@ def test_the_hold_keeps_deleted_segments_within_the_disk_budget(central, forward
              "only the live file to be held")
 
 
+def test_a_forwarded_segment_without_a_name_for_a_moment_is_not_sent_again(central, forwarders, tmp_path):
+    """While CLH compresses a segment it has no name the family lists; a forwarded segment must not
+    be forgotten then and found again as new (it was sent again whole, duplicates at the central)."""
+    central.start()
+    path = tmp_path / "app.log"
+    logger, handler = clh_writer(path, 10**8, 5)
+    log(logger, "w", 0, 300)
+    handler.doRollover()
+    log(logger, "w", 300, 310)
+    handler.close()
+    fw = forwarders(central, [str(path)], tmp_path / "cp.json", retention_grace=30.0)
+    wait_for(lambda: len(central.lines()) == 310 and fw.snapshot()["files"][0]["lag_bytes"] == 0, 20, "all sent")
+    hidden = tmp_path / "compressing"
+    os.rename(tmp_path / "app.log.1.gz", hidden)  # as between CLH's gzip and its rename to .1.gz
+    scans = fw.scans
+    wait_for(lambda: fw.scans >= scans + 2, 10, "two scans without the segment")
+    os.rename(hidden, tmp_path / "app.log.1.gz")
+    scans = fw.scans
+    wait_for(lambda: fw.scans >= scans + 2, 10, "two scans with it again")
+    logger, handler = clh_writer(path, 10**8, 5)
+    handler.doRollover()  # the reader leaves the live file: a segment taken for new would be read next
+    log(logger, "w", 310, 320)
+    handler.close()
+    wait_for(lambda: len(central.lines()) >= 320 and fw.snapshot()["files"][0]["lag_bytes"] == 0, 20, "320")
+    check_sequences(central.lines(), {"w": 320}, payloads=False).assert_complete()
+    assert fw.sent == 320
+
+
 def held_alone_on_disk(hold_dir) -> int:
     """What the hold alone keeps, seen from the disk: held files with no other link."""
     return sum(st.st_size for st in (p.stat() for p in hold_dir.iterdir()) if st.st_nlink == 1)

@@ -150,8 +150,13 @@ class Source:
             if key in named:
                 continue
             if state.done and key != current:
+                # Forgotten only once it stayed unnamed for the grace: while CLH compresses
+                # it, a segment has no name the family lists (only .rotate.*.gz), and a
+                # segment forgotten then would be found again as new and sent again whole.
                 self.fw.hold.release(state)
-                self.fw.forget_segment(key)
+                state.missing_since = state.missing_since or now
+                if now - state.missing_since >= self.fw.options.retention_grace:
+                    self.fw.forget_segment(key)
                 continue
             if state.held and os.path.exists(state.held):
                 # Retention deleted its names; the hold keeps it until it is forwarded.
@@ -295,6 +300,7 @@ class Forwarder:
         self._dirty = False
         self.rescan = False
         self.save_soon = False
+        self.scans = 0  # scans done (tests wait on it)
         self._last_save = 0.0
         self._last_progress = 0.0
         self.lock = threading.Lock()  # guards the counters read by snapshot()
@@ -378,6 +384,7 @@ class Forwarder:
             self.save_soon = False
             self._dirty = True
             self.commit(force=True)
+        self.scans += 1
 
     def connect(self) -> bool:
         host, port = self.options.address()
@@ -464,6 +471,8 @@ class Forwarder:
             except OSError as exc:
                 self._dirty = True
                 log.error("forward: cannot write checkpoint %s: %s", self.checkpoint.path, exc)
+            else:
+                self.hold.saved()
 
     # -- events from sources -----------------------------------------------------
     def segment_read(self, state: SegmentState, end: int) -> None:

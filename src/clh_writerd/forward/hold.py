@@ -3,7 +3,7 @@
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Optional, Set
+from typing import TYPE_CHECKING, List, Optional, Set
 
 from .checkpoint import SegmentState
 from .segments import Candidate, segment_size
@@ -56,6 +56,7 @@ class Hold:
         self.fw = forwarder
         self.disabled = ""
         self.released = 0  # holds let go because the budget was full
+        self._unlink_after_save: List[str] = []
 
     def cost(self, state: SegmentState) -> int:
         """Bytes on disk of a held link (what the hold spends on it once the segment has no name)."""
@@ -146,12 +147,29 @@ class Hold:
         return segment_size(state.held, state.held.endswith(".gz"))
 
     def release(self, state: SegmentState) -> None:
+        """Let go of a segment's link once the checkpoint that no longer needs it is on disk.
+
+        Unlinking at once would leave, after a crash before the next save, a
+        checkpoint that names a link that is gone: a segment acknowledged in
+        memory only, or held by its .gz link in memory only, would then be
+        counted as lost (or lost) after the restart.
+        """
         if state.held:
-            try:
-                os.unlink(state.held)
-            except OSError:
-                pass
+            self._unlink_after_save.append(state.held)
             state.held = ""
+
+    def saved(self) -> None:
+        """The checkpoint was written: remove the links it no longer refers to."""
+        if not self._unlink_after_save:
+            return
+        known = {s.held for s in self.fw.checkpoint.segments.values() if s.held}
+        for path in self._unlink_after_save:
+            if path not in known:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+        self._unlink_after_save = []
 
     def sweep(self) -> None:
         """Remove links no checkpoint entry refers to (left by a crash between link and commit)."""
