@@ -3,7 +3,7 @@
 import json
 import sys
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 import click
 
@@ -207,14 +207,20 @@ def docs(page: Optional[str], show_path: bool) -> None:
 @click.option("--output", default="/var/log/clh/%HOSTNAME%/%APP-NAME%", show_default=True,
               help="Central file; rsyslog properties make it one file per host and forwarded file.")
 @click.option("--work-dir", default=None, help="rsyslog workDirectory (global).")
-@click.option("--tls", is_flag=True, help="imrelp over TLS; clients need a certificate signed by --tls-ca.")
+@click.option("--tls", is_flag=True, help="imrelp over TLS; only the client certificates named by --tls-permit.")
+@click.option("--tls-permit", "tls_permit", multiple=True, metavar="NAME|SHA256:FP",
+              help="A client certificate the central accepts (its name, or fingerprint); repeat for each.")
 @click.option("--tls-ca", default="/etc/rsyslog.d/clh-ca.pem", show_default=True, help="CA certificate (PEM).")
 @click.option("--tls-cert", default="/etc/rsyslog.d/clh-cert.pem", show_default=True, help="Central's certificate.")
 @click.option("--tls-key", default="/etc/rsyslog.d/clh-key.pem", show_default=True, help="Central's private key.")
 def forward_config(engine: str, port: int, address: str, output: str, work_dir: Optional[str], tls: bool,
-                   tls_ca: str, tls_cert: str, tls_key: str) -> None:
+                   tls_permit: Tuple[str, ...], tls_ca: str, tls_cert: str, tls_key: str) -> None:
     """Print the central-side configuration that makes [forward] at-least-once (docs/forwarding.md)."""
     from .forward.rsyslog import central_config
 
-    click.echo(central_config(port=port, output=output, address=address, work_dir=work_dir, tls=tls,
-                              tls_files=(tls_ca, tls_cert, tls_key)), nl=False)
+    try:
+        text = central_config(port=port, output=output, address=address, work_dir=work_dir, tls=tls,
+                              tls_files=(tls_ca, tls_cert, tls_key), permitted_peers=tls_permit)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(text, nl=False)

@@ -1,6 +1,6 @@
 """An application process of the forwarding tests: logs sequence records at a rate.
 
-Run as ``python app.py ENDPOINT PATH WRITER COUNT RATE MAX_BYTES``. It logs
+Run as ``python app.py ENDPOINT PATH WRITER COUNT RATE MAX_BYTES [BACKUPS]``. It logs
 through the real client (create_nonblocking_handler, gzip rotation) with the
 format "%(message)s", so each line in the host's files is ``seq_record(WRITER, n)``,
 and exits after stop() drained everything to the daemon or the fallback.
@@ -20,7 +20,8 @@ from clh_writerd.client.nonblocking import create_nonblocking_handler  # noqa: E
 
 def main() -> None:
     endpoint, path, writer, count, rate, max_bytes = sys.argv[1:7]
-    handler = create_nonblocking_handler(path, endpoint=endpoint, maxBytes=int(max_bytes), backupCount=1000,
+    backups = int(sys.argv[7]) if len(sys.argv) > 7 else 1000
+    handler = create_nonblocking_handler(path, endpoint=endpoint, maxBytes=int(max_bytes), backupCount=backups,
                                          use_gzip=True)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger(f"app.{writer}")

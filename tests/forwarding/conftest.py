@@ -2,6 +2,7 @@
 
 import os
 import shutil
+from typing import Sequence
 
 import pytest
 
@@ -30,14 +31,15 @@ def central(tmp_path):
 
 @pytest.fixture
 def lab(tmp_path):
-    """lab(**forward options) -> a built Lab with the central rsyslogd running; removed afterwards."""
+    """lab(hosts=3, central_args=(), **forward options) -> a built Lab with the central running; removed afterwards."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("the forwarding lab needs root and iproute2 (network namespaces)")
     require_rsyslog()
     labs = []
 
-    def make(**forward) -> Lab:
-        built = Lab(str(tmp_path), forward=forward)
+    def make(hosts: int = 3, central_args: Sequence[str] = (), **forward) -> Lab:
+        built = Lab(str(tmp_path), hosts=hosts, forward=forward)
+        built.central_args = list(central_args)
         labs.append(built)
         try:
             built.build()

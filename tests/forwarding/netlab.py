@@ -136,6 +136,8 @@ class Lab:
         self.daemons: Dict[int, DaemonProcess] = {}
         self.apps: List[subprocess.Popen] = []
         self.expected: Dict[str, int] = {}
+        self.central_args: List[str] = []  # more `forward-config rsyslog` options
+        self.host_forward: Dict[int, Dict] = {}  # per-host [forward] options over ``forward``
         self._namespaces: List[str] = []
 
     # -- network ---------------------------------------------------------------
@@ -162,10 +164,11 @@ class Lab:
 
     # -- central ---------------------------------------------------------------
     def start_central(self) -> None:
+        """The central rsyslogd with the generated config (plus ``central_args``, e.g. --tls)."""
         os.makedirs(self.central_dir, exist_ok=True)
         conf = os.path.join(self.central_dir, "rsyslog.conf")
         text = run(sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--port", str(RELP_PORT),
-                   "--output", self.central_log, "--work-dir", self.central_dir)
+                   "--output", self.central_log, "--work-dir", self.central_dir, *self.central_args)
         with open(conf, "w") as f:
             f.write(text)
         out = open(os.path.join(self.central_dir, "rsyslogd.out"), "ab")
@@ -203,7 +206,7 @@ class Lab:
             daemon = DaemonProcess(workdir, preexec_fn=enter(self.host_ns[host - 1]))
             forward = {"target": f"10.213.{host}.1:{RELP_PORT}", "paths": [os.path.join(daemon.log_dir, "*.log")],
                        "state_file": os.path.join(workdir, "forward.json"), "hostname": f"h{host}",
-                       **self.forward}
+                       **self.forward, **self.host_forward.get(host, {})}
             write_config(daemon.config_path, {
                 "daemon": {"endpoint": daemon.endpoint, "allowed_dirs": [daemon.log_dir], "drain_timeout": 10.0},
                 "forward": forward})
@@ -217,13 +220,14 @@ class Lab:
         daemon = self.daemons[host] = DaemonProcess(workdir, preexec_fn=enter(self.host_ns[host - 1]))
         return daemon.start()
 
-    def start_app(self, host: int, writer: str, count: int, rate: float, max_bytes: int = 10 * 1024 * 1024) -> None:
-        """An app process in host's namespace logging ``count`` records at ``rate``/s."""
+    def start_app(self, host: int, writer: str, count: int, rate: float, max_bytes: int = 10 * 1024 * 1024,
+                  backups: int = 1000) -> None:
+        """An app process in host's namespace logging ``count`` records at ``rate``/s (gzip, ``backups``)."""
         daemon = self.daemons[host]
         self.expected[writer] = count
         self.apps.append(subprocess.Popen(
-            [sys.executable, APP, daemon.endpoint, self.host_log(host), writer, str(count), str(rate), str(max_bytes)],
-            cwd=self.host_dir(host), preexec_fn=enter(self.host_ns[host - 1])))
+            [sys.executable, APP, daemon.endpoint, self.host_log(host), writer, str(count), str(rate), str(max_bytes),
+             str(backups)], cwd=self.host_dir(host), preexec_fn=enter(self.host_ns[host - 1])))
 
     def wait_apps(self, timeout: float = 120) -> None:
         for app in self.apps:

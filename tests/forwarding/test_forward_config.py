@@ -55,3 +55,22 @@ def test_the_central_config_is_valid_rsyslog(tmp_path, output):
     check = subprocess.run(["rsyslogd", "-N1", "-f", str(tmp_path / "central.conf")],
                            capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr + check.stdout
+
+
+def test_the_tls_central_names_its_clients():
+    """--tls never generates certvalid (which accepted foreign-CA and self-signed clients, issue 29)."""
+
+    def forward_config(*args):
+        return subprocess.run([sys.executable, "-m", "clh_writerd", "forward-config", "rsyslog", "--tls", *args],
+                              capture_output=True, text=True, timeout=30)
+
+    refused = forward_config()
+    assert refused.returncode == 2 and "permitted peer" in refused.stderr
+    assert forward_config("--tls-permit", "web1.example", "--tls-permit", "SHA256:AB:CD").returncode == 2
+    conf = forward_config("--tls-permit", "web1.example", "--tls-permit", "*.app.example")
+    assert conf.returncode == 0, conf.stderr
+    assert 'tls.authMode="name" tls.permittedPeer=["web1.example", "*.app.example"]' in conf.stdout
+    assert "certvalid" not in conf.stdout
+    pinned = forward_config("--tls-permit", "SHA256:01:AB:CD")
+    assert 'tls.authMode="fingerprint" tls.permittedPeer=["SHA256:01:AB:CD"]' in pinned.stdout
+    # A real rsyslogd runs the name mode in test_forwarder.py (it checks the certificate files exist).

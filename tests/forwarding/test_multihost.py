@@ -11,13 +11,16 @@ checkpoint write.
 """
 
 import glob
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-from support import wait_for
+from support import check_sequences, wait_for
+
+from .certs import Certs, central_tls_args
 
 pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
 
@@ -50,6 +53,9 @@ def assert_forwarded(lab, guarantee, scenario: str, events: int, crash_slack: in
           f" ({local.duplicates} already in the hosts' files, {added} added by forwarding; bound {bound})")
     report.assert_complete(allow_duplicates=True)
     assert 0 <= added <= bound, f"{added} duplicates added by forwarding, bound {bound}"
+    for host in HOSTS:  # nothing lost means nothing counted as lost either: no false alarm
+        fwd = lab.forward_stats(host)
+        assert (fwd["gaps"], fwd["lost_segments"], fwd["protocol_errors"]) == (0, 0, 0), (host, fwd)
     if counted:
         resent = sum(lab.forward_stats(h)["resent"] for h in HOSTS)
         assert added <= resent, f"{added} duplicates but only {resent} counted as resent"
@@ -74,6 +80,7 @@ def test_steady_load_reaches_the_central_exactly_once(lab, guarantee):
     assert table.returncode == 0, table.stderr
     assert "FORWARD to 10.213.1.1:2514: connected" in table.stdout
     forward_block = table.stdout.split("FORWARD to", 1)[1]
+    assert "protocol_errors=0" in forward_block and "lost_bytes=0 gaps=0" in forward_block, forward_block
     row = [line for line in forward_block.splitlines() if line.startswith(lab.host_log(1))]
     assert row and row[0].split()[1:] == ["0", "0.0"], forward_block  # lag bytes, lag seconds
 
@@ -131,3 +138,33 @@ def test_rotation_with_gzip_under_load(lab, guarantee):
     assert report.duplicates == 0
     for host in HOSTS:
         assert len(glob.glob(lab.host_log(host) + ".*.gz")) >= 2, "the scenario must rotate"
+
+
+def test_a_tls_central_accepts_only_the_hosts_it_names(lab, tmp_path):
+    """Issue 29, row 2, across hosts: the central (generated with --tls --tls-permit) takes host 1's
+    certificate; host 2's (a foreign CA, a permitted name) and host 3's (self-signed, a permitted
+    name) are refused, and those hosts say so (not connected, everything still lagging)."""
+    (tmp_path / "certs").mkdir()
+    certs = Certs(tmp_path / "certs")
+    ca, foreign = certs.ca("ca"), certs.ca("foreign-ca")
+    server = certs.cert("central", dns=["central.lab"], ips=[f"10.213.{h}.1" for h in HOSTS], ca=ca)
+    clients = {1: certs.cert("h1", dns=["h1.lab"], ca=ca), 2: certs.cert("h2", dns=["h2.lab"], ca=foreign),
+               3: certs.cert("h3", dns=["h3.lab"])}
+    lab = lab(central_args=central_tls_args(ca, server, [f"h{h}.lab" for h in HOSTS]))
+    for host in HOSTS:
+        lab.host_forward[host] = {"tls": True, "tls_ca_file": ca[0], "tls_cert_file": clients[host][0],
+                                  "tls_key_file": clients[host][1]}
+        lab.start_host(host)
+        lab.start_app(host, f"h{host}a0", 500, RATE)
+    lab.wait_apps()
+    wait_for(lambda: check_sequences([r[3] for r in lab.central_records()], {"h1a0": 500},
+                                     payloads=False).missing_count == 0, 30, "host 1's records")
+    for host in (2, 3):
+        wait_for(lambda h=host: lab.forward_stats(h)["last_error"], 20, f"host {host}'s refused session")
+        wait_for(lambda h=host: lab.forward_stats(h)["files"][0]["lag_bytes"] == os.path.getsize(lab.host_log(h)),
+                 10, f"host {host} to report its whole file as lagging")
+        fwd = lab.forward_stats(host)
+        assert not fwd["connected"] and fwd["acked"] == 0, fwd
+    records = lab.central_records()
+    assert {r[0] for r in records} == {"h1"}
+    check_sequences([r[3] for r in records], {"h1a0": 500}, payloads=False).assert_complete()

@@ -8,6 +8,10 @@ device/inode are kept as a hint for the live file.
 
 ``offset`` is the end of the contiguous prefix the central server has
 acknowledged, in uncompressed bytes. It never moves on read, only on ack.
+
+``linked`` says the segment is known to follow, without a hole, the segments
+seen before it (docs/forwarding.md, "gaps"): a segment first seen after its
+predecessors were all rotated away unseen is not, and that break is counted.
 """
 
 import hashlib
@@ -40,7 +44,10 @@ class SegmentState:
     done: bool = False
     dev: int = 0
     ino: int = 0
-    size_seen: int = 0
+    size_seen: int = 0    # uncompressed bytes at the last sight (a .gz's or a held file's included)
+    final: bool = False   # size_seen is the final size (seen rotated, compressed or held only)
+    seen_seq: int = 0     # order of first sight (newer segments have higher numbers)
+    linked: bool = True   # continuity with the segments seen before it is established
     missing_since: Optional[float] = None
     held: str = ""        # hard link in the hold directory that keeps a rotated segment alive
     held_seq: int = 0     # order of holding (held segments are older than anything still in the family)
@@ -48,6 +55,21 @@ class SegmentState:
     @property
     def fp_len(self) -> int:
         return int(self.key.split(":", 1)[0])
+
+    @property
+    def size(self) -> int:
+        """The best known uncompressed size: the end read, else the size last seen."""
+        return self.end if self.end is not None else self.size_seen
+
+    @property
+    def unacked(self) -> int:
+        """Bytes of this segment the central has not acknowledged (as far as its size is known)."""
+        return 0 if self.done else max(self.size - self.offset, 0)
+
+    @property
+    def short_id(self) -> str:
+        """The segment id in forwarded records' MSGID (10 hex digits of the fingerprint)."""
+        return self.key.split(":", 1)[1][:10]
 
 
 class Checkpoint:

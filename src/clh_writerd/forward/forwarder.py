@@ -31,7 +31,7 @@ from typing import Any, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .checkpoint import Checkpoint, SegmentState, fingerprint
 from .hold import Hold
-from .relp import RelpClient, RelpError
+from .relp import RelpClient, RelpError, RelpProtocolError
 from .segments import Candidate, SegmentReader, family, is_regular
 
 log = logging.getLogger("clh_writerd.forward")
@@ -104,13 +104,19 @@ class Source:
         self.caught_up_at = time.time()
 
     def scan(self, now: float) -> None:
-        """Match the family's files to checkpoint states; count segments lost to retention."""
+        """Match the family's files to checkpoint states, hold them, check continuity, count what was lost."""
         cp = self.fw.checkpoint
         mine = {k: s for k, s in cp.segments.items() if s.source == self.base}
         lengths = sorted({s.fp_len for s in mine.values()}, reverse=True)
-        seen: Dict[str, Tuple[SegmentState, Candidate]] = {}
-        self.held_only = set()
-        for cand in family(self.base):
+        listing = family(self.base)
+        for _ in range(2):
+            if listing.clean:
+                break
+            # A rotation ran during the listing (it takes milliseconds): list again, so that
+            # continuity is decided now rather than after records of a new segment were sent.
+            listing = family(self.base)
+        named: Dict[str, Tuple[SegmentState, Candidate]] = {}
+        for cand in listing.candidates:
             state = None
             for length in lengths:
                 if len(cand.head) >= length:
@@ -119,49 +125,90 @@ class Source:
                         break
             if state is None:
                 key = fingerprint(cand.head)
-                state = cp.segments[key] = mine[key] = SegmentState(key, self.base, cand.name)
+                state = cp.segments[key] = mine[key] = SegmentState(key, self.base, cand.name,
+                                                                     seen_seq=self.fw.next_seen_seq(), linked=False)
                 lengths = sorted(set(lengths) | {state.fp_len}, reverse=True)
-            if state.key in seen and not seen[state.key][1].gz:
+                self.fw.save_soon = True
+            if state.key in named and not named[state.key][1].gz:
                 continue
             state.name, state.missing_since = cand.name, None
+            # Only the live file still grows; a rotated or compressed segment has its final size.
+            state.size_seen, state.final = cand.size, cand.rank[0] != 2
             if not cand.gz:
-                state.size_seen, state.dev, state.ino = cand.size, cand.dev, cand.ino
-            if cand.rank[0] != 1 and not state.done and not state.held:
-                # Held from the first sight, live file included: a segment may be
-                # rotated, compressed and deleted between two scans.
-                self.fw.hold.take(state, cand)
-            seen[state.key] = (state, cand)
+                state.dev, state.ino = cand.dev, cand.ino
+            if not state.done:
+                # Held from the first sight, live file and a .rotate.* being compressed
+                # included: a segment may be rotated, compressed and deleted between two scans.
+                self.fw.hold.keep(state, cand)
+            named[state.key] = (state, cand)
+        self.link(listing.clean, named, mine)
+        seen = dict(named)
+        held_only: Set[str] = set()
         self.waiting = False
         current = self.reader.state.key if self.reader else None
         for key, state in mine.items():
-            if key in seen or key == current:
+            if key in named:
                 continue
-            if state.done:
+            if state.done and key != current:
+                # Forgotten only once it stayed unnamed for the grace: while CLH compresses
+                # it, a segment has no name the family lists (only .rotate.*.gz), and a
+                # segment forgotten then would be found again as new and sent again whole.
                 self.fw.hold.release(state)
-                self.fw.forget_segment(key)
+                state.missing_since = state.missing_since or now
+                if now - state.missing_since >= self.fw.options.retention_grace:
+                    self.fw.forget_segment(key)
                 continue
             if state.held and os.path.exists(state.held):
-                # Retention deleted its name; the hold keeps it until it is forwarded.
-                seen[key] = (state, self.fw.hold.candidate(state))
-                self.held_only.add(key)
+                # Retention deleted its names; the hold keeps it until it is forwarded.
+                if not state.final:
+                    state.size_seen, state.final = self.fw.hold.size(state), True
+                held_only.add(key)
+                if key != current and not state.done:
+                    seen[key] = (state, self.fw.hold.candidate(state))
                 continue
+            if key == current:
+                continue  # renamed under the reader, which still has it open
             state.missing_since = state.missing_since or now
             if now - state.missing_since < self.fw.options.retention_grace:
                 self.waiting = True  # renamed or being compressed; don't skip ahead of it
                 continue
-            lost = max((state.end or state.size_seen) - state.offset, 0)
-            self.fw.count_lost(self, state, lost)
+            self.fw.count_lost(self, state)
             self.fw.forget_segment(key)
+        self.held_only = held_only  # replaced whole: snapshot() reads it from another thread
         self.order = sorted(seen.values(), key=lambda sc: sc[1].rank)
         if self.lag() == 0:
             self.caught_up_at = time.time()
 
+    def link(self, clean: bool, named: Dict[str, Tuple[SegmentState, Candidate]],
+             mine: Dict[str, SegmentState]) -> None:
+        """Check that segments first seen in this scan follow the ones seen before without a hole.
+
+        A family is contiguous: if any of its named segments was already
+        linked, every newer one follows it. If none is, every segment seen
+        before was rotated away, and the ones written between the newest of
+        them and the oldest named one may have been deleted unseen (the
+        forwarder was down, or fewer than ``backupCount`` rotations apart
+        between two scans): a gap, counted and warned with its range.
+        """
+        states = [sc[0] for sc in sorted(named.values(), key=lambda sc: sc[1].rank)]
+        if all(s.linked for s in states):
+            return
+        if not any(s.linked for s in states):
+            if not clean:
+                return  # a rotation during the scan mixed names: decide on a clean listing
+            before = [s for s in mine.values() if s.linked]
+            if before:
+                self.fw.count_gap(self, max(before, key=lambda s: s.seen_seq), states[0])
+        for state in states:
+            state.linked = True
+        self.fw.mark_dirty()
+
     def forget(self, state: SegmentState) -> None:
         """A segment that can no longer be read (past the hold budget): count it as lost."""
-        lost = max((state.end or state.size_seen) - state.offset, 0)
-        self.fw.count_lost(self, state, lost)
+        self.fw.count_lost(self, state)
         self.fw.forget_segment(state.key)
         self.order = [(s, c) for s, c in self.order if s.key != state.key]
+        self.held_only = self.held_only - {state.key}
 
     def read(self, limit: int) -> List[Tuple[SegmentState, int, int, bytes]]:
         """The next lines to send, oldest segment first."""
@@ -206,12 +253,13 @@ class Source:
         return False
 
     def lag(self) -> int:
-        """Bytes not yet acknowledged, over this file's known segments."""
-        total = 0
-        for state, _ in self.order:
-            if not state.done:
-                total += max((state.end or state.size_seen) - state.offset, 0)
-        return total
+        """Bytes not yet acknowledged, over every segment of this file the forwarder knows.
+
+        Sizes are uncompressed (a ``.gz``'s and a held file's included), as of
+        the last scan; a segment being read or missing (renamed, within the
+        grace) still counts until it is acknowledged or counted as lost.
+        """
+        return sum(s.unacked for s in list(self.fw.checkpoint.segments.values()) if s.source == self.base)
 
     def reset(self) -> None:
         """Forget everything read in this session: re-read from the checkpoint."""
@@ -239,6 +287,7 @@ class Forwarder:
         self.hostname = (options.hostname or socket.gethostname()).encode("ascii", "replace")
         self.checkpoint = Checkpoint(options.state_file)
         self.hold_seq = max((s.held_seq for s in self.checkpoint.segments.values()), default=0)
+        self.seen_seq = max((s.seen_seq for s in self.checkpoint.segments.values()), default=0)
         self.hold = Hold(options.hold_dir or options.state_file + ".hold", options.hold_max_bytes, self)
         self.hold.sweep()
         self.sources: Dict[str, Source] = {}
@@ -250,11 +299,13 @@ class Forwarder:
         self._thread: Optional[threading.Thread] = None
         self._dirty = False
         self.rescan = False
+        self.save_soon = False
+        self.scans = 0  # scans done (tests wait on it)
         self._last_save = 0.0
         self._last_progress = 0.0
         self.lock = threading.Lock()  # guards the counters read by snapshot()
         self.sent = self.acked = self.resent = self.reconnects = self.split_lines = 0
-        self.lost_segments = self.lost_bytes = 0
+        self.lost_segments = self.lost_bytes = self.gaps = self.protocol_errors = 0
         self.connected_since: Optional[float] = None
         self.last_error = ""
 
@@ -297,7 +348,7 @@ class Forwarder:
                     if self.in_flight and time.monotonic() - self._last_progress > self.options.timeout:
                         raise RelpError(f"no acknowledgement for {self.options.timeout:.1f}s")
                 except RelpError as exc:
-                    self.disconnect(str(exc))
+                    self.disconnect(exc)
                     next_connect = time.monotonic() + self.options.reconnect_interval
                 self.commit(force=False)
         except Exception:  # pragma: no cover - a bug must not kill the daemon silently
@@ -327,6 +378,13 @@ class Forwarder:
             source.scan(now)
         self.hold.enforce({s.reader.state.key for s in self.sources.values() if s.reader is not None},
                           {k for s in self.sources.values() for k in s.held_only})
+        if self.save_soon:
+            # A new segment is in the checkpoint (and its hold link kept) before any
+            # of its records is sent: a crash from now on cannot forget it.
+            self.save_soon = False
+            self._dirty = True
+            self.commit(force=True)
+        self.scans += 1
 
     def connect(self) -> bool:
         host, port = self.options.address()
@@ -334,11 +392,14 @@ class Forwarder:
         try:
             client.open()
         except RelpError as exc:
+            if isinstance(exc, RelpProtocolError):
+                self.protocol_errors += 1
             if self.last_error != str(exc):
                 log.warning("forward: %s", exc)
             self.last_error = str(exc)
             return False
         self.client = client
+        self.last_error = ""  # what went wrong before is no longer the central's state
         self.connected_since = time.time()
         self._last_progress = time.monotonic()
         log.info("forward: connected to %s:%d", host, port)
@@ -368,7 +429,7 @@ class Forwarder:
         messages = []
         for state, start, _end, line in lines:
             app = self.sources[state.source].app.encode()
-            msgid = b"%s.%d" % (state.key.split(":", 1)[1][:10].encode(), start)
+            msgid = b"%s.%d" % (state.short_id.encode(), start)
             messages.append(b"<%d>1 - %s %s - %s - %s" % (PRI, self.hostname, app, msgid, line))
         txnrs = self.client.send_many(messages)
         for (state, start, end, _), txnr in zip(lines, txnrs):
@@ -410,11 +471,14 @@ class Forwarder:
             except OSError as exc:
                 self._dirty = True
                 log.error("forward: cannot write checkpoint %s: %s", self.checkpoint.path, exc)
+            else:
+                self.hold.saved()
 
     # -- events from sources -----------------------------------------------------
     def segment_read(self, state: SegmentState, end: int) -> None:
         """A rotated segment was read to its end: it is done once acked up to ``end``."""
         state.end = end
+        state.size_seen, state.final = end, True
         if state.offset >= end:
             state.done = True
             self.hold.release(state)
@@ -427,19 +491,50 @@ class Forwarder:
         self._dirty = True
 
     def mark_dirty(self) -> None:
-        """The checkpoint changed outside the ack path (a new hold)."""
+        """The checkpoint changed outside the ack path (a new hold, a link)."""
         self._dirty = True
 
-    def count_lost(self, source: Source, state: SegmentState, lost: int) -> None:
-        """A segment vanished (retention) before it was acknowledged: count and warn, never silent."""
+    def next_seen_seq(self) -> int:
+        """Order number of a segment seen for the first time."""
+        self.seen_seq += 1
+        return self.seen_seq
+
+    def held_only_keys(self) -> Set[str]:
+        """Segments that only the hold keeps (no name left in their family), as of the last scan."""
+        return set().union(*[source.held_only for source in list(self.sources.values())])
+
+    def count_lost(self, source: Source, state: SegmentState) -> None:
+        """A segment the forwarder knew is gone before it was acknowledged: count and warn, never silent.
+
+        The bytes are exact when the segment's final size is known (it was
+        seen rotated or compressed, read to its end, or held); a live file
+        that was rotated, compressed and deleted between two scans without a
+        hold is counted with the size last seen, and the warning says "at least".
+        """
+        lost = state.unacked
         self.lost_segments += 1
         self.lost_bytes += lost
         self._dirty = True
-        log.warning("forward: %s segment %s was deleted before it was forwarded: about %d byte(s) lost",
-                    source.base, state.name, lost)
+        log.warning("forward: %s: segment %s (%s) was deleted before it was forwarded: %s%d byte(s) lost "
+                    "(bytes %d-%d of the segment)", source.base, state.short_id, state.name,
+                    "" if state.final else "at least ", lost, state.offset, state.offset + lost)
 
-    def disconnect(self, why: str) -> None:
+    def count_gap(self, source: Source, before: SegmentState, after: SegmentState) -> None:
+        """Segments were rotated away before the forwarder ever saw them: count the gap and name its range."""
+        self.gaps += 1
+        self._dirty = True
+        log.warning("forward: %s: the segment(s) written after segment %s (last seen as %s) and before segment "
+                    "%s (now %s) were rotated away before the forwarder saw them (it was stopped, or more "
+                    "than backupCount rotations happened between two scans); their records are not at the "
+                    "central and how many there were is unknown: make backupCount cover the longest outage "
+                    "(docs/forwarding.md, sizing)", source.base, before.short_id, before.name, after.short_id,
+                    after.name)
+
+    def disconnect(self, error: RelpError) -> None:
         """Drop the session and everything in flight; the next session re-reads from the checkpoint."""
+        why = str(error)
+        if isinstance(error, RelpProtocolError):
+            self.protocol_errors += 1
         log.warning("forward: connection lost (%s); %d record(s) in flight will be sent again",
                     why, len(self.in_flight))
         self.last_error = why
@@ -471,7 +566,8 @@ class Forwarder:
             "last_error": self.last_error,
             "sent": self.sent, "acked": self.acked, "resent": self.resent,
             "in_flight": len(self.in_flight), "reconnects": self.reconnects,
-            "lost_segments": self.lost_segments, "lost_bytes": self.lost_bytes,
+            "lost_segments": self.lost_segments, "lost_bytes": self.lost_bytes, "gaps": self.gaps,
+            "protocol_errors": self.protocol_errors,
             "split_lines": self.split_lines, "checkpoint_saves": self.checkpoint.saves,
             "held_bytes": self.hold.used(), "hold_released": self.hold.released, "hold_disabled": self.hold.disabled,
             "files": files,

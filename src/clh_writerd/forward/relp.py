@@ -16,16 +16,25 @@ import select
 import socket
 import ssl
 import time
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Set, Tuple
 
 RELP_VERSION = b"0"
 MAX_TXNR = 999_999_999
-# A frame header is at most "999999999 serverclose 999999999 " (spec: TXNR <= 9 digits).
+# A frame header is at most "999999999 serverclose 999999999 " (spec: TXNR and DATALEN <= 9 digits).
 MAX_HEADER = 48
+# What a server sends is an ``rsp`` ("200 OK", the open's offers) or ``serverclose``:
+# a few hundred bytes. Anything larger is hostile or broken, and refusing it at
+# the header is what keeps the client's memory bounded (issue 29).
+MAX_DATA = 64 * 1024
+RECV_BYTES = 65536
 
 
 class RelpError(ConnectionError):
     """The RELP session is unusable: connection lost, refused or a protocol error."""
+
+
+class RelpProtocolError(RelpError):
+    """The server sent something no RELP server sends: malformed, oversized or unsolicited frames."""
 
 
 def encode_frame(txnr: int, command: bytes, data: bytes = b"") -> bytes:
@@ -35,10 +44,17 @@ def encode_frame(txnr: int, command: bytes, data: bytes = b"") -> bytes:
 
 
 class FrameParser:
-    """Incremental RELP frame decoder: feed bytes, take whole frames."""
+    """Incremental RELP frame decoder: feed bytes, take whole frames.
 
-    def __init__(self) -> None:
+    Bounded: the buffer never holds more than one header (``MAX_HEADER``) plus
+    one frame's data (``max_data``); a longer header, a DATALEN above
+    ``max_data`` or bytes that are not a frame raise RelpProtocolError as soon
+    as they are seen, before anything is buffered for them.
+    """
+
+    def __init__(self, max_data: int = MAX_DATA) -> None:
         self._buf = bytearray()
+        self.max_data = max_data
 
     def feed(self, data: bytes) -> List[Tuple[int, bytes, bytes]]:
         """Append ``data``; return every complete (txnr, command, data) frame."""
@@ -55,32 +71,34 @@ class FrameParser:
         sp1 = buf.find(b" ", 0, MAX_HEADER)
         sp2 = buf.find(b" ", sp1 + 1, MAX_HEADER) if sp1 > 0 else -1
         if sp2 < 0:
-            if len(buf) >= MAX_HEADER:
-                raise RelpError(f"malformed RELP header {bytes(buf[:MAX_HEADER])!r}")
+            if len(buf) >= MAX_HEADER or (sp1 < 0 and len(buf) > 9) or (sp1 >= 0 and not buf[:sp1].isdigit()):
+                raise RelpProtocolError(f"malformed RELP header {bytes(buf[:MAX_HEADER])!r}")
             return None
         end_digits = sp2 + 1
         while end_digits < len(buf) and 0x30 <= buf[end_digits] <= 0x39:
             end_digits += 1
+        if end_digits - sp2 - 1 > 9:
+            raise RelpProtocolError("RELP DATALEN longer than 9 digits")
         if end_digits == len(buf):
-            if end_digits - sp2 > 10:
-                raise RelpError("RELP DATALEN too long")
             return None
         txnr_s, command, digits = bytes(buf[:sp1]), bytes(buf[sp1 + 1:sp2]), bytes(buf[sp2 + 1:end_digits])
-        if not (txnr_s.isdigit() and digits and command.isalpha()):
-            raise RelpError(f"malformed RELP header {bytes(buf[:end_digits + 1])!r}")
+        if not (txnr_s.isdigit() and len(txnr_s) <= 9 and digits and command.isalpha()):
+            raise RelpProtocolError(f"malformed RELP header {bytes(buf[:end_digits + 1])!r}")
         datalen = int(digits)
+        if datalen > self.max_data:
+            raise RelpProtocolError(f"RELP frame of {datalen} bytes announced (at most {self.max_data})")
         if datalen == 0:
             if buf[end_digits] != 0x0A:
-                raise RelpError("RELP frame without trailer")
+                raise RelpProtocolError("RELP frame without trailer")
             del buf[:end_digits + 1]
             return int(txnr_s), command, b""
         if buf[end_digits] != 0x20:
-            raise RelpError("RELP frame without SP before DATA")
+            raise RelpProtocolError("RELP frame without SP before DATA")
         end = end_digits + 1 + datalen
         if len(buf) <= end:
             return None
         if buf[end] != 0x0A:
-            raise RelpError("RELP frame without trailer")
+            raise RelpProtocolError("RELP frame without trailer")
         data = bytes(buf[end_digits + 1:end])
         del buf[:end + 1]
         return int(txnr_s), command, data
@@ -97,7 +115,12 @@ class RelpClient:
         self._sock: Optional[socket.socket] = None
         self._parser = FrameParser()
         self._next = 1
-        self.in_flight = 0
+        self._pending: Set[int] = set()  # syslog frames sent and not yet answered
+
+    @property
+    def in_flight(self) -> int:
+        """syslog frames sent and not yet answered."""
+        return len(self._pending)
 
     # -- session ---------------------------------------------------------------
     def open(self) -> None:
@@ -120,13 +143,17 @@ class RelpClient:
                     self.abort()
                     raise RelpError(f"RELP open refused: {data[:200]!r}")
                 return
+            self.abort()
+            if command == b"serverclose":
+                raise RelpError("RELP server closed the session")
+            raise RelpProtocolError(f"RELP server answered open with {command[:32]!r} for txnr {got}")
         self.abort()
         raise RelpError("RELP open was not answered")
 
     def send_syslog(self, message: bytes) -> int:
         """Send one syslog message; return its transaction number (acked later by ``read_acks``)."""
         txnr = self._send(b"syslog", message)
-        self.in_flight += 1
+        self._pending.add(txnr)
         return txnr
 
     def send_many(self, messages: List[bytes]) -> List[int]:
@@ -140,7 +167,7 @@ class RelpClient:
             txnrs.append(txnr)
             frames.append(encode_frame(txnr, b"syslog", message))
         self._write(b"".join(frames))
-        self.in_flight += len(txnrs)
+        self._pending.update(txnrs)
         return txnrs
 
     def read_acks(self, timeout: float) -> List[int]:
@@ -148,16 +175,23 @@ class RelpClient:
 
         A negative rsp, a ``serverclose`` or a lost connection raises RelpError:
         everything not yet acknowledged must then be sent again on a new session.
+        A frame no server sends (an rsp to nothing in flight, another command)
+        raises RelpProtocolError: acks are only ever taken for frames in flight,
+        so what the server sends cannot grow anything on this side.
         """
         acked = []
         for txnr, command, data in self._wait_frames(timeout, once=True):
             if command == b"rsp":
+                if txnr not in self._pending:
+                    raise RelpProtocolError(f"RELP rsp for txnr {txnr}, which is not in flight")
                 if not data.startswith(b"200"):
                     raise RelpError(f"RELP server refused txnr {txnr}: {data[:200]!r}")
+                self._pending.discard(txnr)
                 acked.append(txnr)
-                self.in_flight -= 1
             elif command == b"serverclose":
                 raise RelpError("RELP server closed the session")
+            else:
+                raise RelpProtocolError(f"RELP server sent {command[:32]!r}")
         return acked
 
     def close(self, timeout: float = 2.0) -> List[int]:
@@ -174,9 +208,9 @@ class RelpClient:
             for got, command, data in self._wait_frames(timeout):
                 if got == txnr or command == b"serverclose":
                     break
-                if command == b"rsp" and data.startswith(b"200"):
+                if command == b"rsp" and data.startswith(b"200") and got in self._pending:
+                    self._pending.discard(got)
                     acked.append(got)
-                    self.in_flight -= 1
         except RelpError:
             pass
         self.abort()
@@ -213,8 +247,12 @@ class RelpClient:
             self.abort()
             raise RelpError(f"send failed: {exc}") from None
 
-    def _wait_frames(self, timeout: float, once: bool = False):
-        """Yield frames as they arrive, for up to ``timeout`` seconds (``once``: one read's worth)."""
+    def _wait_frames(self, timeout: float, once: bool = False) -> Iterator[Tuple[int, bytes, bytes]]:
+        """Yield frames as they arrive, for up to ``timeout`` seconds (``once``: one read's worth).
+
+        poll(), not select(): the daemon may hold thousands of descriptors, and
+        select() refuses any numbered 1024 or above.
+        """
         deadline = time.monotonic() + timeout
         while True:
             sock = self._sock
@@ -223,18 +261,24 @@ class RelpClient:
             pending = isinstance(sock, ssl.SSLSocket) and sock.pending()
             left = deadline - time.monotonic()
             if not pending:
-                ready, _, _ = select.select([sock], [], [], max(0.0, left))
-                if not ready:
+                poller = select.poll()
+                poller.register(sock, select.POLLIN)
+                if not poller.poll(max(0.0, left) * 1000):
                     return
             try:
                 sock.settimeout(self.timeout)
-                chunk = sock.recv(65536)
+                chunk = sock.recv(RECV_BYTES)
             except (OSError, ssl.SSLError) as exc:
                 self.abort()
                 raise RelpError(f"receive failed: {exc}") from None
             if not chunk:
                 self.abort()
                 raise RelpError("connection closed by the server")
-            yield from self._parser.feed(chunk)
+            try:
+                frames = self._parser.feed(chunk)
+            except RelpProtocolError:
+                self.abort()
+                raise
+            yield from frames
             if once or time.monotonic() >= deadline:
                 return

@@ -21,7 +21,15 @@ class Candidate(NamedTuple):
     gz: bool
     dev: int
     ino: int
-    size: int
+    size: int  # uncompressed bytes (a .gz's own record of them)
+    disk: int  # bytes on disk
+
+
+class Listing(NamedTuple):
+    """A family as one scan saw it; ``clean``: no name appeared or vanished while it was read."""
+
+    candidates: List[Candidate]
+    clean: bool
 
 
 def is_regular(path: str) -> bool:
@@ -29,6 +37,31 @@ def is_regular(path: str) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def gzip_size(fd: int, disk: int) -> int:
+    """Uncompressed size of a one-member gzip file (its ISIZE trailer; CLH writes one member).
+
+    ISIZE is the size modulo 2**32: a segment of 4 GiB or more is under-reported.
+    """
+    if disk < 18:  # header + trailer: a .gz still being written or not one at all
+        return 0
+    return int.from_bytes(os.pread(fd, 4, disk - 4), "little")
+
+
+def segment_size(path: str, gz: bool) -> int:
+    """Uncompressed size of the segment stored at ``path`` (0 if it cannot be read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        disk = os.fstat(fd).st_size
+        return gzip_size(fd, disk) if gz else disk
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
 
 
 def open_segment(path: str, gz: bool) -> IO[bytes]:
@@ -54,18 +87,28 @@ def open_segment(path: str, gz: bool) -> IO[bytes]:
     return unpacked  # type: ignore[return-value]
 
 
-def family(base: str) -> List[Candidate]:
+def _names(directory: str, name: str) -> List[str]:
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        return []
+    return sorted(e for e in entries if e == name or e.startswith(name + "."))
+
+
+def family(base: str) -> Listing:
     """The segments of one file, oldest first: ``.N(.gz)`` (highest N first), ``.rotate.*``, the live file.
 
     A ``.rotate.*.gz`` is a compression in progress and is skipped; its
-    source (or the ``.1.gz`` it becomes) is the same segment.
+    source (or the ``.1.gz`` it becomes) is the same segment. The listing is
+    ``clean`` when the directory held the same names before and after the
+    segments were opened and every one could be opened: a rotation in between
+    mixes old and new contents under the names, which must not be read as
+    a break in the family's continuity.
     """
     directory, name = os.path.split(base)
     out = []
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return []
+    names = _names(directory, name)
+    clean = True
     for entry in names:
         if entry == name:
             rank = (2, 0)
@@ -86,14 +129,19 @@ def family(base: str) -> List[Candidate]:
         gz = entry.endswith(".gz")
         try:
             with open_segment(path, gz) as f:
-                st = os.fstat(f.fileno())  # GzipFile.fileno() is the compressed file's
+                fd = f.fileno()  # GzipFile.fileno() is the compressed file's
+                st = os.fstat(fd)
                 head = f.read(FINGERPRINT_BYTES)
+                size = gzip_size(fd, st.st_size) if gz else st.st_size
+        except FileNotFoundError:
+            clean = False  # renamed or deleted since the listing
+            continue
         except (OSError, EOFError, gzip.BadGzipFile):
-            continue  # vanished, still being written, or not a regular file: skipped
+            continue  # still being written, or not a regular file: skipped
         if head:
-            out.append(Candidate(path, rank, head, gz, st.st_dev, st.st_ino, st.st_size))
+            out.append(Candidate(path, rank, head, gz, st.st_dev, st.st_ino, size, st.st_size))
     out.sort(key=lambda c: c.rank)
-    return out
+    return Listing(out, clean and _names(directory, name) == names)
 
 
 class SegmentMoved(OSError):

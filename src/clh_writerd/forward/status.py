@@ -9,14 +9,16 @@ def render_forward(fwd: Dict[str, Any], table: Any) -> List[str]:
     out = [
         f"FORWARD to {fwd['target']}: {state}",
         f"  sent={fwd['sent']} acked={fwd['acked']} resent={fwd['resent']} in_flight={fwd['in_flight']} "
-        f"reconnects={fwd['reconnects']} lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']} "
+        f"reconnects={fwd['reconnects']} protocol_errors={fwd['protocol_errors']}",
+        f"  lost_segments={fwd['lost_segments']} lost_bytes={fwd['lost_bytes']} gaps={fwd['gaps']} "
         f"held_bytes={fwd['held_bytes']}",
     ]
     rows = [[f["path"], str(f["lag_bytes"]), f"{f['lag_seconds']:.1f}"] for f in fwd["files"]]
     return out + table(["path", "lag bytes", "lag s"], rows)
 
 
-FORWARD_COUNTERS = ("sent", "acked", "resent", "reconnects", "lost_segments", "lost_bytes", "split_lines")
+FORWARD_COUNTERS = ("sent", "acked", "resent", "reconnects", "protocol_errors", "lost_segments", "lost_bytes",
+                    "gaps", "split_lines")
 
 
 def forward_metrics(fwd: Dict[str, Any], prefix: str) -> Iterator[Any]:
