@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from support import check_sequences, read_lines
+from support import check_sequences, read_lines, wait_for
 
 from .shapes import run_script
 
@@ -126,3 +126,19 @@ print(os.waitstatus_to_exitcode(status))
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == -15
     check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
+
+
+def test_the_workers_of_a_finished_pool_leave_the_daemons_stats(tmp_path, daemon):
+    """Pool workers that are gone are no longer listed as clients (they
+    stayed "connected" for clients_gone_after, 300 s): within a few seconds
+    their entries fold into clients_gone, totals kept."""
+    path = os.path.join(daemon.log_dir, "pool.log")
+    done = run_script(str(tmp_path), POOL_APP, "fork", "pool", path, endpoint=daemon.endpoint)
+    assert done.returncode == 0, done.stderr
+
+    def listed() -> list:
+        return [c for c in daemon.stats()["clients"] if c["file"] == path or c["records_received"]]
+
+    wait_for(lambda: not listed(), timeout=10.0, what="the pool's clients to leave the stats")
+    gone = [g for g in daemon.stats()["clients_gone"] if g["file"] == path]
+    assert sum(g["records_received"] for g in gone) >= TASKS, gone

@@ -103,10 +103,34 @@ class FileStats:
         }
 
 
+# Seconds between checks that listed clients' processes still exist.
+LIVENESS_EVERY = 2.0
+
+
+def process_start(pid: Optional[int]) -> Optional[bytes]:
+    """When process ``pid`` started (field 22 of /proc/PID/stat, in clock
+    ticks since boot): with the pid, a process's identity that survives pid
+    reuse. None when it is gone, or not visible here (another pid namespace
+    gives 0, or no /proc)."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()  # the name (field 2) may hold spaces and parentheses
+    return fields[19] if len(fields) > 19 else None
+
+
 class ClientStats:
     def __init__(self, client: ClientId, peer: Any = None) -> None:
         self.client = client
         self.peer = peer  # access.Peer: from the kernel / the CURVE handshake, not from the client
+        # The peer process's identity (ipc: its pid from the kernel), to
+        # notice when it is gone: a pool worker killed by terminate() never
+        # says goodbye.
+        self.peer_start = process_start(getattr(peer, "pid", None))
         self.first_seen = self.last_seen = time.time()
         self.records = 0
         self.batches = 0
@@ -213,6 +237,7 @@ class DaemonStats:
         self.refused_uids: Dict[str, int] = {}
         self.limits: Dict[str, int] = {}
         self._lock = threading.Lock()  # writer threads count refusals too
+        self._liveness_at = 0.0
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -268,14 +293,21 @@ class DaemonStats:
 
     def fold_gone(self, now: Optional[float] = None) -> int:
         """Move clients not seen for clients_gone_after seconds (closed ones
-        included) into the gone groups; how many. Called by the daemon's
-        main loop (the only thread that changes the client table)."""
-        cutoff = (time.time() if now is None else now) - self.clients_gone_after
+        included), and every LIVENESS_EVERY those whose process no longer
+        exists, into the gone groups; how many. Called by the daemon's main
+        loop (the only thread that changes the client table)."""
+        now = time.time() if now is None else now
+        cutoff = now - self.clients_gone_after
         old = []
         for key, entry in self.clients.items():  # least recently seen first
             if entry.last_seen > cutoff:
                 break
             old.append(key)
+        if now >= self._liveness_at:
+            self._liveness_at = now + LIVENESS_EVERY
+            listed = set(old)
+            old += [key for key, entry in self.clients.items() if key not in listed and entry.peer_start is not None
+                    and process_start(entry.peer.pid) != entry.peer_start]
         for key in old:
             self.gone.add(self.clients.pop(key))
         return len(old)
