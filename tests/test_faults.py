@@ -338,6 +338,18 @@ def highest_number(path: str, writer: str) -> int:
     return max(found, default=-1)
 
 
+def eventually_stable(read, interval: float = 0.3, timeout: float = 10.0):
+    """``read()`` once two reads ``interval`` apart agree."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while True:
+        time.sleep(interval)  # the interval is the thing measured: no change over it
+        now = read()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def test_killed_client_processes_lose_only_what_they_had_not_handed_over(start_daemon, raw_client, tmp_path,
                                                                           guarantee):
     daemon = start_daemon()
@@ -358,6 +370,12 @@ def test_killed_client_processes_lose_only_what_they_had_not_handed_over(start_d
             proc.join(CHILD_TIMEOUT)
             assert proc.exitcode == -signal.SIGKILL
         killed_at = load.counts()
+        # What the daemon received from the killed processes, once it stopped
+        # growing (their last frames read), before their entries leave the
+        # stats (a client whose process is gone is folded 10 s after it was
+        # last seen).
+        received = eventually_stable(lambda: {c["pid"]: c["records_received"] for c in daemon.stats()["clients"]
+                                              if c["pid"] in {p.pid for p in killed}})
         survivors = range(KILLED, len(load.procs))
         wait_for(lambda: all(load.progress[i] >= killed_at[i] + 2000 for i in survivors), CHILD_TIMEOUT,
                  "the other clients to keep logging", interval=0.02)
@@ -368,10 +386,8 @@ def test_killed_client_processes_lose_only_what_they_had_not_handed_over(start_d
         load.stop_event.set()
         join_children([load.procs[i] for i in survivors])
         results = load_results([load.result_paths[i] for i in survivors])
-    stats = daemon.stats()
     stop_daemon(daemon)
 
-    received = {c["pid"]: c["records_received"] for c in stats["clients"]}
     # A killed process's records must be a prefix of what it logged: expect
     # every number up to the highest one found, and none may be missing.
     expected = dict(results)

@@ -10,11 +10,14 @@ Every live handler (thread-based or asyncio) registers here.
   thread of ours held a lock (an import's module lock, say) would otherwise
   wait for it for ever: the thread that holds it does not exist there.
 - **Termination.** A child process of ours (forked with live handlers, or a
-  multiprocessing child that builds one) gets a SIGTERM handler, unless the
-  app has set one: it drains every handler within its drain_timeout, then
-  lets SIGTERM end the process as it would have. ``multiprocessing.Pool``'s
-  ``terminate()`` (what ``with Pool()`` does on exit) SIGTERMs its workers
-  with records still queued.
+  multiprocessing child that builds one) gets a SIGTERM handler: it drains
+  every handler within its drain_timeout, then does what SIGTERM would have
+  done without it (the handler that was there before ours, or the default:
+  end the process). ``multiprocessing.Pool``'s ``terminate()`` (what ``with
+  Pool()`` does on exit) SIGTERMs its workers with records still queued. An
+  app that ignores SIGTERM keeps ignoring it; one that sets its handler
+  later (gunicorn, uvicorn) replaces ours and drains through its own
+  graceful exit.
 - **Exit.** At exit (atexit, and multiprocessing's finalizers for children
   that leave through os._exit) every handler is stopped, which drains its
   queue; a process that lost or dropped records says so in one line on
@@ -54,6 +57,7 @@ _fork_held: List[Any] = []
 CHILD_REBUILD = threading.Lock()
 _mp_finalizer: Any = None
 _after_bootstrap_registered = False
+_previous_sigterm: Any = None  # what SIGTERM did before _on_sigterm
 _hooked = False
 _exit_reported = False
 
@@ -167,27 +171,37 @@ def _is_multiprocessing_child() -> bool:
 
 
 def _drain_on_sigterm() -> None:
-    """SIGTERM drains our handlers first, where the app has no handler of its
-    own for it (default disposition) and this is the main thread."""
+    """SIGTERM drains our handlers first (from the main thread only, where
+    signal handlers are set), then goes where it went before: the handler
+    already there (a tool's, such as coverage's, or the app's) or the
+    default. Not where SIGTERM is ignored, and once."""
+    global _previous_sigterm
     try:
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        current = signal.getsignal(signal.SIGTERM)
+        if current is _on_sigterm or current == signal.SIG_IGN:
             return
+        _previous_sigterm = current
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError, AttributeError):  # no signals here (another interpreter, Windows)
         pass
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Drain within each handler's drain_timeout, then end as SIGTERM would
-    have (same exit status for whoever waits for us). A second SIGTERM while
-    draining ends the process at once."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Drain within each handler's drain_timeout, then do what SIGTERM did
+    before ours: the previous handler, or end the process as the default
+    would (the same exit status for whoever waits for us). A second SIGTERM
+    while draining goes straight there."""
+    previous = _previous_sigterm
+    signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
     try:
         stop_all()
     finally:
-        os.kill(os.getpid(), signal.SIGTERM)
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 # -- exit ------------------------------------------------------------------------------

@@ -103,8 +103,11 @@ class FileStats:
         }
 
 
-# Seconds between checks that listed clients' processes still exist.
+# Seconds between checks that listed clients' processes still exist, and how
+# long the entry of a client whose process is gone stays listed after it was
+# last seen (long enough to see who just died; not clients_gone_after, 300 s).
 LIVENESS_EVERY = 2.0
+GONE_PROCESS_GRACE = 10.0
 
 
 def process_start(pid: Optional[int]) -> Optional[bytes]:
@@ -294,7 +297,7 @@ class DaemonStats:
     def fold_gone(self, now: Optional[float] = None) -> int:
         """Move clients not seen for clients_gone_after seconds (closed ones
         included), and every LIVENESS_EVERY those whose process no longer
-        exists, into the gone groups; how many. Called by the daemon's main
+        exists (quiet for GONE_PROCESS_GRACE), into the gone groups; how many. Called by the daemon's main
         loop (the only thread that changes the client table)."""
         now = time.time() if now is None else now
         cutoff = now - self.clients_gone_after
@@ -306,8 +309,9 @@ class DaemonStats:
         if now >= self._liveness_at:
             self._liveness_at = now + LIVENESS_EVERY
             listed = set(old)
-            old += [key for key, entry in self.clients.items() if key not in listed and entry.peer_start is not None
-                    and process_start(entry.peer.pid) != entry.peer_start]
+            quiet = now - GONE_PROCESS_GRACE
+            old += [key for key, entry in self.clients.items() if key not in listed and entry.last_seen < quiet
+                    and entry.peer_start is not None and process_start(entry.peer.pid) != entry.peer_start]
         for key in old:
             self.gone.add(self.clients.pop(key))
         return len(old)
