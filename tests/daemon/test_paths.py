@@ -43,10 +43,14 @@ def test_a_file_in_an_allowed_dir_is_accepted(tree):
 def test_allowed_dirs_and_paths_are_compared_as_real_paths(tree, tmp_path):
     allowed, _ = tree
     os.symlink(allowed, tmp_path / "logs-link")
-    via_link = PathPolicy([str(tmp_path / "logs-link")])
+    via_link = PathPolicy([str(tmp_path / "logs-link")], aliases=[str(tmp_path / "logs-link")])
     assert via_link.allowed_dirs == (str(allowed),)
     assert via_link.check(str(allowed / "a.log")) == str(allowed / "a.log")
-    assert PathPolicy([str(allowed)]).check(str(tmp_path / "logs-link" / "a.log")) == str(allowed / "a.log")
+    # The configured name of a symlinked allowed directory works too ...
+    assert via_link.check(str(tmp_path / "logs-link" / "a.log")) == str(allowed / "a.log")
+    # ... but a client's own symlinks are never resolved to find its root: no
+    # filesystem call on a path before it is known to be inside an allowed dir.
+    assert "outside" in refused(PathPolicy([str(allowed)]), str(tmp_path / "logs-link" / "a.log"))
     # A symlink below the allowed directory is refused even when it stays
     # inside: the daemon never follows one (docs/security.md).
     (allowed / "current").mkdir()

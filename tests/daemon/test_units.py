@@ -70,7 +70,7 @@ class Factory:
     def __init__(self) -> None:
         self.made: List[Tuple[str, Dict[str, Any]]] = []
 
-    def __call__(self, target: Target, options: Dict[str, Any], lock_target: Any) -> Any:
+    def __call__(self, target: Target, options: Dict[str, Any], lock_target: Any, authority: Any = None) -> Any:
         self.made.append((target.path, options))
         return _FakeWriter(target.path, options)
 
