@@ -557,7 +557,9 @@ class Server:
             fd = self._source_fd(last)
             if guard is not None:
                 guard.pending.pop(fd, None)  # it spoke: no longer the first to go
-            self.handle([p.bytes for p in parts], peer, fd)
+            # The payload is read in place (a memoryview of libzmq's buffer): no copy of a
+            # frame that may be megabytes and is often refused.
+            self.handle([p.bytes for p in parts[:-1]] + [last.buffer], peer, fd)
 
     @staticmethod
     def _source_fd(frame: zmq.Frame) -> int:

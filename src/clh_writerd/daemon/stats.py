@@ -328,14 +328,13 @@ class DaemonStats:
         # Files with a queue or errors first, then the most recently opened.
         files = sorted(reversed(files), key=lambda f: not (f.queue_depth or f.write_errors))
         # Files may take a third of the budget, clients most of the rest, gone groups what is left.
-        kept_files, spare = _within(files, left // 3, lambda f: len(f.path) * 4 + len(repr(f.options)) * 4)
+        kept_files, spare = _within(files, left // 3, lambda f: _size(f.path, repr(f.options)))
         left -= left // 3 - spare
         clients.sort(key=lambda c: (_trouble(c), c.last_seen), reverse=True)
-        kept_clients, spare = _within(clients, left * 3 // 4, lambda c: 4 * (
-            len(c.client.host) + len(c.client.program) + len(c.client.session) + len(c.file or "")
-            + len(c.last_error)))
+        kept_clients, spare = _within(clients, left * 3 // 4, lambda c: _size(
+            c.client.host, c.client.program, c.client.session, c.file or "", c.last_error))
         left -= left * 3 // 4 - spare
-        kept_gone, left = _within(gone, left, lambda g: 4 * (len(g["program"]) + len(g["file"] or "")))
+        kept_gone, left = _within(gone, left, lambda g: _size(g["program"], g["file"] or ""))
         doc.update(files=[f.snapshot() for f in kept_files], clients=[c.snapshot() for c in kept_clients],
                    clients_gone=kept_gone)
         omitted = clients[len(kept_clients):]
@@ -358,6 +357,11 @@ def _principal(peer: Any) -> Any:
 def _trouble(c: ClientStats) -> bool:
     """Dropping, falling back or refused: listed first when a document must be cut."""
     return bool(c.reported.get("dropped") or c.reported.get("fallback") or c.errors or c.state == "fallback")
+
+
+def _size(*texts: str) -> int:
+    """An upper bound of the UTF-8 bytes of ``texts`` (exact for ASCII, which str knows in O(1))."""
+    return sum(len(t) if t.isascii() else 4 * len(t) for t in texts)
 
 
 def _within(entries: Iterable[Any], left: int, size: Any) -> Tuple[List[Any], int]:
