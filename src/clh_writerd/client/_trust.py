@@ -18,7 +18,7 @@ import warnings
 from typing import Optional, Tuple
 
 from ..protocol import printable
-from .._sockdir import group_id, ipc_directory, socket_dir_problem, user_id
+from .._sockdir import group_id, ipc_directory, key_file_problem, socket_dir_problem, user_id
 
 # Transports whose listener nothing local vouches for: CURVE, or tcp_auth = "none".
 NETWORK_SCHEMES = ("tcp://", "ws://", "wss://", "tipc://")
@@ -78,8 +78,14 @@ class EndpointTrust:
 
 
 def read_key(path: str, secret: bool) -> Tuple[bytes, bytes]:
-    """(public, secret) of a zmq.auth certificate file (``clh-writerd keygen``)."""
+    """(public, secret) of a zmq.auth certificate file (``clh-writerd keygen``); a secret key
+    someone else can read or write is refused (ValueError), as ssh refuses such a key."""
     import zmq.auth
+
+    if secret:
+        problem = key_file_problem(path, {os.getuid(), 0}, secret=True)
+        if problem:
+            raise ValueError(problem)
 
     public, secret_key = zmq.auth.load_certificate(path)
     if secret and not secret_key:

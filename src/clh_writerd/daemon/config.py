@@ -414,6 +414,9 @@ def _toml_value(value: Any) -> str:
 
 def _check_endpoint(config: Config) -> Config:
     endpoint = config.endpoint or protocol.default_endpoint()
+    if endpoint.startswith("ipc://@"):
+        raise ConfigError(f"endpoint: abstract ipc endpoints ({endpoint}) are refused: any local process can bind "
+                          "the name, and no directory rule protects it; use a socket path")
     if endpoint.startswith("ipc://"):
         path = os.path.abspath(endpoint[len("ipc://"):])
         # Linux's sun_path holds 108 bytes including the terminating NUL.
@@ -495,9 +498,10 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
     if values["socket_dir_mode"] & 0o002:
         raise ConfigError("daemon.socket_dir_mode must not let others write in the socket directory "
                           f"(got {oct(values['socket_dir_mode'])})")
-    if values["socket_dir_mode"] & 0o020 and not values["socket_group"]:
-        raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write: "
-                          "set socket_group (or use 0o700 / 0o750)")
+    if values["socket_dir_mode"] & 0o020:
+        raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write in the "
+                          "socket directory: a member could move the socket aside and listen in the daemon's place; "
+                          "the group may connect with 0o750 and socket_group")
     return _check_endpoint(Config(source=source, **values))
 
 

@@ -29,7 +29,7 @@ import msgpack
 import zmq
 
 from .. import protocol
-from .._sockdir import socket_dir_problem
+from .._sockdir import key_file_problem, socket_dir_problem
 from .._version import __version__
 from .access import LOCAL, AccessPolicy, Peer
 from .config import Config, load_config
@@ -360,8 +360,8 @@ class Server:
         self.budget = QueueBudget(config.total_queue_bytes, config.peer_queue_bytes)
         # Stats documents by scope: (valid until, packed document).
         self._stats_cache: Dict[Hashable, Tuple[float, bytes]] = {}
-        # Connections sent a large reply in this receive burst (at most one each).
-        self._large_replies: Set[int] = set()
+        # Connections (descriptor, routing identity) sent a large reply in this receive burst (one each).
+        self._large_replies: Set[Tuple[int, bytes]] = set()
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -511,7 +511,11 @@ class Server:
         self.config = new
         self.access = AccessPolicy(new, new.ipc_path is not None)
         if self.authenticator is not None:
-            self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
+            problem = self._keys_problem(new)
+            if problem:  # a key planted in a directory someone else can write is never admitted
+                log.error("reload: keeping the admitted keys: %s", problem)
+            else:
+                self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
         self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files,
@@ -648,7 +652,7 @@ class Server:
                                protocol.encode_ok(request.id), None, request.id, size, peer, decision.dirs,
                                decision.authority, fd)
         if isinstance(request, protocol.StatsRequest):
-            if fd >= 0 and not self._may_send_large(fd):
+            if fd >= 0 and not self._may_send_large(fd, envelope[0]):
                 self.stats.count("replies_dropped")  # it has not read the last one: no new document for it
                 return None
             return protocol.encode_ok(request.id, packed_data=self._stats_document(
@@ -783,10 +787,10 @@ class Server:
     def _send(self, frames: List[bytes], fd: int = -1) -> None:
         assert self.router_socket is not None
         if fd >= 0 and len(frames[-1]) > SMALL_REPLY_BYTES:
-            if not self._may_send_large(fd):
+            if not self._may_send_large(fd, frames[0]):
                 self.stats.count("replies_dropped")
                 return
-            self._large_replies.add(fd)
+            self._large_replies.add((fd, frames[0]))
         try:
             self.router_socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -795,11 +799,14 @@ class Server:
             # resends what it has not seen acknowledged.
             self.stats.count("replies_dropped")
 
-    def _may_send_large(self, fd: int) -> bool:
+    def _may_send_large(self, fd: int, identity: bytes) -> bool:
         """A large reply only to a connection that has read what it was sent
         (its socket holds at most unread_reply_bytes), one per burst: so a
-        peer that does not read holds at most one large reply in libzmq."""
-        return fd not in self._large_replies and unread_bytes(fd) <= self.config.unread_reply_bytes
+        peer that does not read holds at most one large reply in libzmq.
+        (The routing identity tells two connections apart that had the same
+        descriptor number in one burst.)"""
+        return ((fd, identity) not in self._large_replies
+                and unread_bytes(fd) <= self.config.unread_reply_bytes)
 
     def _stats_document(self, scope: Hashable) -> bytes:
         """The packed stats document for ``scope`` (None: everything), at most
@@ -918,6 +925,9 @@ class Server:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
+        problem = self._keys_problem(cfg)
+        if problem:
+            raise StartupError(problem)
         try:
             public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
         except (OSError, ValueError) as exc:
@@ -935,6 +945,22 @@ class Server:
         sock.curve_publickey = public
         sock.curve_server = True
         log.info("tcp: CURVE; client keys from %s", cfg.curve_public_keys_dir)
+
+    @staticmethod
+    def _keys_problem(cfg: Config) -> str:
+        """The key files as ssh checks them: the secret key and the admitted keys' directory (and each
+        key in it) owned by this user or root, writable by nobody else; the secret key readable by nobody else."""
+        trusted = {os.getuid(), 0}
+        problem = key_file_problem(cfg.curve_secret_key, trusted, secret=True)
+        if not problem and os.path.isdir(cfg.curve_public_keys_dir):
+            problem = socket_dir_problem(cfg.curve_public_keys_dir, trusted).replace("socket directory",
+                                                                                      "curve_public_keys_dir")
+            for name in sorted(os.listdir(cfg.curve_public_keys_dir)) if not problem else ():
+                if name.endswith(".key"):
+                    problem = key_file_problem(os.path.join(cfg.curve_public_keys_dir, name), trusted, secret=False)
+                    if problem:
+                        break
+        return problem
 
     def _socket_gid(self) -> int:
         group = self.config.socket_group
