@@ -124,6 +124,16 @@ class AccessPolicy:
         admin = uid in self.admin_uids or bool(groups & self.admin_gids)
         return Decision(True, "", dirs if matched else None, authority, admin)
 
+    def admin_uid(self, uid: int) -> bool:
+        """Whether a process running as ``uid`` is a stats admin (a /metrics scraper: only its uid is known)."""
+        if uid in self.admin_uids:
+            return True
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            return False
+        return bool(({gid} | self._groups_of(uid, gid)) & self.admin_gids)
+
     @staticmethod
     def _groups_of(uid: int, gid: int) -> FrozenSet[int]:
         """Supplementary groups from the user database (the kernel only hands over the primary gid)."""

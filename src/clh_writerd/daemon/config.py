@@ -246,7 +246,7 @@ OPTIONS: Tuple[Option, ...] = (
     # Byte budgets (docs/security.md, "Budgets"): what one client can make the daemon hold.
     Option("limits", "receive_buffer_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
            "Bytes libzmq may buffer per connection before it stops reading it: RCVHWM is this over the "
-           "largest frame (2 x max_message_bytes), at least 1."),
+           "largest frame (2 x max_message_bytes), at least 1. Read at start (a reload keeps it)."),
     Option("limits", "queue_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
            "Bytes queued per file (characters of the lines plus 64 per record) before the daemon answers 'busy'."),
     Option("limits", "peer_queue_bytes", 128 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
@@ -505,10 +505,27 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
     return _check_endpoint(Config(source=source, **values))
 
 
+def metrics_warnings(config: Config) -> List[str]:
+    """What the daemon says at start about its metrics endpoint (and check-config too)."""
+    if not config.metrics_listen:
+        return []
+    host = config.metrics_listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return []
+    shown = ("every file path and program name to anyone who can reach it (metrics_public = true)"
+             if config.metrics_public else "the daemon-wide series to anyone who can reach it")
+    return [f"metrics_listen = {config.metrics_listen!r} is not a loopback address: /metrics shows {shown}; "
+            "bind it to 127.0.0.1 unless a firewall guards the port"]
+
+
 def config_warnings(config: Config) -> List[str]:
     """What is valid but will not do what the file seems to ask (check-config
     prints these on stderr; the exit status stays 0)."""
-    out: List[str] = []
+    out: List[str] = metrics_warnings(config)
     if config.metrics_listen:
         try:
             import prometheus_client  # noqa: F401

@@ -32,7 +32,7 @@ from .. import protocol
 from .._sockdir import key_file_problem, socket_dir_problem
 from .._version import __version__
 from .access import LOCAL, AccessPolicy, Peer
-from .config import Config, load_config
+from .config import Config, load_config, metrics_warnings
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
 from .notify import SystemdNotifier
 from .paths import Target
@@ -316,7 +316,7 @@ class ConnectionGuard:
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
 RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen", "tcp_auth",
-                                 "metrics_per_client",
+                                 "metrics_per_client", "metrics_public", "receive_buffer_bytes",
                                  "curve_secret_key")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
@@ -416,8 +416,11 @@ class Server:
         if cfg.metrics_listen:
             from .metrics import MetricsServer
 
-            self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot, per_client=cfg.metrics_per_client)
+            self.metrics = MetricsServer(cfg.metrics_listen, self._metrics_snapshot, per_client=cfg.metrics_per_client,
+                                         sees_all=lambda uid: self.access.admin_uid(uid), public=cfg.metrics_public)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+            for warning in metrics_warnings(cfg):
+                log.warning("%s", warning)
         if cfg.forward_target:
             from ..forward import Forwarder, options_from_config
 
@@ -525,8 +528,10 @@ class Server:
             self.guard.limits = self.stats.limits
         self.router.reload(new)
         self.router_socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(new.max_message_bytes))
-        self.stats.limits["rcvhwm"] = receive_hwm(new)
-        self.router_socket.setsockopt(zmq.RCVHWM, self.stats.limits["rcvhwm"])  # for new connections
+        # RCVHWM stays as set at start (receive_buffer_bytes is restart-only): libzmq applies a new HWM to
+        # the pipes of live connections from this thread while its I/O thread uses them (it crashed the
+        # daemon, SIGSEGV, in 4 of 10 reloads).
+        self.stats.limits["rcvhwm"] = self.router_socket.getsockopt(zmq.RCVHWM)
         self.router_socket.setsockopt(zmq.HANDSHAKE_IVL, int(new.handshake_timeout * 1000))
         if self.guard is not None:
             self.guard.handshake_timeout = new.handshake_timeout
@@ -821,6 +826,13 @@ class Server:
         built = time.monotonic()
         self._stats_cache[scope] = (built + STATS_CACHE_FACTOR * (built - now), packed)
         return packed
+
+    def _metrics_snapshot(self) -> dict:
+        """What a scrape is built from (the metrics thread): everything, so that the scrape stays within
+        about stats_max_bytes (metrics.METRICS_SHARE)."""
+        from .metrics import METRICS_SHARE
+
+        return self.snapshot(None, max(16 * 1024, self.config.stats_max_bytes // METRICS_SHARE))
 
     def snapshot(self, scope: Hashable = None, budget: int = 0) -> dict:
         """The stats document (``scope``, ``budget``: DaemonStats.snapshot)."""
