@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import uuid
-from typing import Iterator, List
+from typing import Iterator
 
 import msgpack
 import pytest

@@ -1,5 +1,7 @@
-"""Client text is escaped in `clh-writerd stats` and in the daemon's own log."""
+"""Client text is escaped in `clh-writerd stats` and in the daemon's own log; what a
+daemon says is escaped by the client."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -91,8 +93,18 @@ class HostileDaemon:
         self.context.term()
 
 
+class Capture(logging.Handler):
+    """Keeps the formatted notices of the clh_writerd.client logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices: list = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.notices.append(self.format(record))
+
+
 def test_a_hostile_daemon_can_neither_write_escapes_into_warnings_nor_grow_a_client(tmp_path, security_row):
-    import logging
     import tempfile
 
     from clh_writerd import create_nonblocking_handler
@@ -103,12 +115,6 @@ def test_a_hostile_daemon_can_neither_write_escapes_into_warnings_nor_grow_a_cli
         sockdir = tempfile.mkdtemp(prefix="cw-", dir="/tmp")
         fake = HostileDaemon(f"ipc://{sockdir}/w.sock", huge)
         path = str(tmp_path / f"app-{huge}.log")
-        notices = []
-
-        class Capture(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                notices.append(self.format(record))
-
         capture = Capture()
         client_log = logging.getLogger("clh_writerd.client")
         client_log.addHandler(capture)
@@ -129,7 +135,7 @@ def test_a_hostile_daemon_can_neither_write_escapes_into_warnings_nor_grow_a_cli
             fake.close()
         check_sequences(read_lines(path), {"app": 50}).assert_complete(allow_duplicates=True)
         assert fake.batches > 0  # it did talk to the hostile daemon
-        text = "\n".join(notices) + str(stats.get("last_error"))
+        text = "\n".join(capture.notices) + str(stats.get("last_error"))
         assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text
         assert not any(line.startswith("INFO forged") for line in text.splitlines())
         if huge:  # acks over MAXMSGSIZE are never read: the records went through the fallback

@@ -244,7 +244,7 @@ def open_dir(root: str, dirs: Iterable[str], create: bool = True, what: str = "p
                     os.close(fd)
                     return None
                 if authority is not None and not authority.may(st, W | X):
-                    raise authority.refuse("create directories in", os.path.join(root, *walked[:-1]), st)
+                    raise authority.refuse("create directories in", os.path.join(root, *walked[:-1]), st) from None
                 try:
                     os.mkdir(name, 0o777, dir_fd=fd)
                     if authority is not None:

@@ -172,14 +172,12 @@ class ConnectionGuard:
               | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
     def __init__(self, sock: zmq.Socket, limits: Dict[str, int], open_files: Callable[[], int],
-                 stats: DaemonStats, pause: Callable[[], None], resume: Callable[[], None],
-                 handshake_timeout: float = 5.0) -> None:
+                 stats: DaemonStats, pause: Callable[[], None], resume: Callable[[], None]) -> None:
         self.monitor = sock.get_monitor_socket(self.EVENTS)
         self.limits = limits
         self.open_files = open_files
         self.stats = stats
         self.paused = False
-        self.handshake_timeout = handshake_timeout
         self.local_address: Any = None  # the listener's address: a descriptor is ours only if it has it
         # Connections accepted that have not sent a message yet (descriptor ->
         # when accepted), oldest first: the first shut down when connections
@@ -407,8 +405,7 @@ class Server:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
         self.router_socket = sock
         self.guard = ConnectionGuard(sock, self.stats.limits, lambda: len(self.router.writers) if self.router else 0,
-                                     self.stats, self._pause_listening, self._resume_listening,
-                                     cfg.handshake_timeout)
+                                     self.stats, self._pause_listening, self._resume_listening)
         self._secure(sock)
         self._bind(sock)
         self.guard.local_address = self._local_address(sock)
@@ -531,10 +528,8 @@ class Server:
         # RCVHWM stays as set at start (receive_buffer_bytes is restart-only): libzmq applies a new HWM to
         # the pipes of live connections from this thread while its I/O thread uses them (it crashed the
         # daemon, SIGSEGV, in 4 of 10 reloads).
-        self.stats.limits["rcvhwm"] = self.router_socket.getsockopt(zmq.RCVHWM)
+        self.stats.limits["rcvhwm"] = int(self.router_socket.getsockopt(zmq.RCVHWM))
         self.router_socket.setsockopt(zmq.HANDSHAKE_IVL, int(new.handshake_timeout * 1000))
-        if self.guard is not None:
-            self.guard.handshake_timeout = new.handshake_timeout
         self.budget.total_limit, self.budget.peer_limit = new.total_queue_bytes, new.peer_queue_bytes
         self._stats_cache.clear()
         RateLimit.attach(new.log_rate_limit, self.stats.count)
@@ -585,7 +580,7 @@ class Server:
         except zmq.ZMQError:
             return None
 
-    def handle(self, frames: List[bytes], peer: Peer = LOCAL, fd: int = -1) -> None:
+    def handle(self, frames: List[Any], peer: Peer = LOCAL, fd: int = -1) -> None:
         """authorize -> decode -> route -> hand to the writer (which acks), or reply now.
 
         Isolated: whatever one message raises becomes an ``internal`` error
@@ -607,7 +602,7 @@ class Server:
                 reply = protocol.encode_error(protocol.E_INTERNAL, f"{type(exc).__name__}", seq=seq, id=rid)
                 self._send(frames[:-1] + [reply])
 
-    def _handle(self, frames: List[bytes], peer: Peer, fd: int = -1) -> None:
+    def _handle(self, frames: List[Any], peer: Peer, fd: int = -1) -> None:
         self.stats.count("frames_received")
         # DEALER: [identity, payload]; REQ: [identity, b"", payload].
         if len(frames) < 2 or len(frames) > 3:
