@@ -106,7 +106,8 @@ def _forbidden(path: str, what: str) -> ProtocolError:
 
 
 def _open_regular(path: str, flags: int, mode: int = 0o666, what: str = "file") -> int:
-    """os.open with O_NOFOLLOW that accepts only a regular file with one link."""
+    """os.open with O_NOFOLLOW that accepts only a regular file, and for writing only one with a
+    single link (a rotated segment being gzipped may be linked elsewhere: [forward] hold_dir)."""
     try:
         fd = os.open(path, flags | _FILE_FLAGS, mode)
     except OSError as exc:
@@ -117,7 +118,7 @@ def _open_regular(path: str, flags: int, mode: int = 0o666, what: str = "file") 
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _forbidden(path, what)
-        if st.st_nlink > 1:
+        if st.st_nlink > 1 and flags & (os.O_WRONLY | os.O_RDWR):
             raise hardlinked(path, what)
         os.set_blocking(fd, True)
     except BaseException:
