@@ -40,7 +40,11 @@ def request(endpoint: Optional[str], payload: bytes, timeout: float = 2.0,
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
     try:
         if curve:
-            CurveKeys(server_key, secret_key).apply(sock)  # type: ignore[arg-type]
+            try:
+                keys = CurveKeys(server_key, secret_key)  # type: ignore[arg-type]
+            except (OSError, ValueError) as exc:  # unreadable, or a secret key others can read
+                raise DaemonUnavailable(f"not asking {endpoint}: cannot use the CURVE keys: {exc}") from None
+            keys.apply(sock)
         sock.connect(endpoint)
         sock.send(payload)
         if not sock.poll(int(timeout * 1000)):
