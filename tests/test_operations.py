@@ -159,7 +159,7 @@ def test_a_member_of_the_socket_group_can_connect_under_the_units_umask(start_da
     # The readiness ping is a client too: it trusts a group-writable socket
     # directory only when told that group is the socket group, as apps are.
     monkeypatch.setenv("CLH_WRITERD_SOCKET_GROUP", str(gid))
-    daemon = start_daemon(daemon={"socket_dir_mode": 0o770, "socket_group": str(gid)},
+    daemon = start_daemon(daemon={"socket_dir_mode": 0o750, "socket_group": str(gid)},
                           preexec_fn=lambda: os.umask(umask))
     path = daemon.endpoint[len("ipc://"):]
 

@@ -165,8 +165,31 @@ def test_ok_without_data_has_an_empty_map():
 @given(st.sampled_from(ERROR_CODES), st.text(max_size=1000), st.none() | ids, st.none() | ids)
 def test_error_round_trip(code, message, seq, rid):
     reply = protocol.decode_reply(protocol.encode_error(code, message, seq=seq, id=rid))
-    assert reply == protocol.Error(code, message, seq, rid)
+    # The message arrives with its control characters escaped (a client warns with it).
+    assert reply == protocol.Error(code, protocol.printable(message), seq, rid)
     assert reply.retryable == (code in protocol.RETRYABLE_ERRORS)
+
+
+def test_an_error_message_with_terminal_escapes_is_decoded_escaped():
+    reply = protocol.decode_reply(protocol.encode_error("busy", "full\x1b[2J\nforged line\u202e"))
+    assert reply.message == "full\\x1b[2J\\nforged line\\u202e" and "\x1b" not in reply.message
+
+
+def test_a_frame_of_empty_arrays_is_refused_before_it_is_built():
+
+    # The 8 MiB of empty arrays (626 MB and 2.5 s to decode before).
+    inner = b"\xdc" + (20000).to_bytes(2, "big") + b"\x90" * 20000
+    n = (protocol.MAX_FRAME_BYTES - 256) // len(inner)
+    head = msgpack.packb({"v": 1, "type": "batch", "seq": 1, "render": "lines"})
+    frame = bytes([head[0] + 1]) + head[1:] + msgpack.packb("records") + b"\xdc" + n.to_bytes(2, "big") + inner * n
+    with pytest.raises(protocol.ProtocolError) as info:  # 0.02 s here
+        protocol.decode_request(frame)
+    # Stopped by the container count, after MAX_CONTAINERS arrays, not by the frame's end.
+    assert info.value.code == protocol.E_TOO_LARGE and "max_containers" in info.value.message
+    # A real batch of field values, 20,000 records of two arrays each, still decodes.
+    records = [["m", [1, 2, 3, 4, 5]] for _ in range(protocol.MAX_RECORDS_PER_BATCH)]
+    assert len(protocol._unpack(msgpack.packb({"v": 1, "records": records}), protocol.MAX_RECORDS_PER_BATCH,
+                                max_containers=protocol.MAX_CONTAINERS)["records"]) == 20000
 
 
 def test_error_message_is_cut_to_1000_characters():

@@ -29,7 +29,7 @@ def _run(config_path: Optional[str]) -> None:
     except ConfigError as exc:
         click.echo(f"clh-writerd: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log_rate_limit)
     sys.exit(Server(config, config_path).run())
 
 

@@ -11,6 +11,7 @@ and ``type``. Decoding untrusted bytes raises only :class:`ProtocolError`.
 
 import codecs
 import os
+import re
 import socket
 import sys
 import uuid
@@ -41,6 +42,17 @@ MAX_NAME_CHARS = 256  # host, program, session, option strings
 MAX_MAP_ENTRIES = 64
 MAX_COUNTERS = 32
 MAX_REPLY_ENTRIES = 100000
+# Arrays and maps one request may hold, nested ones included: a batch's
+# records, and in "fields" mode each record's values and its time (two per
+# record). Checked while decoding a frame larger than CHECKED_FRAME_BYTES
+# (an empty array is one byte on the wire and 56 in memory: an 8 MiB frame of
+# them cost 626 MB and 2.5 s); a smaller frame cannot hold enough to matter.
+MAX_CONTAINERS = 2 * MAX_RECORDS_PER_BATCH + MAX_MAP_ENTRIES
+CHECKED_FRAME_BYTES = 64 * 1024
+# Largest reply a handler's sockets accept (ZMQ_MAXMSGSIZE): acks, errors,
+# ping and report answers are well under it; a stats document travels only
+# to `clh-writerd stats` (control.request), whose limit is MAX_FRAME_BYTES.
+MAX_HANDLER_REPLY_BYTES = 64 * 1024
 MAX_INT = 2**63 - 1
 # The counters a client may report about itself (``report`` messages); the
 # daemon keeps only these names, so a client cannot grow its stats document.
@@ -104,6 +116,20 @@ ERROR_CODES = (
 # A client may send the same records again later after one of these; the
 # others mean "this daemon will never write it": use the fallback.
 RETRYABLE_ERRORS = frozenset((E_BUSY, E_WRITE_FAILED, E_SHUTTING_DOWN))
+
+
+# C0 and C1 controls, DEL, and the Unicode line/paragraph separators and
+# bidi overrides: anything that could move a terminal's cursor, forge a log
+# line or reorder what a reader sees.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u2028``),
+    for anything the other side sent that ends up on a terminal or in a log."""
+    if not _CONTROL.search(text):
+        return text
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 class ProtocolError(Exception):
@@ -433,8 +459,13 @@ def encode_ack(seq: int) -> bytes:
     return msgpack.packb({"v": LINES_VERSION, "type": T_ACK, "seq": seq})
 
 
-def encode_ok(id: int = 0, data: Optional[Mapping[str, Any]] = None) -> bytes:
-    return msgpack.packb({"v": LINES_VERSION, "type": T_OK, "id": id, "data": dict(data or {})})
+def encode_ok(id: int = 0, data: Optional[Mapping[str, Any]] = None, packed_data: Optional[bytes] = None) -> bytes:
+    """An ok reply; ``packed_data``: its data already packed (a stats document
+    the daemon encodes once and sends to many requests), the same frame."""
+    if packed_data is None:
+        return msgpack.packb({"v": LINES_VERSION, "type": T_OK, "id": id, "data": dict(data or {})})
+    head = msgpack.packb({"v": LINES_VERSION, "type": T_OK, "id": id})  # a fixmap of 3 (0x83): one more key
+    return b"\x84" + head[1:] + msgpack.packb("data") + packed_data
 
 
 def encode_error(code: str, message: str, seq: Optional[int] = None, id: Optional[int] = None) -> bytes:
@@ -447,11 +478,33 @@ def encode_error(code: str, message: str, seq: Optional[int] = None, id: Optiona
 
 
 # -- decoding -----------------------------------------------------------
-def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES) -> Dict[str, Any]:
+class _ContainerBudget:
+    """msgpack's list_hook and object_hook: counts the arrays and maps a frame
+    has made so far and stops the decoding past ``limit``, before the next
+    ones are allocated (msgpack checks each container's length, not their number)."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, value: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"frame exceeds max_containers({MAX_CONTAINERS})")
+        return value
+
+
+def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES,
+            max_containers: Optional[int] = None) -> Dict[str, Any]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(E_MALFORMED, "frame is not bytes")
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(E_TOO_LARGE, f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+    hooks: Dict[str, Any] = {}
+    if max_containers is not None and len(data) > CHECKED_FRAME_BYTES:
+        budget = _ContainerBudget(max_containers)
+        hooks = {"list_hook": budget, "object_hook": budget}
     try:
         obj = msgpack.unpackb(
             data,
@@ -462,6 +515,7 @@ def _unpack(data: bytes, max_array: int, max_map: int = MAX_MAP_ENTRIES) -> Dict
             max_ext_len=0,
             max_array_len=max_array,
             max_map_len=max_map,
+            **hooks,
         )
     except ValueError as exc:
         # msgpack reports exceeded limits as ValueError("... exceeds max_...").
@@ -595,7 +649,7 @@ def _report_extras(obj: Mapping[str, Any]) -> Tuple[Optional[str], Optional[str]
 
 def decode_request(data: bytes) -> Request:
     """Decode a client->daemon frame; raises only ProtocolError."""
-    obj = _unpack(data, MAX_RECORDS_PER_BATCH)
+    obj = _unpack(data, MAX_RECORDS_PER_BATCH, max_containers=MAX_CONTAINERS)
     kind = obj.get("type")
     if kind == T_BATCH:
         records = _field(obj, "records", list)
@@ -643,7 +697,8 @@ def decode_reply(data: bytes) -> Reply:
     if kind == T_ERROR:
         seq = _int_field(obj, "seq") if "seq" in obj else None
         id_ = _int_field(obj, "id") if "id" in obj else None
-        return Error(_field(obj, "code", str), _field(obj, "message", str), seq, id_)
+        # Escaped here: a client puts the daemon's words in its warnings and stats.
+        return Error(printable(_field(obj, "code", str)[:64]), printable(_field(obj, "message", str)), seq, id_)
     raise ProtocolError(E_UNKNOWN_TYPE, f"unknown reply type {str(kind)[:64]!r}")
 
 
@@ -654,5 +709,5 @@ __all__ = [
     "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",
     "FILE_OPTIONS", "REPORT_COUNTERS", "REPORT_STATES", "check_file_options", "options_key", "new_client_id", "default_endpoint",
     "encode_batch", "encode_sync", "encode_stats_request", "encode_ping", "encode_report",
-    "encode_ack", "encode_ok", "encode_error", "decode_request", "decode_reply",
+    "encode_ack", "encode_ok", "encode_error", "decode_request", "decode_reply", "printable",
 ]

@@ -58,7 +58,7 @@ def test_a_full_file_is_loaded_with_every_value(env, tmp_path):
 [daemon]
 endpoint = "tcp://127.0.0.1:5599"
 tcp_auth = "none"
-socket_dir_mode = 0o770
+socket_dir_mode = 0o750
 socket_group = "0"
 allowed_dirs = ["/var/log/a", "/var/log/b"]
 create_allowed_dirs = false
@@ -76,7 +76,7 @@ policy = "interval"
 interval = 0.25
 """)
     assert cfg.endpoint == "tcp://127.0.0.1:5599"
-    assert cfg.socket_dir_mode == 0o770
+    assert cfg.socket_dir_mode == 0o750
     assert cfg.allowed_dirs == ("/var/log/a", "/var/log/b")
     assert cfg.create_allowed_dirs is False and cfg.allow_owner is True
     # An integer where a float is expected is accepted and converted.
@@ -169,6 +169,12 @@ def test_files_entries_that_are_not_tables_are_refused(env, tmp_path):
     ("[daemon]\ndrain_timeout = 1e9\n", "daemon.drain_timeout"),
     ("[daemon]\nsocket_dir_mode = 0o10000\n", "daemon.socket_dir_mode"),
     ("[daemon]\nsocket_dir_mode = -1\n", "daemon.socket_dir_mode"),
+    # The group may connect, never write the directory (issue 25: 0o770 let a member swap the socket).
+    ("[daemon]\nsocket_dir_mode = 0o770\nsocket_group = '0'\n", "daemon.socket_dir_mode"),
+    ("[daemon]\nendpoint = 'ipc://@clh-writerd'\n", "abstract ipc endpoints"),
+    ("[limits]\nstats_max_bytes = 1024\n", "limits.stats_max_bytes"),
+    ("[limits]\nqueue_bytes = 0\n", "limits.queue_bytes"),
+    ("[daemon]\nstats_admins = ['key:short']\n", "daemon.stats_admins"),
     ("[limits]\nmax_message_bytes = 100\n", "limits.max_message_bytes"),
     (f"[limits]\nmax_message_bytes = {protocol.MAX_FRAME_BYTES + 1}\n", "limits.max_message_bytes"),
     ("[limits]\nqueue_batches = 0\n", "limits.queue_batches"),

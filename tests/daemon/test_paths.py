@@ -43,10 +43,14 @@ def test_a_file_in_an_allowed_dir_is_accepted(tree):
 def test_allowed_dirs_and_paths_are_compared_as_real_paths(tree, tmp_path):
     allowed, _ = tree
     os.symlink(allowed, tmp_path / "logs-link")
-    via_link = PathPolicy([str(tmp_path / "logs-link")])
+    via_link = PathPolicy([str(tmp_path / "logs-link")], aliases=[str(tmp_path / "logs-link")])
     assert via_link.allowed_dirs == (str(allowed),)
     assert via_link.check(str(allowed / "a.log")) == str(allowed / "a.log")
-    assert PathPolicy([str(allowed)]).check(str(tmp_path / "logs-link" / "a.log")) == str(allowed / "a.log")
+    # The configured name of a symlinked allowed directory works too ...
+    assert via_link.check(str(tmp_path / "logs-link" / "a.log")) == str(allowed / "a.log")
+    # ... but a client's own symlinks are never resolved to find its root: no
+    # filesystem call on a path before it is known to be inside an allowed dir.
+    assert "outside" in refused(PathPolicy([str(allowed)]), str(tmp_path / "logs-link" / "a.log"))
     # A symlink below the allowed directory is refused even when it stays
     # inside: the daemon never follows one (docs/security.md).
     (allowed / "current").mkdir()
@@ -317,3 +321,23 @@ def test_a_sync_record_to_a_forbidden_path_is_refused(served):
     assert isinstance(reply, protocol.Error) and reply.code == protocol.E_FORBIDDEN_PATH, reply
     assert _counter(served.daemon, protocol.E_FORBIDDEN_PATH) == before + 1
     assert not os.path.exists(target)
+
+
+def test_a_name_too_long_for_the_rotation_and_lock_names_is_refused_before_any_write(tree):
+    """NAME_MAX is 255 bytes, but CLH derives "<name>.rotate.<20 digits>" and the lock name from it:
+    a 255-byte name was accepted and failed at the first lock as write_failed (issue 25)."""
+    from clh_writerd.daemon.paths import MAX_NAME_BYTES
+
+    allowed, _ = tree
+    policy = PathPolicy([str(allowed)])
+    assert "file name is longer than 227 bytes" in refused(policy, str(allowed / ("n" * 255)))
+    assert "file name is longer" in refused(policy, str(allowed / ("é" * 114)))  # 228 bytes in UTF-8
+    assert policy.check(str(allowed / ("n" * MAX_NAME_BYTES))) == str(allowed / ("n" * MAX_NAME_BYTES))
+
+
+def test_the_depth_is_refused_before_the_root_is_looked_for(tree):
+    allowed, _ = tree
+    policy = PathPolicy([str(allowed)], max_depth=4)
+    # The issue's path: 2,047 components, none of them an allowed directory.
+    message = refused(policy, "/zz" + "/a" * 2045 + "/x")
+    assert "2047 components" in message and "max_path_depth = 4" in message

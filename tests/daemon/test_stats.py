@@ -25,7 +25,7 @@ STATS_DOC = os.path.join(REPO, "docs", "stats.md")
 
 DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters", "refused_uids", "limits"}
 FILE_KEYS = {
-    "path", "options", "queue_depth", "queue_capacity", "records_received", "bytes_received",
+    "path", "options", "queue_depth", "queue_capacity", "queue_bytes", "records_received", "bytes_received",
     "records_written", "bytes_written", "batches_written", "writes", "rotations", "write_errors",
     "last_error", "busy_refusals", "option_conflicts", "fsyncs", "write_latency_p50_ms",
     "write_latency_p99_ms",
@@ -168,6 +168,43 @@ def test_snapshot_of_an_idle_daemon():
     assert f["write_latency_p50_ms"] is None and f["write_latency_p99_ms"] is None
 
 
+def test_a_large_document_is_cut_to_its_budget_with_trouble_first_and_totals_for_the_rest():
+    import msgpack
+
+    from clh_writerd.daemon.access import Peer
+
+    stats = DaemonStats("ipc:///x", max_clients=5000)
+    mallory, alice = Peer(1001, 1001, 7), Peer(1000, 1000, 8)
+    for n in range(3000):  # the issue's reports: long fields from thousands of sessions
+        stats.report(protocol.ClientId("h" * 256, n, "p" * 256, f"s{n}"), {"sent": 1}, mallory, "daemon",
+                     "/f" * 2000, "e" * 256)
+    troubled = stats.client(protocol.ClientId("host", 1, "troubled", "t"), alice)
+    troubled.reported["dropped"] = 3
+    stats.client(protocol.ClientId("host", 2, "calm", "c"), alice)  # seen last, no trouble
+    for n in range(500):
+        f = FileStats(f"/logs/{'d' * 200}/{n}.log", {"encoding": "utf-8"}, 8)
+        f.seen_from(mallory.principal)
+        stats.files[f.path] = f
+    alice_file = FileStats("/logs/alice.log", {}, 8)
+    alice_file.seen_from(alice.principal)
+    stats.files[alice_file.path] = alice_file
+    whole = len(msgpack.packb(stats.snapshot()))
+    assert whole > 14 * 1024 * 1024  # 3,000 of the issue's 10,000 clients (51 MB)
+
+    budget = 256 * 1024
+    doc = stats.snapshot(budget=budget)
+    assert len(msgpack.packb(doc)) <= budget
+    assert doc["clients"][0]["program"] == "troubled" and doc["clients"][1]["program"] == "calm"
+    cut = doc["truncated"]
+    assert cut["clients"] == 3002 - len(doc["clients"]) > 0 and cut["files"] == 501 - len(doc["files"]) > 0
+    assert cut["reported"]["sent"] == cut["clients"] and stats.counters["stats_truncated"] == 1
+    # A peer sees its own clients and the files they wrote, nothing of the others'.
+    own = stats.snapshot(scope=alice.principal, budget=budget)
+    assert {c["program"] for c in own["clients"]} == {"troubled", "calm"}
+    assert [f["path"] for f in own["files"]] == ["/logs/alice.log"] and "truncated" not in own
+    assert own["clients_gone"] == [] and own["daemon"]["refused_uids"] == {}
+
+
 def _documented_keys() -> set:
     with open(STATS_DOC) as f:
         text = f.read()
@@ -177,7 +214,7 @@ def _documented_keys() -> set:
 
 def test_docs_stats_md_documents_every_key():
     documented = _documented_keys()
-    every = {"schema", "daemon", "files", "clients", "clients_gone"} | DAEMON_KEYS | FILE_KEYS | CLIENT_KEYS | set(DAEMON_COUNTERS)
+    every = {"schema", "daemon", "files", "clients", "clients_gone", "truncated"} | DAEMON_KEYS | FILE_KEYS | CLIENT_KEYS | set(DAEMON_COUNTERS)
     missing = sorted(every - documented)
     assert not missing, f"docs/stats.md does not document {missing}"
 

@@ -70,7 +70,7 @@ class Factory:
     def __init__(self) -> None:
         self.made: List[Tuple[str, Dict[str, Any]]] = []
 
-    def __call__(self, target: Target, options: Dict[str, Any], lock_target: Any) -> Any:
+    def __call__(self, target: Target, options: Dict[str, Any], lock_target: Any, authority: Any = None) -> Any:
         self.made.append((target.path, options))
         return _FakeWriter(target.path, options)
 
@@ -148,3 +148,67 @@ def test_serving_tunes_the_cycle_collector_and_stopping_gives_it_back(tmp_path):
     finally:
         server._release()
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+# -- budgets and authority (issue 25) --------------------------------------------
+def test_queue_budget_refuses_past_a_peers_share_and_the_total_but_never_an_empty_one():
+    from clh_writerd.daemon.writers import QueueBudget
+
+    budget = QueueBudget(total=100, per_peer=60)
+    assert budget.reserve("a", 50) == "" and budget.reserve("a", 20).startswith("peer_queue_bytes")
+    assert budget.reserve("b", 50) == "" and budget.reserve("c", 10).startswith("total_queue_bytes")
+    budget.release("a", 50)
+    budget.release("b", 50)
+    assert budget.total == 0 and budget.peers == {}
+    assert budget.reserve("a", 500) == ""  # one message larger than every budget still goes through, alone
+
+
+def test_rate_limit_lets_a_burst_through_counts_the_rest_and_says_so():
+    import logging
+
+    from clh_writerd.daemon.server import RateLimit
+    from clh_writerd.daemon.stats import PEER_LOGGER
+
+    counted = []
+    limit = RateLimit(5, lambda name, n: counted.append(n))
+
+    def record(name: str, msg: str = "refused") -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, "x", 0, msg, None, None)
+
+    passed = [limit.filter(record(PEER_LOGGER)) for _ in range(50)]
+    assert passed.count(True) in (5, 6) and sum(counted) == passed.count(False)
+    assert all(limit.filter(record("clh_writerd.daemon", "stopping")) for _ in range(50))  # lifecycle: never held
+    limit._last -= 1.0  # a second later (the bucket refills by the clock)
+    line = record(PEER_LOGGER)
+    assert limit.filter(line) and "suppressed by log_rate_limit" in line.msg
+
+
+def test_authority_applies_the_owner_then_group_then_other_bits():
+    from types import SimpleNamespace
+
+    from clh_writerd.daemon.paths import W, X, Authority
+
+    alice = Authority(1000, 1000, frozenset({1000, 50}))
+    st = SimpleNamespace(st_uid=1000, st_gid=50, st_mode=0o100077)  # owner nothing, group and other all
+    assert not alice.may(st, W)  # the owner class applies alone, as in the kernel
+    st = SimpleNamespace(st_uid=0, st_gid=50, st_mode=0o100620)
+    assert alice.may(st, W) and not alice.may(st, X)
+    sticky = SimpleNamespace(st_uid=0, st_gid=0, st_mode=0o41777)
+    theirs = SimpleNamespace(st_uid=1001, st_gid=1001, st_mode=0o100666)
+    assert not alice.may_rename_in(sticky, theirs) and alice.may_rename_in(sticky, None)
+
+
+def test_the_scraper_uid_comes_from_the_kernels_socket_table():
+    import socket
+
+    from clh_writerd.daemon.metrics import scraper_uid
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                ip, port = client.getsockname()
+                assert scraper_uid(ip, port, *server.getsockname()) == os.getuid()
+                assert scraper_uid("10.1.2.3", port, *server.getsockname()) is None  # not loopback

@@ -184,3 +184,99 @@ def security_row(request) -> Callable[..., None]:
             f.write(json.dumps(row) + "\n")
 
     return record
+
+
+# -- what every attack of round two must leave standing (issue 25) -------------
+PING_BOUND = 0.5  # seconds: a ping is answered within this during every attack
+
+
+class PingMonitor:
+    """Pings the daemon every 50 ms on fresh connections (as `clh-writerd ping`
+    does) while an attack runs, and keeps the slowest answer: the main loop
+    must never be held up by what an attacker sends."""
+
+    def __init__(self, endpoint: str, interval: float = 0.05) -> None:
+        self.endpoint, self.interval = endpoint, interval
+        self.latencies: List[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ping-monitor", daemon=True)
+
+    def __enter__(self) -> "PingMonitor":
+        self._thread.start()
+        wait_for(lambda: self.latencies, what="the first ping")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        import time
+
+        from clh_writerd.client.control import DaemonUnavailable, request
+
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                reply = request(self.endpoint, protocol.encode_ping(), 5.0)
+                ok = isinstance(reply, protocol.Ok)
+            except DaemonUnavailable:
+                ok = False
+            self.latencies.append(time.monotonic() - started)
+            self.failures += not ok
+            self._stop.wait(self.interval)
+
+    @property
+    def worst(self) -> float:
+        return max(self.latencies)
+
+    def assert_held(self) -> str:
+        """Every ping answered within PING_BOUND; the figure for the row."""
+        assert self.failures == 0, f"{self.failures} ping(s) failed"
+        assert self.worst < PING_BOUND, f"slowest ping {self.worst:.3f}s (bound {PING_BOUND}s)"
+        return f"{len(self.latencies)} pings, slowest {self.worst * 1000:.0f} ms"
+
+
+def sigterm_within(daemon: Any, drain_timeout: float) -> float:
+    """SIGTERM the daemon and return how long it took to exit; it must be within drain_timeout
+    (plus a second for libzmq's linger and the interpreter's exit)."""
+    import signal
+    import time
+
+    started = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    daemon.proc.wait(drain_timeout + 30)
+    took = time.monotonic() - started
+    assert took < drain_timeout + 1.5, f"SIGTERM took {took:.1f}s (drain_timeout {drain_timeout}s)"
+    return took
+
+
+def in_background(user: User, action: Callable[[], None]) -> threading.Thread:
+    """Run ``action`` as ``user`` (a forked child) while the test goes on; join() the thread to wait."""
+    errors: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            user.run(action)
+        except BaseException as exc:  # reported by join_ok
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name=f"as-{user.name}", daemon=True)
+    thread.errors = errors  # type: ignore[attr-defined]
+    thread.start()
+    return thread
+
+
+def join_ok(thread: threading.Thread, timeout: float = 120.0) -> None:
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{thread.name} did not finish within {timeout}s"
+    errors = thread.errors  # type: ignore[attr-defined]
+    assert not errors, errors
+
+
+def mib(kib: Optional[int]) -> float:
+    return (kib or 0) / 1024.0

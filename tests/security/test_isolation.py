@@ -22,10 +22,10 @@ _route = writers.Router.route
 _write = writers.FileWriter._write
 
 
-def route(self, path, options):
+def route(self, path, options, *args):
     if "/boom-main" in path:
         raise RecursionError("maximum recursion depth exceeded (injected)")
-    return _route(self, path, options)
+    return _route(self, path, options, *args)
 
 
 def write(self, items):

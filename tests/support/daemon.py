@@ -70,6 +70,8 @@ class DaemonProcess:
         self.endpoint = endpoint or f"ipc://{self.socket_dir}/w.sock"
         daemon_section = {"endpoint": self.endpoint, "allowed_dirs": [self.log_dir], "drain_timeout": 10.0}
         daemon_section.update(daemon or {})
+        # Clients ask a tcp endpoint without CURVE only when told (the client's tcp_auth).
+        self.tcp_auth = daemon_section.get("tcp_auth")
         sections = {"daemon": daemon_section}
         if limits:
             sections["limits"] = limits
@@ -100,14 +102,14 @@ class DaemonProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.stderr()}")
             try:
-                return isinstance(request(self.endpoint, protocol.encode_ping(), 0.5), protocol.Ok)
+                return isinstance(request(self.endpoint, protocol.encode_ping(), 0.5, self.tcp_auth), protocol.Ok)
             except DaemonUnavailable:
                 return False
 
         wait_for(answers, timeout, "the daemon to answer a ping")
 
     def stats(self, timeout: float = 5.0) -> Dict[str, Any]:
-        reply = request(self.endpoint, protocol.encode_stats_request(), timeout)
+        reply = request(self.endpoint, protocol.encode_stats_request(), timeout, self.tcp_auth)
         assert isinstance(reply, protocol.Ok), reply
         return reply.data
 

@@ -89,7 +89,8 @@ class WrappingHandler(logging.Handler):
             warnings.warn(f"clh-writerd: the daemon would refuse {path} ({refused}); "
                           "this handler writes it through the fallback", RuntimeWarning, stacklevel=3)
         self._refused = refused if self.opts.endpoint is not None else ""
-        self._trust = EndpointTrust(self.endpoint, opts.daemon_user, opts.socket_group) if self.endpoint else None
+        self._trust = EndpointTrust(self.endpoint, opts.daemon_user, opts.socket_group, self._curve is not None,
+                                    opts.tcp_auth) if self.endpoint else None
         # Read on every emit(): plain attributes.
         self.queue_size = self.opts.queue_size
         self.sync_level = self.opts.sync_level
@@ -122,6 +123,8 @@ class WrappingHandler(logging.Handler):
         """The context and the REQ channel for sync records (with a daemon)."""
         if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
+            # Every socket of the handler: a reply larger than this is dropped by libzmq, never buffered.
+            self._context.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HANDLER_REPLY_BYTES)
             self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
                                      self.path, self.options, self._trust, self._curve, self._sync_refused)
             self._confirmed.sync = self._sync

@@ -133,6 +133,18 @@ def from_env(name: str) -> Callable[[Any], Optional[str]]:
     return convert
 
 
+TCP_AUTH = ("curve", "none")
+
+
+def _tcp_auth(value: Any) -> str:
+    """None (the default) -> $CLH_WRITERD_TCP_AUTH, else "curve"."""
+    if value is None:
+        value = os.environ.get("CLH_WRITERD_TCP_AUTH") or "curve"
+    if value not in TCP_AUTH:
+        raise ValueError(f"must be one of {TCP_AUTH}")
+    return str(value)
+
+
 def option(default: Any, doc: str, check: Optional[Callable[[Any], Any]] = None,
            handlers: Tuple[str, ...] = BOTH, convert: Optional[Callable[[Any], Any]] = None,
            per_handler: Optional[Dict[str, Any]] = None, shown: str = "") -> Any:
@@ -202,6 +214,9 @@ class HandlerOptions:
                                              " key must be in the daemon's `curve_public_keys_dir`",
                                              convert=from_env("CLH_WRITERD_CURVE_SECRET_KEY"),
                                              shown="`$CLH_WRITERD_CURVE_SECRET_KEY`")
+    tcp_auth: str = option(None, "tcp/ws/wss/tipc endpoints: `'curve'` never sends without the daemon's CURVE key"
+                           " (the fallback writes, with a warning); `'none'` sends in the clear to whoever holds the"
+                           " port", convert=_tcp_auth, shown="`$CLH_WRITERD_TCP_AUTH` or `'curve'`")
 
     @classmethod
     def names(cls, handler: str) -> Tuple[str, ...]:

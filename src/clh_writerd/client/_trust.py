@@ -8,7 +8,9 @@ daemon, or can write in the directory, could listen there and receive every
 record. The check runs before each connection attempt; a failing endpoint
 is never connected to: the handler writes through its fallback and warns
 once with the reason. tcp endpoints are authenticated with CURVE instead
-(``curve_keys``).
+(``CurveKeys``): one without the daemon's key is not used either (anyone
+holding the port would get the records) unless ``tcp_auth = "none"``; nor
+is an abstract ``ipc://@name`` (any local process can bind the name).
 """
 
 import os
@@ -17,15 +19,29 @@ from typing import Optional, Tuple
 
 import zmq.auth
 
-from .._sockdir import group_id, ipc_directory, socket_dir_problem, user_id
+from ..protocol import printable
+from .._sockdir import group_id, ipc_directory, key_file_problem, socket_dir_problem, user_id
+
+# Transports whose listener nothing local vouches for: CURVE, or tcp_auth = "none".
+NETWORK_SCHEMES = ("tcp://", "ws://", "wss://", "tipc://")
 
 
 class EndpointTrust:
     """``problem()``: why the endpoint must not be used now ("" when it may)."""
 
-    def __init__(self, endpoint: str, daemon_user: Optional[str] = None, socket_group: Optional[str] = None) -> None:
+    def __init__(self, endpoint: str, daemon_user: Optional[str] = None, socket_group: Optional[str] = None,
+                 curve: bool = False, tcp_auth: Optional[str] = "curve") -> None:
         self.endpoint = endpoint
         self.directory = ipc_directory(endpoint)
+        self.refused = ""  # a transport never used, whatever the filesystem says
+        if endpoint.startswith("ipc://@"):
+            self.directory = None
+            self.refused = ("abstract ipc endpoints (ipc://@name) are refused: any local process can bind the "
+                            "name first; use a socket path")
+        elif endpoint.startswith(NETWORK_SCHEMES) and not curve and tcp_auth != "none":
+            self.refused = ("no CURVE key for the daemon (curve_server_key, $CLH_WRITERD_CURVE_SERVER_KEY): "
+                            "whoever holds the port would receive the records; give the daemon's key, or "
+                            "tcp_auth='none' ($CLH_WRITERD_TCP_AUTH=none) to send them in the clear")
         self._warned = False  # a plain flag, no lock: survives fork(); a rare second warning is harmless
         self.trusted = {os.getuid(), 0}
         self.group: Optional[int] = None
@@ -39,6 +55,9 @@ class EndpointTrust:
             self.config_error = f"unknown daemon_user or socket_group {exc}"
 
     def problem(self) -> str:
+        if self.refused:
+            self.warn_once(self.refused)
+            return self.refused
         if self.directory is None:
             return ""
         if self.config_error:
@@ -55,12 +74,19 @@ class EndpointTrust:
         if self._warned:
             return
         self._warned = True
-        warnings.warn(f"clh-writerd: not connecting to {self.endpoint}: {reason}; records are written "
-                      "through the fallback (see docs/security.md, socket directory)", RuntimeWarning, stacklevel=2)
+        warnings.warn(printable(f"clh-writerd: not connecting to {self.endpoint}: {reason}; records are written "
+                                "through the fallback (see docs/security.md, who can listen)"),
+                      RuntimeWarning, stacklevel=2)
 
 
 def read_key(path: str, secret: bool) -> Tuple[bytes, bytes]:
-    """(public, secret) of a zmq.auth certificate file (``clh-writerd keygen``)."""
+    """(public, secret) of a zmq.auth certificate file (``clh-writerd keygen``); a secret key
+    someone else can read or write is refused (ValueError), as ssh refuses such a key."""
+    if secret:
+        problem = key_file_problem(path, {os.getuid(), 0}, secret=True)
+        if problem:
+            raise ValueError(problem)
+
     public, secret_key = zmq.auth.load_certificate(path)
     if secret and not secret_key:
         raise ValueError(f"{path} holds no secret key (use the .key_secret file)")

@@ -18,7 +18,7 @@ from typing import Dict, FrozenSet, NamedTuple, Optional, Tuple
 
 from ..protocol import E_UNAUTHORIZED, ProtocolError
 from .config import Config
-from .paths import PathPolicy
+from .paths import Authority, PathPolicy
 
 # Seconds a peer's group list (from the user database) is trusted before it
 # is looked up again; a reload forgets every entry at once.
@@ -49,6 +49,12 @@ class Peer(NamedTuple):
         """What separates one client's stats from another's: the kernel's uid/pid or the key."""
         return (self.uid, self.pid, self.key)
 
+    @property
+    def principal(self) -> Tuple:
+        """Whose share a message counts against (queued bytes, files) and what it may see in the
+        stats: the uid on ipc, the CURVE key on tcp, ("tcp", "") for unauthenticated tcp."""
+        return ("uid", self.uid) if self.uid is not None else ("key", self.key)
+
 
 # A caller inside the daemon's own process (tests driving Server.handle).
 LOCAL = Peer(os.getuid(), os.getgid(), os.getpid())
@@ -58,6 +64,8 @@ class Decision(NamedTuple):
     admitted: bool
     reason: str
     dirs: Optional[Tuple[str, ...]]  # None: every allowed dir
+    authority: Optional[Authority] = None  # an unprivileged peer's own rights; None: the daemon's
+    admin: bool = False  # sees every client and file in the stats
 
 
 class AccessPolicy:
@@ -70,11 +78,21 @@ class AccessPolicy:
         self.uids: FrozenSet[int] = frozenset(config.allowed_uids) | {self.own, 0}
         self.gids: FrozenSet[int] = frozenset(config.allowed_groups)
         self.peer_dirs: Dict[str, Tuple[str, ...]] = dict(config.peer_dirs)
+        admins = config.stats_admins
+        self.admin_uids: FrozenSet[int] = frozenset(int(a) for a in admins if a.isdigit()) | {self.own, 0}
+        self.admin_gids: FrozenSet[int] = frozenset(int(a[1:]) for a in admins if a.startswith("@"))
+        self.admin_keys: FrozenSet[str] = frozenset(a[4:] for a in admins if a.startswith("key:"))
         self._cache: Dict[Tuple[int, int], Tuple[Decision, float]] = {}
 
     def admit(self, peer: Peer) -> Optional[Tuple[str, ...]]:
+        return self.decide(peer).dirs
+
+    def decide(self, peer: Peer) -> Decision:
+        """The peer's decision (cached for GROUPS_TTL), or ProtocolError(unauthorized)."""
         if not self.ipc:
-            return None  # tcp: CURVE (ZAP) admitted the key at the handshake, or tcp_auth = "none"
+            # tcp: CURVE (ZAP) admitted the key at the handshake, or tcp_auth = "none";
+            # a remote key has no local uid: it writes with the daemon's authority.
+            return Decision(True, "", None, None, not peer.key or peer.key in self.admin_keys)
         if peer.uid is None or peer.gid is None:
             raise ProtocolError(E_UNAUTHORIZED, "no peer credentials on this ipc connection")
         now = time.monotonic()
@@ -87,10 +105,10 @@ class AccessPolicy:
         decision = entry[0]
         if not decision.admitted:
             raise ProtocolError(E_UNAUTHORIZED, decision.reason)
-        return decision.dirs
+        return decision
 
     def _decide(self, uid: int, gid: int) -> Decision:
-        groups = {gid} | self._groups_of(uid, gid)
+        groups = frozenset({gid} | self._groups_of(uid, gid))
         admitted = uid in self.uids or bool(groups & self.gids)
         if not admitted:
             return Decision(False, f"uid {uid} (gid {gid}) is not in allowed_uids or allowed_groups", None)
@@ -100,7 +118,21 @@ class AccessPolicy:
             if (who.startswith("@") and int(who[1:]) in groups) or (not who.startswith("@") and int(who) == uid):
                 matched = True
                 dirs += entries
-        return Decision(True, "", dirs if matched else None)
+        # The daemon's own uid and root could do anything the daemon does;
+        # everyone else only what its uid and groups allow (paths.Authority).
+        authority = None if uid in (self.own, 0) else Authority(uid, gid, groups)
+        admin = uid in self.admin_uids or bool(groups & self.admin_gids)
+        return Decision(True, "", dirs if matched else None, authority, admin)
+
+    def admin_uid(self, uid: int) -> bool:
+        """Whether a process running as ``uid`` is a stats admin (a /metrics scraper: only its uid is known)."""
+        if uid in self.admin_uids:
+            return True
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            return False
+        return bool(({gid} | self._groups_of(uid, gid)) & self.admin_gids)
 
     @staticmethod
     def _groups_of(uid: int, gid: int) -> FrozenSet[int]:

@@ -142,6 +142,27 @@ def _peer_dirs(key: str, value: Any) -> Dict[str, Tuple[str, ...]]:
     return out
 
 
+def _admins(key: str, value: Any) -> Tuple[str, ...]:
+    """["user", uid, "@group", "key:<Z85 public key>"] -> ("<uid>", "@<gid>", "key:...") (resolved at load)."""
+    if type(value) is not list or not all(type(v) in (str, int) and v != "" for v in value):
+        raise ConfigError(f'{key} must be a list of users, "@group"s or "key:<CURVE public key>"s')
+    out = []
+    for v in value:
+        text = str(v)
+        if text.startswith("key:"):
+            if len(text) != 44:
+                raise ConfigError(f"{key}: {text!r} is not key: and a 40-character CURVE public key (Z85)")
+            out.append(text)
+            continue
+        group = text.startswith("@")
+        try:
+            number = (group_id if group else user_id)(text[1:] if group else v)
+        except KeyError:
+            raise ConfigError(f"{key}: no such {'group' if group else 'user'} {text!r}") from None
+        out.append(f"@{number}" if group else str(number))
+    return tuple(sorted(set(out)))
+
+
 @dataclass(frozen=True)
 class Option:
     section: str
@@ -172,6 +193,12 @@ OPTIONS: Tuple[Option, ...] = (
     Option("daemon", "peer_dirs", {}, _peer_dirs,
            'Per user or "@group": the only directories (within allowed_dirs) its processes may write under; '
            "a peer matching no entry may write under every allowed dir."),
+    Option("daemon", "stats_admins", [], _admins,
+           'Who sees every client and file in stats and /metrics: users, "@group"s, and on tcp "key:<public key>"s '
+           "(root and the daemon's own uid always do); any other peer sees its own clients and the files they write."),
+    Option("daemon", "metrics_public", False, _boolean,
+           "Show per-file and per-client series on /metrics to every scraper (off: only to loopback scrapers that "
+           "run as a stats admin; the others get the daemon-wide series)."),
     Option("daemon", "tcp_auth", "curve", _choice(TCP_AUTH),
            'tcp endpoints: "curve" (clients need a key in curve_public_keys_dir) or "none" (anyone who can '
            "reach the port may write; warned at every start)."),
@@ -187,6 +214,9 @@ OPTIONS: Tuple[Option, ...] = (
            "Seconds SIGTERM/SIGINT may spend writing and acknowledging what was received."),
     Option("daemon", "log_level", "info", _choice(LOG_LEVELS),
            "Level of the daemon's own diagnostics on stderr."),
+    Option("daemon", "log_rate_limit", 100, _positive(int, 0, 1_000_000),
+           "Diagnostic lines per second at most (bursts of as many); the rest are counted and summarised "
+           "once a second. 0 = no limit."),
     Option("daemon", "metrics_listen", "", _listen,
            'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
     Option("daemon", "metrics_per_client", False, _boolean,
@@ -213,6 +243,28 @@ OPTIONS: Tuple[Option, ...] = (
            "left after the files' share and a reserve. One beyond is shut down at once and counted."),
     Option("limits", "max_clients", 10000, _positive(int, 1, 1_000_000),
            "Client entries kept in stats (least recently seen are forgotten)."),
+    # Byte budgets (docs/security.md, "Budgets"): what one client can make the daemon hold.
+    Option("limits", "receive_buffer_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
+           "Bytes libzmq may buffer per connection before it stops reading it: RCVHWM is this over the "
+           "largest frame (2 x max_message_bytes), at least 1. Read at start (a reload keeps it)."),
+    Option("limits", "queue_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
+           "Bytes queued per file (characters of the lines plus 64 per record) before the daemon answers 'busy'."),
+    Option("limits", "peer_queue_bytes", 128 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
+           "Bytes one peer (a uid on ipc, a CURVE key on tcp) may have queued over all files; beyond: 'busy'."),
+    Option("limits", "total_queue_bytes", 512 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
+           "Bytes queued over all files and peers; beyond: 'busy'."),
+    Option("limits", "peer_max_files", 250, _positive(int, 1, 100_000),
+           "Files one peer may hold open at once (at most max_files): its least recently used idle one is "
+           "closed for a new one; if none is idle, 'busy' for that peer only."),
+    Option("limits", "unread_reply_bytes", 64 * 1024, _positive(int, 4096, 1 << 30),
+           "A connection with more than this many reply bytes unread in its socket gets no reply larger than "
+           "512 bytes (dropped and counted in replies_dropped): a peer that does not read loses its replies."),
+    Option("limits", "stats_max_bytes", 1024 * 1024, _positive(int, 16 * 1024, protocol.MAX_FRAME_BYTES),
+           "Largest stats reply: beyond it the document lists the clients in trouble and the most recent first, "
+           "and totals for the rest ('truncated'); a /metrics scrape stays about this size too."),
+    Option("limits", "handshake_timeout", 5.0, _positive(float, 0.1, 600.0),
+           "Seconds a connection may take to complete its handshake (CURVE on tcp); connections still "
+           "handshaking are the first shut down when connections are short."),
     Option("fsync", "policy", "never", _choice(FSYNC_POLICIES),
            'Default fsync policy: "never", "batch" (after every write) or "interval".'),
     Option("fsync", "interval", 1.0, _positive(float, 0.001, 3600.0),
@@ -299,6 +351,20 @@ class Config:
     curve_public_keys_dir: str = ""
     metrics_per_client: bool = False
     clients_gone_after: float = 300.0
+    receive_buffer_bytes: int = 64 * 1024 * 1024
+    queue_bytes: int = 64 * 1024 * 1024
+    peer_queue_bytes: int = 128 * 1024 * 1024
+    total_queue_bytes: int = 512 * 1024 * 1024
+    peer_max_files: int = 250
+    unread_reply_bytes: int = 64 * 1024
+    stats_max_bytes: int = 1024 * 1024
+    handshake_timeout: float = 5.0
+    log_rate_limit: int = 100
+    stats_admins: Tuple[str, ...] = ()
+    metrics_public: bool = False
+    # allowed_dirs as written (absolute, not resolved): a client's path may
+    # start with these names too (docs/security.md, "How paths are reached").
+    allowed_dir_names: Tuple[str, ...] = ()
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
@@ -348,6 +414,9 @@ def _toml_value(value: Any) -> str:
 
 def _check_endpoint(config: Config) -> Config:
     endpoint = config.endpoint or protocol.default_endpoint()
+    if endpoint.startswith("ipc://@"):
+        raise ConfigError(f"endpoint: abstract ipc endpoints ({endpoint}) are refused: any local process can bind "
+                          "the name, and no directory rule protects it; use a socket path")
     if endpoint.startswith("ipc://"):
         path = os.path.abspath(endpoint[len("ipc://"):])
         # Linux's sun_path holds 108 bytes including the terminating NUL.
@@ -414,6 +483,8 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
         raw = data.get(opt.section, {}).get(opt.key, opt.default)
         values[_attr(opt)] = opt.check(f"{opt.section}.{opt.key}", raw)
     values["files"] = _files(data.get("files", []), values)
+    values["allowed_dir_names"] = tuple(os.path.abspath(d) for d in data.get("daemon", {}).get(
+        "allowed_dirs", next(o.default for o in OPTIONS if o.key == "allowed_dirs")))
     if values["forward_target"] and not values["forward_paths"]:
         raise ConfigError("forward.target is set but forward.paths is empty: nothing to forward")
     values["forward_state_file"] = os.path.abspath(values["forward_state_file"])
@@ -427,16 +498,34 @@ def config_from_mapping(data: Mapping[str, Any], source: str = EMBEDDED) -> Conf
     if values["socket_dir_mode"] & 0o002:
         raise ConfigError("daemon.socket_dir_mode must not let others write in the socket directory "
                           f"(got {oct(values['socket_dir_mode'])})")
-    if values["socket_dir_mode"] & 0o020 and not values["socket_group"]:
-        raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write: "
-                          "set socket_group (or use 0o700 / 0o750)")
+    if values["socket_dir_mode"] & 0o020:
+        raise ConfigError(f"daemon.socket_dir_mode {oct(values['socket_dir_mode'])} lets the group write in the "
+                          "socket directory: a member could move the socket aside and listen in the daemon's place; "
+                          "the group may connect with 0o750 and socket_group")
     return _check_endpoint(Config(source=source, **values))
+
+
+def metrics_warnings(config: Config) -> List[str]:
+    """What the daemon says at start about its metrics endpoint (and check-config too)."""
+    if not config.metrics_listen:
+        return []
+    host = config.metrics_listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return []
+    shown = ("every file path and program name to anyone who can reach it (metrics_public = true)"
+             if config.metrics_public else "the daemon-wide series to anyone who can reach it")
+    return [f"metrics_listen = {config.metrics_listen!r} is not a loopback address: /metrics shows {shown}; "
+            "bind it to 127.0.0.1 unless a firewall guards the port"]
 
 
 def config_warnings(config: Config) -> List[str]:
     """What is valid but will not do what the file seems to ask (check-config
     prints these on stderr; the exit status stays 0)."""
-    out: List[str] = []
+    out: List[str] = metrics_warnings(config)
     if config.metrics_listen:
         try:
             import prometheus_client  # noqa: F401

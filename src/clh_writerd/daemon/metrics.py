@@ -2,18 +2,32 @@
 
 A custom collector renders the same snapshot `clh-writerd stats` shows, at
 scrape time, so there is one source of figures and nothing to keep in sync.
+
+Who sees what: the per-file and per-client series (file paths, program
+names) go only to a scraper the daemon knows to be a stats admin - a
+loopback connection whose owner (the kernel's /proc/net/tcp says which uid
+owns the scraper's end) is root, the daemon's user or in ``stats_admins`` -
+or to every scraper with ``metrics_public = true``. The others get the
+daemon-wide series. A scrape is built from a document of at most
+``stats_max_bytes`` / METRICS_SHARE (a client group is some 18 series,
+each repeating its labels), so it stays about stats_max_bytes.
 """
 
+import ipaddress
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .errors import StartupError
+from .stats import OTHER_PROGRAM
 
 try:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, make_wsgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 except ImportError:  # pragma: no cover - exercised only without the extra
-    start_http_server = None  # type: ignore[assignment]
+    make_wsgi_app = None  # type: ignore[assignment]
 
 PREFIX = "clh_writerd_"
 
@@ -32,6 +46,7 @@ FILE_COUNTERS = (
 )
 FILE_GAUGES = (
     ("queue_depth", "messages queued for the file"),
+    ("queue_bytes", "bytes queued for the file (characters + 64 per record)"),
     ("queue_capacity", "batches the file's queue holds"),
 )
 # What clients report about themselves (protocol.REPORT_COUNTERS, and the
@@ -41,8 +56,15 @@ CLIENT_REPORTED = ("sent", "acked", "dropped", "fallback", "resent", "queue_full
 # The states a client reports (client/_stats.py); every group shows all of
 # them, 0 included, so an alert on state="fallback" has a series to look at.
 CLIENT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")
+# A scrape repeats an entry's labels in every series (18 for a client group):
+# it is built from a document of stats_max_bytes / METRICS_SHARE.
+METRICS_SHARE = 16
 # Series whose highest value _monotonic() remembers at most.
 MAX_REMEMBERED = 100_000
+
+
+# Whether the scrape being answered (on this HTTP thread) may see the per-file and per-client series.
+_scrape = threading.local()
 
 
 class StatsCollector:
@@ -57,6 +79,8 @@ class StatsCollector:
     def collect(self) -> Iterator[Any]:
         doc = self.snapshot()
         yield from self._daemon(doc["daemon"])
+        if not getattr(_scrape, "full", True):
+            return  # a scraper that is not a stats admin: the daemon-wide series only
         yield from self._files(doc["files"])
         yield from self._clients(doc)
         if "forward" in doc:  # [forward] is on (docs/forwarding.md)
@@ -120,6 +144,12 @@ class StatsCollector:
             g["last_seen"] = max(g["last_seen"] or 0.0, c["last_seen"])
             state = c.get("state") or "daemon"  # a client that never said: it sends batches
             g["states"][state] = g["states"].get(state, 0) + 1
+        cut = doc.get("truncated")
+        if cut:  # clients left out of a document cut to its budget: summed, so the totals stay whole
+            g = group(OTHER_PROGRAM, None)
+            g["records"] += cut.get("records_received", 0)
+            for name in CLIENT_REPORTED:
+                g["reported"][name] += cut.get("reported", {}).get(name, 0)
         for gone in doc.get("clients_gone") or []:
             g = group(gone["program"], gone.get("file"))
             g["records"] += gone.get("records_received", 0)
@@ -199,18 +229,36 @@ class StatsCollector:
 
 
 class MetricsServer:
-    """The HTTP endpoint; close() shuts it down."""
+    """The HTTP endpoint; close() shuts it down. ``sees_all(uid)``: whether a
+    loopback scraper running as ``uid`` is a stats admin; ``public``: every
+    scraper sees everything."""
 
-    def __init__(self, listen: str, snapshot: Callable[[], Dict[str, Any]], per_client: bool = False) -> None:
-        if start_http_server is None:
+    def __init__(self, listen: str, snapshot: Callable[[], Dict[str, Any]], per_client: bool = False,
+                 sees_all: Callable[[int], bool] = lambda uid: True, public: bool = True) -> None:
+        if make_wsgi_app is None:
             raise StartupError("metrics_listen needs prometheus-client: pip install 'clh-writerd[metrics]'")
         host, _, port = listen.rpartition(":")
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(snapshot, per_client))  # type: ignore[arg-type]
+        exposition = make_wsgi_app(self.registry)
+        self.sees_all, self.public = sees_all, public
+
+        def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            _scrape.full = self.public or self._admin(environ)
+            return exposition(environ, start_response)
+
         try:
-            self._server, self._thread = _start(int(port), host.strip("[]"), self.registry)
+            self._server, self._thread = _start(int(port), host.strip("[]"), app)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {listen}: {exc}") from None
+
+    def _admin(self, environ: Dict[str, Any]) -> bool:
+        try:
+            uid = scraper_uid(environ["REMOTE_ADDR"], int(environ["REMOTE_PORT"]), environ["SERVER_NAME_ADDR"],
+                              int(environ["SERVER_PORT"]))
+        except (KeyError, ValueError):
+            return False
+        return uid is not None and self.sees_all(uid)
 
     def close(self) -> None:
         self._server.shutdown()
@@ -218,8 +266,57 @@ class MetricsServer:
         self._thread.join(5)
 
 
-def _start(port: int, addr: str, registry: Any) -> Tuple[Any, Any]:
-    result = start_http_server(port, addr=addr, registry=registry)
-    if result is None:  # pragma: no cover - prometheus-client < 0.17 returns nothing
-        raise StartupError("prometheus-client >= 0.17 is required for metrics_listen")
-    return result
+class _Handler(WSGIRequestHandler):
+    """Quiet (no access log on stderr), and tells the app both ends of the connection."""
+
+    def get_environ(self) -> Dict[str, Any]:
+        environ = super().get_environ()
+        environ["REMOTE_PORT"] = str(self.client_address[1])
+        environ["SERVER_NAME_ADDR"] = self.connection.getsockname()[0]
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _start(port: int, addr: str, app: Any) -> Tuple[Any, Any]:
+    family = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = family
+
+    httpd = make_server(addr, port, app, Server, handler_class=_Handler)
+    thread = threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True)
+    thread.start()
+    return httpd, thread
+
+
+def _proc_address(ip: str, port: int) -> str:
+    """An address as /proc/net/tcp{,6} spells it: the address's 32-bit words in host order, then the port."""
+    packed = ipaddress.ip_address(ip).packed
+    words = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
+    return f"{words.hex().upper()}:{port:04X}"
+
+
+def scraper_uid(remote_ip: str, remote_port: int, local_ip: str, local_port: int) -> Optional[int]:
+    """The uid owning the scraper's end of a loopback tcp connection (from the kernel's socket
+    table, as identd answers), or None: not loopback, or not found."""
+    try:
+        if not ipaddress.ip_address(remote_ip).is_loopback:
+            return None
+    except ValueError:
+        return None
+    # IPv4 mapped into IPv6 (a dual-stack listener) shows in tcp6 with the mapped form.
+    wanted = {(_proc_address(remote_ip, remote_port), _proc_address(local_ip, local_port))}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if (fields[1], fields[2]) in wanted:
+                        return int(fields[7])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None

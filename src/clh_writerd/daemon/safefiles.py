@@ -30,7 +30,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 from concurrent_log_handler import ConcurrentRotatingFileHandler, ConcurrentTimedRotatingFileHandler
 
 from ..protocol import E_FORBIDDEN_PATH, ProtocolError
-from .paths import open_dir
+from .paths import Authority, open_dir
 
 PROC_FD = "/proc/self/fd"
 _FILE_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a planted fifo never blocks open()
@@ -44,13 +44,19 @@ def proc_fd_available() -> bool:
 class DirHandle:
     """A directory below an allowed directory, held open at a fixed descriptor number."""
 
-    def __init__(self, root: str, dirs: Sequence[str], what: str = "path") -> None:
+    def __init__(self, root: str, dirs: Sequence[str], what: str = "path",
+                 authority: Optional[Authority] = None) -> None:
         self.root = root
         self.dirs = tuple(dirs)
         self.what = what
-        fd = open_dir(root, self.dirs, create=True, what=what)
+        # The peer the directories are walked (and created) for; None: the daemon's own right.
+        self.authority = authority
+        levels: list = []
+        fd = open_dir(root, self.dirs, create=True, what=what, authority=authority, levels=levels)
         assert fd is not None
         self.fd: int = fd
+        # The stat of each directory of the last walk, root first (whom the path lets through).
+        self.levels: Tuple[os.stat_result, ...] = tuple(levels)
         self._ident = self._identity(fd)
 
     @property
@@ -69,8 +75,10 @@ class DirHandle:
     def refresh(self) -> bool:
         """Walk the path again (no symlinks); if it now leads to another
         directory, hold that one instead (same descriptor number). True if it changed."""
-        fd = open_dir(self.root, self.dirs, create=True, what=self.what)
+        levels: list = []
+        fd = open_dir(self.root, self.dirs, create=True, what=self.what, authority=self.authority, levels=levels)
         assert fd is not None
+        self.levels = tuple(levels)
         ident = self._identity(fd)
         if ident == self._ident:
             os.close(fd)
@@ -98,7 +106,8 @@ def _forbidden(path: str, what: str) -> ProtocolError:
 
 
 def _open_regular(path: str, flags: int, mode: int = 0o666, what: str = "file") -> int:
-    """os.open with O_NOFOLLOW that accepts only a regular file."""
+    """os.open with O_NOFOLLOW that accepts only a regular file, and for writing only one with a
+    single link (a rotated segment being gzipped may be linked elsewhere: [forward] hold_dir)."""
     try:
         fd = os.open(path, flags | _FILE_FLAGS, mode)
     except OSError as exc:
@@ -106,13 +115,38 @@ def _open_regular(path: str, flags: int, mode: int = 0o666, what: str = "file") 
             raise _forbidden(path, what) from None
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise _forbidden(path, what)
+        if st.st_nlink > 1 and flags & (os.O_WRONLY | os.O_RDWR):
+            raise hardlinked(path, what)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def hardlinked(path: str, what: str = "file") -> ProtocolError:
+    """A file with another name elsewhere may be anyone's (fs.protected_hardlinks = 0 lets a user link
+    a file she cannot write into a directory she can): the daemon never writes, truncates or chmods one."""
+    return ProtocolError(E_FORBIDDEN_PATH, f"{what} {path} has more than one hard link (the daemon refuses "
+                                           "hardlinked files)")
+
+
+def _open_or_create(path: str, flags: int, what: str) -> Tuple[int, bool]:
+    """(descriptor, created now): O_CREAT|O_EXCL first, so a file the daemon
+    creates is known to be the one it created (and can be given to its peer)."""
+    for _ in range(8):
+        try:
+            return _open_regular(path, flags | os.O_CREAT | os.O_EXCL, what=what), True
+        except FileExistsError:
+            pass
+        try:
+            return _open_regular(path, flags & ~os.O_CREAT, what=what), False
+        except FileNotFoundError:
+            continue  # removed between the two (a rotation elsewhere): try again
+    raise OSError(errno.EAGAIN, f"{what} {path} keeps appearing and disappearing")
 
 
 class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
@@ -122,6 +156,9 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
                  **kwargs: Any) -> None:
         self.directory = directory
         self.lock_directory = lock_directory
+        # The peer the file is written for (None: the daemon's own right):
+        # what it creates is given to it, what it does not own keeps its mode.
+        self.creator: Optional[Authority] = directory.authority
         kwargs.pop("lock_file_directory", None)
         super().__init__(os.path.join(directory.path, name),
                          lock_file_directory=lock_directory.path if lock_directory else None, **kwargs)
@@ -130,11 +167,13 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
     def do_open(self, mode: Optional[str] = None) -> Any:
         mode = mode or self.mode
         self._atomic_create_with_perms(self.baseFilename)
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if mode.startswith("w") else os.O_APPEND)
+        flags = os.O_WRONLY | os.O_APPEND
         with self._alter_umask():
-            fd = _open_regular(self.baseFilename, flags, what="log file")
+            fd, created = _open_or_create(self.baseFilename, flags, what="log file")
         try:
-            self._apply_perms(fd)
+            if mode.startswith("w"):
+                os.ftruncate(fd, 0)
+            self._apply_perms(fd, created)
             return open(fd, "a" if "a" in mode else "w", encoding=self.encoding, newline=self.newline)
         except BaseException:
             os.close(fd)
@@ -147,9 +186,9 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
         # Created like the log file (0o666 under the same umask, then the
         # same chmod/owner): never more readable than the log it guards.
         with self._alter_umask():
-            fd = _open_regular(self.lockFilename, os.O_RDWR | os.O_CREAT, what="lock file")
+            fd, created = _open_or_create(self.lockFilename, os.O_RDWR, what="lock file")
         try:
-            self._apply_perms(fd)
+            self._apply_perms(fd, created)
             self.stream_lock = open(fd, "r+", encoding=self.encoding, newline=self.newline)
         except BaseException:
             os.close(fd)
@@ -170,7 +209,7 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
         except OSError:
             return False
         try:
-            self._apply_perms(fd)
+            self._apply_perms(fd, created=True)
             os.close(fd)
             fd = -1
             os.link(tmp_path, target_path, follow_symlinks=False)
@@ -196,14 +235,24 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
         finally:
             os.close(fd)
 
-    def _apply_perms(self, fd: int) -> None:
-        if self.chmod is None and self._set_uid is None:
+    def _apply_perms(self, fd: int, created: bool = False) -> None:
+        """chmod/owner options through the descriptor; a file created for a
+        peer becomes the peer's. A file the peer neither created now nor owns
+        keeps its mode and owner (the peer could not change them itself)."""
+        creator = self.creator
+        if self.chmod is None and self._set_uid is None and (creator is None or not created):
             return
         st = os.fstat(fd)
+        if st.st_nlink > 1 and not created:
+            return  # never chmod a file that has another name (do_open refuses to write it)
+        if creator is not None and not created and not creator.owns(st):
+            return
         with suppress(OSError):  # best effort, as CLH: another user's file stays writable
-            if self._set_uid is not None and self._set_gid is not None and \
-                    (st.st_uid, st.st_gid) != (self._set_uid, self._set_gid):
-                os.fchown(fd, self._set_uid, self._set_gid)
+            if self._set_uid is not None and self._set_gid is not None:
+                if (st.st_uid, st.st_gid) != (self._set_uid, self._set_gid):
+                    os.fchown(fd, self._set_uid, self._set_gid)
+            elif creator is not None and created and (st.st_uid, st.st_gid) != (creator.uid, creator.gid):
+                os.fchown(fd, creator.uid, creator.gid)
             if self.chmod is not None and stat.S_IMODE(st.st_mode) != self.chmod:
                 os.fchmod(fd, self.chmod)
 
@@ -216,9 +265,12 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
             with open(in_fd, "rb") as input_fh:
                 self._atomic_create_with_perms(out_filename)
                 with self._alter_umask():
-                    out_fd = _open_regular(out_filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, what="gzip file")
+                    # Truncated through the descriptor, after the hard-link check (O_TRUNC would
+                    # empty a file linked here from elsewhere before it could be refused).
+                    out_fd, created = _open_or_create(out_filename, os.O_WRONLY, what="gzip file")
+                os.ftruncate(out_fd, 0)
                 with open(out_fd, "wb") as raw:
-                    self._apply_perms(out_fd)
+                    self._apply_perms(out_fd, created)
                     with gzip.GzipFile(filename=out_filename, mode="wb", fileobj=raw) as gzip_fh:
                         while True:
                             data = input_fh.read(self.gzip_buffer)

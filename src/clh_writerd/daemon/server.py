@@ -17,26 +17,32 @@ import os
 import resource
 import signal
 import socket
+import struct
 import sys
+import termios
+import threading
 import time
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from collections import OrderedDict
+from typing import IO, Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
+import msgpack
 import zmq
 
 from .. import protocol
-from .._sockdir import socket_dir_problem
+from .._sockdir import key_file_problem, socket_dir_problem
 from .._version import __version__
 from .access import LOCAL, AccessPolicy, Peer
-from .config import Config, load_config
+from .config import Config, load_config, metrics_warnings
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
 from .notify import SystemdNotifier
 from .paths import Target
 from .policy import OptionPolicy
 from .safefiles import proc_fd_available
-from .stats import DaemonStats, FileStats, printable
-from .writers import AckQueue, FileWriter, Router, Work
+from .stats import PEER_LOGGER, DaemonStats, FileStats, printable
+from .writers import AckQueue, FileWriter, QueueBudget, Router, Work, queued_cost
 
 log = logging.getLogger("clh_writerd.daemon")
+peer_log = logging.getLogger(PEER_LOGGER)
 
 EXIT_OK = 0
 EXIT_DRAIN_TIMEOUT = 1
@@ -56,12 +62,26 @@ FDS_PER_FILE = 4
 FD_RESERVE = 64
 # The daemon's zmq sockets: the ROUTER (writers use no zmq socket).
 ZMQ_MAX_SOCKETS = 16
+# Connections that have not spoken yet that the guard remembers at least
+# (their monitor events may be lost under a flood: the map stays bounded).
+MAX_PENDING = 4096
 # Connections gone since the last high-water mark before the daemon hands
 # their freed memory back to the kernel (see ConnectionGuard.sweep).
 TRIM_AFTER_CONNECTIONS = 256
 # Replies queued per peer before zmq drops further ones for that peer (a
 # client that never reads cannot grow the daemon's memory).
 REPLY_HWM = 1000
+# Replies up to this size (acks, pings, most errors) are bounded by REPLY_HWM
+# alone: REPLY_HWM of them is half a megabyte. A larger one (stats, a long
+# error) goes to a connection only if it has read what it was sent
+# (unread_reply_bytes), and at most one per connection per receive burst.
+SMALL_REPLY_BYTES = 512
+# A built stats document answers every stats request of the same scope for
+# this many times as long as it took to build: stats requests, however many,
+# take at most about a tenth of the main loop (a cheap document is fresh).
+STATS_CACHE_FACTOR = 10
+# Scopes (peers) whose stats document is cached at most.
+STATS_CACHE_SCOPES = 64
 # Seconds between sweeps for idle files.
 IDLE_SWEEP_SECONDS = 1.0
 # The cycle collector's first threshold while serving (Python's default is
@@ -103,6 +123,20 @@ def derived_limits(nofile: int, max_files: int, max_connections: int) -> Dict[st
             "fd_reserve": reserve, "zmq_max_sockets": ZMQ_MAX_SOCKETS, "reply_hwm": REPLY_HWM}
 
 
+def receive_hwm(config: Config) -> int:
+    """ZMQ_RCVHWM: the frames libzmq holds per connection, so that
+    receive_buffer_bytes bounds its bytes (frames are at most hard_frame_limit)."""
+    return max(1, config.receive_buffer_bytes // hard_frame_limit(config.max_message_bytes))
+
+
+def unread_bytes(fd: int) -> int:
+    """Bytes sent on a connection's socket that its peer has not read yet (SIOCOUTQ); 0 if unknown."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
+
+
 def _malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0), or nothing where the C library has none (musl)."""
     try:
@@ -134,7 +168,8 @@ class ConnectionGuard:
     monitor event lost under a flood cannot skew it.
     """
 
-    EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_DISCONNECTED)
 
     def __init__(self, sock: zmq.Socket, limits: Dict[str, int], open_files: Callable[[], int],
                  stats: DaemonStats, pause: Callable[[], None], resume: Callable[[], None]) -> None:
@@ -143,6 +178,13 @@ class ConnectionGuard:
         self.open_files = open_files
         self.stats = stats
         self.paused = False
+        self.local_address: Any = None  # the listener's address: a descriptor is ours only if it has it
+        # Connections accepted that have not sent a message yet (descriptor ->
+        # when accepted), oldest first: the first shut down when connections
+        # are short, so silent tcp connections (a CURVE handshake never
+        # started) cannot keep an authenticated client out. libzmq itself
+        # drops those still handshaking after handshake_timeout (HANDSHAKE_IVL).
+        self.pending: "OrderedDict[int, float]" = OrderedDict()
         self._pause, self._resume = pause, resume
         self._base = self._high = open_fds()  # the daemon's own descriptors: no connection yet
         self._trim = _malloc_trim()
@@ -192,43 +234,76 @@ class ConnectionGuard:
         from zmq.utils.monitor import recv_monitor_message
 
         accepted = []
+        pending = self.pending
         while True:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                accepted.append(event["value"])
-            elif event["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            kind, fd = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                accepted.append(fd)
+                pending.pop(fd, None)
+                pending[fd] = time.monotonic()
+            elif kind == zmq.EVENT_DISCONNECTED:
+                pending.pop(fd, None)
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                # Closed mid-handshake: handshake_timeout (HANDSHAKE_IVL) ran out, or it was shut down.
+                # (The value of handshake events is not the descriptor.)
+                self.stats.count("handshakes_incomplete")
+            elif kind in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                 # tcp with CURVE: a key not in curve_public_keys_dir, or no
                 # CURVE at all (libzmq closes that connection itself).
                 self.stats.count("auth_failures")
-                log.warning("refused a tcp connection: CURVE handshake failed (%s)",
-                            "unknown client key" if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                peer_log.warning("refused a tcp connection: CURVE handshake failed (%s)",
+                            "unknown client key" if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
                             else "no or bad CURVE")
+        # Events lost under a flood leave stale entries: keep the map bounded.
+        while len(pending) > max(MAX_PENDING, 2 * self.limits["connections"]):
+            pending.popitem(last=False)
         if not accepted:
             return
         fds = open_fds()  # one /proc listing per wake-up, not per event
         self._high = max(self._high, fds)
         excess = fds - self.ceiling()
-        for fd in reversed(accepted[-excess:] if excess > 0 else []):
-            self._shut(fd)
-            self.stats.count("connections_refused")
+        # Connections that have sent nothing go first, oldest first (what
+        # proved nothing yet); then, as before, the newest accepted.
+        shut = set()
+        while excess > 0 and pending:
+            fd, _ = pending.popitem(last=False)
+            if self._shut(fd, self.local_address):
+                shut.add(fd)
+                excess -= 1
+        for fd in reversed(accepted):
+            if excess <= 0:
+                break
+            if fd not in shut and self._shut(fd, self.local_address):
+                shut.add(fd)
+                excess -= 1
+        self.stats.count("connections_refused", len(shut))
         self.check()
 
     @staticmethod
-    def _shut(fd: int) -> None:
+    def _shut(fd: int, local_address: Any = None) -> bool:
         """shutdown(2), not close: libzmq owns the descriptor, sees the end of
-        the stream and closes it itself."""
+        the stream and closes it itself. Only a socket on the listener's
+        address (``local_address``, when known) is touched: a descriptor from
+        a lost event may name something else by now. True if shut down."""
         try:
             sock = socket.socket(fileno=fd)
         except OSError:
-            return  # already closed and reused by something that is not a socket
+            return False  # already closed and reused by something that is not a socket
         try:
-            if sock.family == socket.AF_UNIX or sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.shutdown(socket.SHUT_RDWR)
+            if sock.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+                return False
+            if local_address is not None:
+                name = sock.getsockname()
+                if (name[1] if isinstance(name, tuple) else name) != local_address:
+                    return False
+            sock.shutdown(socket.SHUT_RDWR)
+            return True
         except OSError:
-            pass
+            return False
         finally:
             sock.detach()
 
@@ -239,7 +314,7 @@ class ConnectionGuard:
 # Settings a reload cannot apply to a running daemon (the endpoint is handled
 # on its own); everything else applies live.
 RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen", "tcp_auth",
-                                 "metrics_per_client",
+                                 "metrics_per_client", "metrics_public", "receive_buffer_bytes",
                                  "curve_secret_key")
 # The forwarder reads its [forward] options once, at start.
 RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
@@ -280,6 +355,11 @@ class Server:
         self.forwarder: Optional[Any] = None  # forward.Forwarder when [forward] target is set
         self.access = AccessPolicy(config, config.ipc_path is not None)
         self.authenticator: Optional[Any] = None  # zmq.auth ThreadAuthenticator on a CURVE tcp endpoint
+        self.budget = QueueBudget(config.total_queue_bytes, config.peer_queue_bytes)
+        # Stats documents by scope: (valid until, packed document).
+        self._stats_cache: Dict[Hashable, Tuple[float, bytes]] = {}
+        # Connections (descriptor, routing identity) sent a large reply in this receive burst (one each).
+        self._large_replies: Set[Tuple[int, bytes]] = set()
 
     # -- lifecycle -----------------------------------------------------------
     def run(self) -> int:
@@ -313,7 +393,12 @@ class Server:
         # A reply that cannot be queued (the peer's REPLY_HWM is reached, or
         # the peer is gone) raises instead of vanishing, so _send counts it.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.RCVHWM, REPLY_HWM)
+        # In bytes terms: what libzmq buffers per connection while the main
+        # loop is busy is at most receive_buffer_bytes.
+        self.stats.limits["rcvhwm"] = receive_hwm(cfg)
+        sock.setsockopt(zmq.RCVHWM, self.stats.limits["rcvhwm"])
+        # A connection that has not finished its handshake (CURVE on tcp) in time is dropped.
+        sock.setsockopt(zmq.HANDSHAKE_IVL, int(cfg.handshake_timeout * 1000))
         sock.setsockopt(zmq.LINGER, 1000)
         # Let zmq drop state of peers that vanished without closing.
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -323,11 +408,16 @@ class Server:
                                      self.stats, self._pause_listening, self._resume_listening)
         self._secure(sock)
         self._bind(sock)
+        self.guard.local_address = self._local_address(sock)
+        RateLimit.attach(cfg.log_rate_limit, self.stats.count)
         if cfg.metrics_listen:
             from .metrics import MetricsServer
 
-            self.metrics = MetricsServer(cfg.metrics_listen, self.snapshot, per_client=cfg.metrics_per_client)
+            self.metrics = MetricsServer(cfg.metrics_listen, self._metrics_snapshot, per_client=cfg.metrics_per_client,
+                                         sees_all=lambda uid: self.access.admin_uid(uid), public=cfg.metrics_public)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
+            for warning in metrics_warnings(cfg):
+                log.warning("%s", warning)
         if cfg.forward_target:
             from ..forward import Forwarder, options_from_config
 
@@ -421,7 +511,11 @@ class Server:
         self.config = new
         self.access = AccessPolicy(new, new.ipc_path is not None)
         if self.authenticator is not None:
-            self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
+            problem = self._keys_problem(new)
+            if problem:  # a key planted in a directory someone else can write is never admitted
+                log.error("reload: keeping the admitted keys: %s", problem)
+            else:
+                self.authenticator.configure_curve(domain="*", location=new.curve_public_keys_dir)
         self._prepare_allowed_dirs()
         assert self.router is not None and self.router_socket is not None
         self.stats.limits = derived_limits(self.stats.limits.get("nofile", raise_fd_limit()), new.max_files,
@@ -431,9 +525,18 @@ class Server:
             self.guard.limits = self.stats.limits
         self.router.reload(new)
         self.router_socket.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(new.max_message_bytes))
+        # RCVHWM stays as set at start (receive_buffer_bytes is restart-only): libzmq applies a new HWM to
+        # the pipes of live connections from this thread while its I/O thread uses them (it crashed the
+        # daemon, SIGSEGV, in 4 of 10 reloads).
+        self.stats.limits["rcvhwm"] = int(self.router_socket.getsockopt(zmq.RCVHWM))
+        self.router_socket.setsockopt(zmq.HANDSHAKE_IVL, int(new.handshake_timeout * 1000))
+        self.budget.total_limit, self.budget.peer_limit = new.total_queue_bytes, new.peer_queue_bytes
+        self._stats_cache.clear()
+        RateLimit.attach(new.log_rate_limit, self.stats.count)
         for writer in self.router.all_writers():
             writer.fsync_policy, writer.fsync_interval = new.fsync_for(writer.path)
             writer.capacity = writer.stats.capacity = new.queue_batches
+            writer.byte_capacity = new.queue_bytes
         self.stats.max_clients = new.max_clients
         self.stats.clients_gone_after = new.clients_gone_after
         self.stats.count("reloads")
@@ -443,16 +546,31 @@ class Server:
     def _receive_burst(self) -> None:
         sock = self.router_socket
         assert sock is not None
+        self._large_replies.clear()
+        guard = self.guard
         for _ in range(MAX_BURST):
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             # Who sent it, from the transport: the kernel's credentials on
-            # ipc, the admitted CURVE key on tcp.
+            # ipc, the admitted CURVE key on tcp; and on which connection
+            # (its descriptor: how much of our replies it has left unread).
             last = parts[-1]
             peer = Peer.from_metadata(str(last.get("Peer-Address") or ""), self._user_id(last))
-            self.handle([p.bytes for p in parts], peer)
+            fd = self._source_fd(last)
+            if guard is not None:
+                guard.pending.pop(fd, None)  # it spoke: no longer the first to go
+            # The payload is read in place (a memoryview of libzmq's buffer): no copy of a
+            # frame that may be megabytes and is often refused.
+            self.handle([p.bytes for p in parts[:-1]] + [last.buffer], peer, fd)
+
+    @staticmethod
+    def _source_fd(frame: zmq.Frame) -> int:
+        try:
+            return int(frame.get(zmq.SRCFD))
+        except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+            return -1
 
     def _user_id(self, frame: zmq.Frame) -> Optional[str]:
         if self.authenticator is None:
@@ -462,17 +580,17 @@ class Server:
         except zmq.ZMQError:
             return None
 
-    def handle(self, frames: List[bytes], peer: Peer = LOCAL) -> None:
+    def handle(self, frames: List[Any], peer: Peer = LOCAL, fd: int = -1) -> None:
         """authorize -> decode -> route -> hand to the writer (which acks), or reply now.
 
         Isolated: whatever one message raises becomes an ``internal`` error
         reply and a counter; the daemon goes on with the next message.
         """
         try:
-            self._handle(frames, peer)
+            self._handle(frames, peer, fd)
         except Exception as exc:
             self.stats.count(protocol.E_INTERNAL)
-            log.error("internal error on a message (answered, daemon goes on): %s",
+            peer_log.error("internal error on a message (answered, daemon goes on): %s",
                       printable(f"{type(exc).__name__}: {exc}"[:500]))
             if 2 <= len(frames) <= 3:
                 seq = rid = None
@@ -484,7 +602,7 @@ class Server:
                 reply = protocol.encode_error(protocol.E_INTERNAL, f"{type(exc).__name__}", seq=seq, id=rid)
                 self._send(frames[:-1] + [reply])
 
-    def _handle(self, frames: List[bytes], peer: Peer) -> None:
+    def _handle(self, frames: List[Any], peer: Peer, fd: int = -1) -> None:
         self.stats.count("frames_received")
         # DEALER: [identity, payload]; REQ: [identity, b"", payload].
         if len(frames) < 2 or len(frames) > 3:
@@ -506,7 +624,7 @@ class Server:
                     protocol.E_TOO_LARGE, f"frame of {len(payload)} bytes exceeds max_message_bytes "
                     f"({self.config.max_message_bytes})")
             request = protocol.decode_request(payload)
-            reply = self._dispatch(envelope, request, len(payload), peer)
+            reply = self._dispatch(envelope, request, len(payload), peer, fd)
         except protocol.ProtocolError as exc:
             self.stats.count(exc.code)
             if exc.code == protocol.E_UNAUTHORIZED:
@@ -516,23 +634,29 @@ class Server:
             rid = getattr(request, "id", None)
             reply = protocol.encode_error(exc.code, exc.message, seq=seq, id=rid)
             if exc.code != protocol.E_BUSY:
-                log.warning("refused a message: %s", printable(str(exc)))
+                peer_log.warning("refused a message: %s", printable(str(exc)))
         if reply is not None:
-            self._send(envelope + [reply])
+            self._send(envelope + [reply], fd)
 
-    def _dispatch(self, envelope: List[bytes], request: protocol.Request, size: int, peer: Peer) -> Optional[bytes]:
+    def _dispatch(self, envelope: List[bytes], request: protocol.Request, size: int, peer: Peer,
+                  fd: int = -1) -> Optional[bytes]:
         # Every message needs the same rights: stats reveal paths and clients.
-        dirs = self.access.admit(peer)
+        decision = self.access.decide(peer)
         if isinstance(request, protocol.Batch):
             return self._route(envelope, request.client, request.path, request.options,
                                request.lines(self._render_error), protocol.encode_ack(request.seq), request.seq,
-                               None, size, peer, dirs)
+                               None, size, peer, decision.dirs, decision.authority, fd)
         if isinstance(request, protocol.SyncRecord):
             return self._route(envelope, request.client, request.path, request.options,
                                request.lines(self._render_error),
-                               protocol.encode_ok(request.id), None, request.id, size, peer, dirs)
+                               protocol.encode_ok(request.id), None, request.id, size, peer, decision.dirs,
+                               decision.authority, fd)
         if isinstance(request, protocol.StatsRequest):
-            return protocol.encode_ok(request.id, self.snapshot())
+            if fd >= 0 and not self._may_send_large(fd, envelope[0]):
+                self.stats.count("replies_dropped")  # it has not read the last one: no new document for it
+                return None
+            return protocol.encode_ok(request.id, packed_data=self._stats_document(
+                None if decision.admin else peer.principal))
         if isinstance(request, protocol.Ping):
             return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
                                                    "max_message_bytes": self.config.max_message_bytes,
@@ -550,7 +674,8 @@ class Server:
 
     def _route(self, envelope: List[bytes], client: protocol.ClientId, path: str, options: dict,
                lines: List[str], ok_reply: bytes, seq: Optional[int], rid: Optional[int], size: int,
-               peer: Peer = LOCAL, dirs: Optional[Tuple[str, ...]] = None) -> Optional[bytes]:
+               peer: Peer = LOCAL, dirs: Optional[Tuple[str, ...]] = None, authority: Any = None,
+               fd: int = -1) -> Optional[bytes]:
         client_stats = self.stats.client(client, peer)
         if self.should_exit:
             raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is stopping")
@@ -559,7 +684,8 @@ class Server:
             if dirs is not None:  # peer_dirs: checked before the file is opened or created
                 lock_dir = options.get("lock_file_directory") if isinstance(options, dict) else None
                 self.access.check_path(dirs, self.router.policy, path, lock_dir if isinstance(lock_dir, str) else None)
-            writer = self.router.route(path, options)
+            principal = peer.principal
+            writer = self.router.route(path, options, principal, authority)
             if not OptionPolicy.encodable(writer.options, lines):
                 raise protocol.ProtocolError(
                     protocol.E_BAD_OPTIONS, f"a record cannot be encoded in {writer.options.get('encoding')} "
@@ -569,12 +695,18 @@ class Server:
             raise
         sync = rid is not None
         session = (peer.identity, client.session)  # another peer cannot block this one
+        writer.stats.seen_from(principal)
         blocked = self._refused_batches(session, writer.path, seq)
-        if blocked or not writer.submit(Work(envelope, lines, ok_reply, seq, rid), sync=sync):
+        work = Work(envelope, lines, ok_reply, seq, rid, queued_cost(lines), principal, authority)
+        if blocked or not writer.submit(work, sync=sync):
             writer.stats.busy_refusals += 1
             if seq is not None and not blocked:
                 self._block(session, writer.path, seq)
-            raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full")
+            budget = not blocked and "bytes" in writer.refusal
+            if budget:
+                self.stats.count("queue_bytes_refused")
+            raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full"
+                                         + (f": {writer.refusal}" if budget else ""))
         writer.stats.records_received += len(lines)
         writer.stats.bytes_received += size
         client_stats.records += len(lines)
@@ -615,7 +747,7 @@ class Server:
 
     def _pause_listening(self) -> None:
         assert self.router_socket is not None
-        log.warning("descriptors nearly exhausted: not accepting connections until some close")
+        peer_log.warning("descriptors nearly exhausted: not accepting connections until some close")
         try:
             self.router_socket.unbind(self.config.endpoint)
         except zmq.ZMQError as exc:
@@ -625,7 +757,7 @@ class Server:
         assert self.router_socket is not None
         try:
             self._listen(self.router_socket)
-            log.info("accepting connections again")
+            peer_log.info("accepting connections again")
         except (StartupError, OSError, zmq.ZMQError) as exc:
             log.error("cannot listen again (will retry): %s", exc)
             assert self.guard is not None
@@ -652,8 +784,13 @@ class Server:
         for frames in acks.drain():
             self._send(frames)
 
-    def _send(self, frames: List[bytes]) -> None:
+    def _send(self, frames: List[bytes], fd: int = -1) -> None:
         assert self.router_socket is not None
+        if fd >= 0 and len(frames[-1]) > SMALL_REPLY_BYTES:
+            if not self._may_send_large(fd, frames[0]):
+                self.stats.count("replies_dropped")
+                return
+            self._large_replies.add((fd, frames[0]))
         try:
             self.router_socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -662,14 +799,46 @@ class Server:
             # resends what it has not seen acknowledged.
             self.stats.count("replies_dropped")
 
-    def snapshot(self) -> dict:
-        doc = self.stats.snapshot()
-        if self.forwarder is not None:
+    def _may_send_large(self, fd: int, identity: bytes) -> bool:
+        """A large reply only to a connection that has read what it was sent
+        (its socket holds at most unread_reply_bytes), one per burst: so a
+        peer that does not read holds at most one large reply in libzmq.
+        (The routing identity tells two connections apart that had the same
+        descriptor number in one burst.)"""
+        return ((fd, identity) not in self._large_replies
+                and unread_bytes(fd) <= self.config.unread_reply_bytes)
+
+    def _stats_document(self, scope: Hashable) -> bytes:
+        """The packed stats document for ``scope`` (None: everything), at most
+        stats_max_bytes; reused for STATS_CACHE_FACTOR times its build time."""
+        now = time.monotonic()
+        cached = self._stats_cache.get(scope)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        packed = msgpack.packb(self.snapshot(scope, self.config.stats_max_bytes))
+        if len(self._stats_cache) >= STATS_CACHE_SCOPES:
+            self._stats_cache.clear()
+        built = time.monotonic()
+        self._stats_cache[scope] = (built + STATS_CACHE_FACTOR * (built - now), packed)
+        return packed
+
+    def _metrics_snapshot(self) -> dict:
+        """What a scrape is built from (the metrics thread): everything, so that the scrape stays within
+        about stats_max_bytes (metrics.METRICS_SHARE)."""
+        from .metrics import METRICS_SHARE
+
+        return self.snapshot(None, max(16 * 1024, self.config.stats_max_bytes // METRICS_SHARE))
+
+    def snapshot(self, scope: Hashable = None, budget: int = 0) -> dict:
+        """The stats document (``scope``, ``budget``: DaemonStats.snapshot)."""
+        doc = self.stats.snapshot(scope, budget)
+        if self.forwarder is not None and scope is None:
             doc["forward"] = self.forwarder.snapshot()
         return doc
 
     # -- resources -----------------------------------------------------------
-    def _make_writer(self, target: Target, options: dict, lock_target: Optional[Target]) -> FileWriter:
+    def _make_writer(self, target: Target, options: dict, lock_target: Optional[Target],
+                     authority: Any = None) -> FileWriter:
         cfg = self.config
         path = target.path
         old = self.stats.files.get(path)
@@ -679,7 +848,7 @@ class Server:
         policy, interval = cfg.fsync_for(path)
         assert self.acks is not None and self.router is not None
         writer = FileWriter(target, options, stats, self.acks, cfg.queue_batches, cfg.max_write_chars, policy,
-                            interval, lock_target, self.stats.count)
+                            interval, lock_target, self.stats.count, self.budget, cfg.queue_bytes, authority)
         writer.start()
         self.stats.add_file(stats, self.router.writers, keep=2 * self.router.max_files)
         return writer
@@ -719,6 +888,17 @@ class Server:
             if self.config.socket_group:
                 os.chown(path, -1, self._socket_gid())
 
+    def _local_address(self, sock: zmq.Socket) -> Any:
+        """The listener's address as getsockname() shows it on an accepted
+        connection: the socket path on ipc, the port on tcp."""
+        path = self.config.ipc_path
+        if path is not None:
+            return path
+        try:
+            return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        except (zmq.ZMQError, ValueError, IndexError):
+            return None
+
     def _prepare_socket_dir(self, directory: str) -> None:
         """Create the directory (socket_dir_mode), or refuse one that someone
         else controls: its owner could move the socket aside and listen in
@@ -752,6 +932,9 @@ class Server:
         import zmq.auth
         from zmq.auth.thread import ThreadAuthenticator
 
+        problem = self._keys_problem(cfg)
+        if problem:
+            raise StartupError(problem)
         try:
             public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
         except (OSError, ValueError) as exc:
@@ -769,6 +952,22 @@ class Server:
         sock.curve_publickey = public
         sock.curve_server = True
         log.info("tcp: CURVE; client keys from %s", cfg.curve_public_keys_dir)
+
+    @staticmethod
+    def _keys_problem(cfg: Config) -> str:
+        """The key files as ssh checks them: the secret key and the admitted keys' directory (and each
+        key in it) owned by this user or root, writable by nobody else; the secret key readable by nobody else."""
+        trusted = {os.getuid(), 0}
+        problem = key_file_problem(cfg.curve_secret_key, trusted, secret=True)
+        if not problem and os.path.isdir(cfg.curve_public_keys_dir):
+            problem = socket_dir_problem(cfg.curve_public_keys_dir, trusted).replace("socket directory",
+                                                                                      "curve_public_keys_dir")
+            for name in sorted(os.listdir(cfg.curve_public_keys_dir)) if not problem else ():
+                if name.endswith(".key"):
+                    problem = key_file_problem(os.path.join(cfg.curve_public_keys_dir, name), trusted, secret=False)
+                    if problem:
+                        break
+        return problem
 
     def _socket_gid(self) -> int:
         group = self.config.socket_group
@@ -865,10 +1064,53 @@ class EscapingFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def configure_logging(level: str) -> None:
-    """The daemon's own diagnostics: stderr, one line per event, with levels."""
+class RateLimit(logging.Filter):
+    """At most ``rate`` lines a second (a burst of as many) of what clients can
+    provoke (PEER_LOGGER), the rest counted: a client that provokes a warning
+    per message cannot flood the journal.
+    The next line let through says how many were suppressed. Thread-safe
+    (writer threads log too)."""
+
+    def __init__(self, rate: int = 0, count: Callable[[str, int], None] = lambda name, n: None) -> None:
+        super().__init__()
+        self.rate, self._count = rate, count
+        self._tokens = float(rate)
+        self._last = time.monotonic()
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, rate: int, count: Callable[..., None]) -> None:
+        """Set the rate and counter of the filter configure_logging installed (if any)."""
+        for handler in logging.getLogger("clh_writerd").handlers:
+            for f in handler.filters:
+                if isinstance(f, cls):
+                    f.rate, f._count = rate, count
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.rate or not record.name.startswith(PEER_LOGGER):
+            return True
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(float(self.rate), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                self.suppressed += 1
+                self._count("log_lines_suppressed", 1)
+                return False
+            self._tokens -= 1.0
+            if self.suppressed:
+                record.msg = f"({self.suppressed} line(s) suppressed by log_rate_limit) {record.msg}"
+                self.suppressed = 0
+        return True
+
+
+def configure_logging(level: str, rate_limit: int = 0) -> None:
+    """The daemon's own diagnostics: stderr, one line per event, with levels,
+    at most ``rate_limit`` lines a second (0: no limit)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s clh-writerd[%(process)d]: %(message)s"))
+    handler.addFilter(RateLimit(rate_limit))
     root = logging.getLogger("clh_writerd")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

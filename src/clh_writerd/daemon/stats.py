@@ -6,34 +6,34 @@ GIL. ``snapshot()`` builds the JSON document described in docs/stats.md.
 """
 
 import os
-import re
 import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, List, Mapping, Optional
+from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from .._version import __version__
 from ..protocol import MAX_REPORT_ERROR_CHARS, REPORT_COUNTERS, ClientId
 
 STATS_SCHEMA = 1
+# The daemon's diagnostics that clients can provoke (refusals, failed
+# writes, files opened): rate-limited (log_rate_limit); the lifecycle lines
+# (start, reload, drain, stop) are never held back.
+PEER_LOGGER = "clh_writerd.daemon.peers"
+# Principals remembered per file (who may see it in the stats).
+MAX_FILE_PRINCIPALS = 64
+# What a stats document's entries are estimated to take beyond their strings
+# (keys, numbers), for the stats_max_bytes budget; the encoded document is
+# checked afterwards.
+ENTRY_OVERHEAD_BYTES = 1024
 # Groups of gone clients kept at most (per program and file); beyond, one
 # "(other)" group takes the rest, so totals never go down.
 MAX_GONE_GROUPS = 1000
 OTHER_PROGRAM = "(other)"
 
-# C0 and C1 controls, DEL, and the Unicode line/paragraph separators and
-# bidi overrides: anything that could move a terminal's cursor, forge a log
-# line or reorder what a reader sees.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-
-
-def printable(text: str) -> str:
-    """``text`` with control characters escaped (``\\n``, ``\\x1b``, ``\\u2028``),
-    for anything a client sent that ends up on a terminal or in the daemon's log."""
-    if not _CONTROL.search(text):
-        return text
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+# printable: control characters escaped (it lives with the wire contract:
+# the client escapes what the daemon says with it too).
+from ..protocol import printable  # noqa: E402,F401
 
 
 class LatencyWindow:
@@ -70,7 +70,14 @@ class FileStats:
         self.busy_refusals = 0
         self.option_conflicts = 0
         self.fsyncs = 0
+        self.queue_bytes = 0
         self.latency = LatencyWindow()
+        # Who sent batches for the file (access.Peer.principal): who may see it in the stats. Bounded.
+        self.principals: Set[Any] = set()
+
+    def seen_from(self, principal: Any) -> None:
+        if principal not in self.principals and len(self.principals) < MAX_FILE_PRINCIPALS:
+            self.principals.add(principal)
 
     def carry_over(self, old: "FileStats") -> None:
         """Keep the totals of the same file's previous (idle-closed) writer."""
@@ -78,6 +85,7 @@ class FileStats:
                      "writes", "rotations", "write_errors", "busy_refusals", "option_conflicts", "fsyncs"):
             setattr(self, name, getattr(old, name))
         self.last_error = old.last_error
+        self.principals = set(old.principals)
 
     def snapshot(self) -> Dict[str, Any]:
         p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
@@ -86,6 +94,7 @@ class FileStats:
             "options": self.options,
             "queue_depth": self.queue_depth,
             "queue_capacity": self.capacity,
+            "queue_bytes": self.queue_bytes,
             "records_received": self.records_received,
             "bytes_received": self.bytes_received,
             "records_written": self.records_written,
@@ -219,7 +228,12 @@ DAEMON_COUNTERS = (
     "connections_refused",  # connections shut down at once: descriptors were short
     "listener_paused",  # times the daemon stopped accepting connections until descriptors came back
     "auth_failures",  # tcp connections refused by CURVE (unknown key, or no CURVE)
-    "replies_dropped",  # replies not queued: the peer had REPLY_HWM unread, or was gone
+    "replies_dropped",  # replies not queued: the peer had REPLY_HWM unread or unread_reply_bytes in its socket, or was gone
+    "peer_files_refused",  # new files refused: the peer held peer_max_files files and none was idle
+    "queue_bytes_refused",  # batches refused busy by a byte budget (queue_bytes, peer_queue_bytes, total_queue_bytes)
+    "handshakes_incomplete",  # connections closed mid-handshake (handshake_timeout ran out, or shut down)
+    "stats_truncated",  # stats documents cut to stats_max_bytes
+    "log_lines_suppressed",  # diagnostic lines beyond log_rate_limit
 )
 # Refusals kept per peer uid at most (refused_uids in the stats document).
 MAX_REFUSED_UIDS = 256
@@ -316,26 +330,87 @@ class DaemonStats:
             self.gone.add(self.clients.pop(key))
         return len(old)
 
-    def snapshot(self) -> Dict[str, Any]:
-        return {
-            "schema": STATS_SCHEMA,
-            "daemon": {
-                "version": __version__,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "endpoint": self.endpoint,
-                "started": self.started,
-                "uptime_s": round(time.time() - self.started, 3),
-                "counters": self.counters.copy(),
-                "refused_uids": dict(self.refused_uids),
-                "limits": dict(self.limits),
-            },
-            # list() copies in one step: the metrics thread may read while
-            # the main loop adds entries.
-            "files": [f.snapshot() for f in list(self.files.values())],
-            "clients": [c.snapshot() for c in list(self.clients.values())],
-            "clients_gone": self.gone.snapshot(),
+    def snapshot(self, scope: Any = None, budget: int = 0) -> Dict[str, Any]:
+        """The stats document. ``scope``: a principal (access.Peer.principal)
+        that sees only its own clients and the files they write; None: all.
+        ``budget``: the document's largest size in bytes (0: no limit): past
+        it, the clients in trouble and the most recent ones are listed and
+        the rest summed under ``truncated``."""
+        daemon: Dict[str, Any] = {
+            "version": __version__,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "endpoint": self.endpoint,
+            "started": self.started,
+            "uptime_s": round(time.time() - self.started, 3),
+            "counters": self.counters.copy(),
+            "refused_uids": dict(self.refused_uids) if scope is None else {},
+            "limits": dict(self.limits),
         }
+        # list() copies in one step: the metrics thread may read while the
+        # main loop adds entries.
+        files = list(self.files.values())
+        clients = list(self.clients.values())
+        gone = self.gone.snapshot() if scope is None else []
+        if scope is not None:
+            files = [f for f in files if scope in f.principals]
+            clients = [c for c in clients if _principal(c.peer) == scope]
+        doc = {"schema": STATS_SCHEMA, "daemon": daemon}
+        if not budget:
+            doc.update(files=[f.snapshot() for f in files], clients=[c.snapshot() for c in clients],
+                       clients_gone=gone)
+            return doc
+        left = budget - 4096  # the daemon part and the document's own keys
+        # Files with a queue or errors first, then the most recently opened.
+        files = sorted(reversed(files), key=lambda f: not (f.queue_depth or f.write_errors))
+        # Files may take a third of the budget, clients most of the rest, gone groups what is left.
+        kept_files, spare = _within(files, left // 3, lambda f: _size(f.path, repr(f.options)))
+        left -= left // 3 - spare
+        clients.sort(key=lambda c: (_trouble(c), c.last_seen), reverse=True)
+        kept_clients, spare = _within(clients, left * 3 // 4, lambda c: _size(
+            c.client.host, c.client.program, c.client.session, c.file or "", c.last_error))
+        left -= left * 3 // 4 - spare
+        kept_gone, left = _within(gone, left, lambda g: _size(g["program"], g["file"] or ""))
+        doc.update(files=[f.snapshot() for f in kept_files], clients=[c.snapshot() for c in kept_clients],
+                   clients_gone=kept_gone)
+        omitted = clients[len(kept_clients):]
+        if len(kept_files) < len(files) or omitted or len(kept_gone) < len(gone):
+            self.count("stats_truncated")
+            reported: Dict[str, int] = {}
+            for c in omitted:
+                for name, value in c.reported.items():
+                    reported[name] = reported.get(name, 0) + value
+            doc["truncated"] = {"files": len(files) - len(kept_files), "clients": len(omitted),
+                                "clients_gone": len(gone) - len(kept_gone),
+                                "records_received": sum(c.records for c in omitted), "reported": reported}
+        return doc
+
+
+def _principal(peer: Any) -> Any:
+    return getattr(peer, "principal", None)
+
+
+def _trouble(c: ClientStats) -> bool:
+    """Losing, dropping, falling back or refused: listed first when a document must be cut."""
+    return bool(c.reported.get("lost") or c.reported.get("dropped") or c.reported.get("fallback") or c.errors
+                or c.state == "fallback")
+
+
+def _size(*texts: str) -> int:
+    """An upper bound of the UTF-8 bytes of ``texts`` (exact for ASCII, which str knows in O(1))."""
+    return sum(len(t) if t.isascii() else 4 * len(t) for t in texts)
+
+
+def _within(entries: Iterable[Any], left: int, size: Any) -> Tuple[List[Any], int]:
+    """The leading ``entries`` whose estimated size (``size`` + ENTRY_OVERHEAD_BYTES) fits in ``left``."""
+    kept = []
+    for entry in entries:
+        cost = size(entry) + ENTRY_OVERHEAD_BYTES
+        if cost > left:
+            break
+        kept.append(entry)
+        left -= cost
+    return kept, left
 
 
 # Rendering lives in view.py; these names stay importable from here.

@@ -12,24 +12,36 @@ limit, and an idle file is closed (its thread, descriptors and lock) after
 import errno
 import logging
 import os
+import pwd
+import stat
 import threading
 import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 from .. import protocol
-from .._batchwrite import BatchWriter
+from .._batchwrite import BatchWriter, rotating_part
 from .config import Config
-from .paths import PathPolicy, Target, refuse_non_file
+from .paths import W, X, Authority, PathPolicy, Target, refuse_non_file
 from .policy import OptionPolicy
-from .safefiles import DirHandle, build_safe_handler
-from .stats import DaemonStats, FileStats, printable
+from .safefiles import DirHandle, build_safe_handler, hardlinked
+from .stats import PEER_LOGGER, DaemonStats, FileStats, printable
 
-log = logging.getLogger("clh_writerd.daemon")
+log = logging.getLogger(PEER_LOGGER)  # what a client provokes here is rate-limited
 
 # Records written under one lock acquisition at most: bounds ack latency when
 # many batches are queued.
 MAX_RECORDS_PER_WRITE = 8192
+
+
+# What one queued record costs beyond its characters (the str object and
+# the list slot): queued bytes are counted as characters + this per record.
+RECORD_OVERHEAD_BYTES = 64
+
+
+def queued_cost(lines: List[str]) -> int:
+    """The bytes ``lines`` count against the queue budgets (counted in C)."""
+    return sum(map(len, lines)) + RECORD_OVERHEAD_BYTES * len(lines)
 
 
 class Work(NamedTuple):
@@ -40,6 +52,47 @@ class Work(NamedTuple):
     ok_reply: bytes
     seq: Optional[int]  # batch sequence, for an error reply
     id: Optional[int]  # sync request id, for an error reply
+    cost: int = 0  # queued_cost(lines), reserved in the QueueBudget until written
+    principal: Hashable = None  # who sent it (access.Peer.principal): whose budget it counts against
+    authority: Any = None  # access.Authority of an unprivileged peer, checked on the opened file; None: ours
+
+
+class QueueBudget:
+    """Bytes queued for writing over all files: per peer and in total.
+
+    The main loop ``reserve``s when it queues a message; the writer thread
+    ``release``s once the message is written or refused. A message that
+    would pass a budget is refused (``busy``) unless nothing of that kind is
+    queued (a single message larger than a budget still goes through, one
+    at a time).
+    """
+
+    def __init__(self, total: int, per_peer: int) -> None:
+        self.total_limit, self.peer_limit = total, per_peer
+        self.total = 0
+        self.peers: Dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def reserve(self, principal: Hashable, cost: int) -> str:
+        """"" when reserved, else which budget is full."""
+        with self._lock:
+            if self.total and self.total + cost > self.total_limit:
+                return f"total_queue_bytes ({self.total_limit}) reached"
+            mine = self.peers.get(principal, 0)
+            if mine and mine + cost > self.peer_limit:
+                return f"peer_queue_bytes ({self.peer_limit}) reached for this peer"
+            self.total += cost
+            self.peers[principal] = mine + cost
+            return ""
+
+    def release(self, principal: Hashable, cost: int) -> None:
+        with self._lock:
+            self.total -= cost
+            left = self.peers.get(principal, 0) - cost
+            if left > 0:
+                self.peers[principal] = left
+            else:
+                self.peers.pop(principal, None)
 
 
 class AckQueue:
@@ -103,24 +156,34 @@ class FileWriter:
         fsync_interval: float = 1.0,
         lock_target: Optional[Target] = None,
         count: Callable[[str], None] = lambda name: None,
+        budget: Optional[QueueBudget] = None,
+        byte_capacity: int = 0,
+        authority: Any = None,
     ) -> None:
         self.path = target.path
         self.options = options
         self.options_key = protocol.options_key(options)
         self.stats = stats
         self.capacity = capacity
+        self.byte_capacity = byte_capacity  # queue_bytes; 0: no byte bound of its own
+        self.queued_bytes = 0
+        self.refusal = ""  # why the last submit() was refused
+        self.opener: Hashable = None  # the principal whose peer_max_files share this file counts against
+        self._budget = budget
         self.fsync_policy = fsync_policy
         self.fsync_interval = fsync_interval
         self.last_used = time.monotonic()
         self._count = count
         # Rotations one write may do before it deletes its own first lines.
         self._max_rotations = options.get("backupCount", 0)
-        self._dir = DirHandle(target.root, target.dirs)
+        self._dir = DirHandle(target.root, target.dirs, authority=authority)
         self._lock_dir: Optional[DirHandle] = None
         try:
             refuse_non_file(self._dir.fd, target.name, target.path)
+            if authority is not None:
+                self._check_opener(authority, target.name, options)
             if lock_target is not None:
-                self._lock_dir = DirHandle(lock_target.root, lock_target.parts, "lock_file_directory")
+                self._lock_dir = DirHandle(lock_target.root, lock_target.parts, "lock_file_directory", authority)
             self._writer = BatchWriter(build_safe_handler(self._dir, target.name, self._lock_dir, options),
                                        chunk_chars)
         except BaseException:
@@ -136,22 +199,112 @@ class FileWriter:
         self._busy = False
         self._thread = threading.Thread(target=self._run, name=f"writer:{self.path}", daemon=True)
 
+    def _check_opener(self, authority: Authority, name: str, options: Dict[str, Any]) -> None:
+        """The peer that opens the file must be able to do itself what its
+        options ask: write the file (or create it in the directory), change
+        its mode or owner only if it owns it, rotate it only where it could
+        rename it. Never to hand the file to itself (owner = its own user)."""
+        dir_st = self._dir.levels[-1]
+        try:
+            st: Optional[os.stat_result] = os.stat(name, dir_fd=self._dir.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        directory = self._dir.real_path
+        if st is None:
+            if not authority.may(dir_st, W | X):
+                raise authority.refuse("create files in", directory, dir_st)
+        else:
+            if st.st_nlink > 1:
+                raise hardlinked(self.path, "log file")
+            if not authority.may(st, W):
+                raise authority.refuse("write", self.path, st)
+            if "chmod" in options and stat.S_IMODE(st.st_mode) != options["chmod"] and not authority.owns(st):
+                raise authority.refuse(f"change the mode ({oct(options['chmod'])}) of", self.path, st)
+            if "owner" in options and not authority.owns(st):
+                raise authority.refuse("change the owner of", self.path, st)
+        if "owner" in options:
+            try:
+                user = pwd.getpwnam(options["owner"][0]).pw_uid
+            except KeyError:
+                user = None
+            if user == authority.uid:
+                raise authority.refuse("give itself (owner option)", self.path, st)
+        if (options.get("maxBytes", 0) > 0 or "when" in options) and not authority.may_rename_in(dir_st, st):
+            raise authority.refuse("rotate files in", directory, dir_st)
+
+    def _permitted(self, items: List[Work]) -> Tuple[List[Work], List[Tuple[Work, protocol.ProtocolError]]]:
+        """Split ``items`` into those whose peers may write the file as it is
+        now (the opened file, its directories) and those refused; a file with
+        another hard link is refused for everyone."""
+        stream = rotating_part(self._writer.handler).stream
+        st: Optional[os.stat_result] = None
+        try:
+            if stream is not None and not stream.closed:
+                st = os.fstat(stream.fileno())
+            else:
+                st = os.stat(os.path.basename(self.path), dir_fd=self._dir.fd, follow_symlinks=False)
+        except (OSError, ValueError):
+            st = None
+        if st is not None and st.st_nlink > 1:
+            error = hardlinked(self.path, "log file")
+            return [], [(work, error) for work in items]
+        peers = {work.authority for work in items if work.authority is not None}
+        if not peers:
+            return items, []
+        levels = self._dir.levels
+        denied: Dict[Authority, protocol.ProtocolError] = {}
+        for peer in peers:
+            if not all(peer.may(level, X) for level in levels):
+                denied[peer] = peer.refuse("search the directories of", self.path)
+            elif st is not None and not peer.may(st, W):
+                denied[peer] = peer.refuse("write", self.path, st)
+            elif st is None and not peer.may(levels[-1], W | X):
+                denied[peer] = peer.refuse("create files in", self._dir.real_path, levels[-1])
+        if not denied:
+            return items, []
+        return ([w for w in items if w.authority not in denied],
+                [(w, denied[w.authority]) for w in items if w.authority in denied])
+
     # -- main-loop side ----------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, work: Work, sync: bool = False) -> bool:
-        """Queue work; False when its queue is full (batches and sync
-        records each have ``capacity`` places, so neither starves the other)."""
+        """Queue work; False when a queue is full (``refusal`` says which):
+        batches and sync records each have ``capacity`` places, so neither
+        starves the other; their bytes count against ``byte_capacity`` and
+        the shared QueueBudget."""
         with self._cond:
             if self._stopping:
+                self.refusal = "the file is being closed"
                 return False
             if len(self._sync if sync else self._batches) >= self.capacity:
+                self.refusal = f"queue_batches ({self.capacity}) reached"
                 return False
+            if self.byte_capacity and self.queued_bytes and self.queued_bytes + work.cost > self.byte_capacity:
+                self.refusal = f"queue_bytes ({self.byte_capacity}) reached"
+                return False
+            if self._budget is not None:
+                self.refusal = self._budget.reserve(work.principal, work.cost)
+                if self.refusal:
+                    return False
+            self.queued_bytes += work.cost
             (self._sync if sync else self._batches).append(work)
             self.stats.queue_depth = len(self._batches) + len(self._sync)
+            self.stats.queue_bytes = self.queued_bytes
             self._cond.notify()
         return True
+
+    def _release(self, items: List[Work]) -> None:
+        """Written or refused: their bytes leave the budgets."""
+        cost = 0
+        for work in items:
+            cost += work.cost
+            if self._budget is not None and work.cost:
+                self._budget.release(work.principal, work.cost)
+        with self._cond:
+            self.queued_bytes -= cost
+            self.stats.queue_bytes = self.queued_bytes
 
     def stop(self) -> None:
         """Write what is queued, then end the thread (idempotent)."""
@@ -205,6 +358,7 @@ class FileWriter:
                     except Exception as exc:  # never let one write end the thread: answer and go on
                         self._failed(items, exc, protocol.E_INTERNAL)
                     finally:
+                        self._release(items)
                         self._busy = False
                 self._interval_fsync()
         finally:
@@ -229,11 +383,16 @@ class FileWriter:
             self._writer.reopen()
 
     def _write(self, items: List[Work]) -> None:
-        lines = [line for work in items for line in work.lines]
         fsync = self.fsync_policy == "batch"
         started = time.perf_counter()
         try:
             self._refresh_dirs()
+            items, refused = self._permitted(items)
+            for work, error in refused:
+                self._failed([work], error, error.code)
+            if not items:
+                return
+            lines = [line for work in items for line in work.lines]
             result = self._writer.write(lines, fsync=fsync)
         except protocol.ProtocolError as exc:  # a symlink planted since the last write, ...
             self._failed(items, exc, exc.code)
@@ -297,7 +456,7 @@ class FileWriter:
             self._last_fsync = time.monotonic()
 
 
-WriterFactory = Callable[[Target, Dict[str, Any], Optional[Target]], FileWriter]
+WriterFactory = Callable[[Target, Dict[str, Any], Optional[Target], Optional[Authority]], FileWriter]
 
 
 class Router:
@@ -320,13 +479,20 @@ class Router:
         self.max_files = max_files or config.max_files
         self.reload(config)
 
+    @property
+    def peer_max_files(self) -> int:
+        return min(self.config.peer_max_files, self.max_files)
+
     def reload(self, config: Config) -> None:
         self.config = config
-        self.policy = PathPolicy(config.allowed_dirs, config.max_path_depth)
+        self.policy = PathPolicy(config.allowed_dirs, config.max_path_depth, config.allowed_dir_names)
         self.options_policy = OptionPolicy(config.allow_owner)
         self._cache.clear()  # every path is checked again under the new policy
 
-    def route(self, path: str, options: Dict[str, Any]) -> FileWriter:
+    def route(self, path: str, options: Dict[str, Any], principal: Hashable = None,
+              authority: Optional[Authority] = None) -> FileWriter:
+        """The writer of ``path``; a new one is opened for ``principal``
+        (its share of the files) with ``authority`` (what it may do itself)."""
         key: Hashable
         try:
             key = (path, tuple(options.items()))
@@ -335,7 +501,7 @@ class Router:
             key = (path, protocol.options_key(options))
             writer = self._cache.get(key)
         if writer is None:
-            writer = self._resolve(path, options)
+            writer = self._resolve(path, options, principal, authority)
             if len(self._cache) > 16 * self.max_files:
                 self._cache.clear()
             self._cache[key] = writer
@@ -343,7 +509,8 @@ class Router:
         self.writers.move_to_end(writer.path)
         return writer
 
-    def _resolve(self, path: str, options: Dict[str, Any]) -> FileWriter:
+    def _resolve(self, path: str, options: Dict[str, Any], principal: Hashable = None,
+                 authority: Optional[Authority] = None) -> FileWriter:
         opts = self.options_policy.check(options)
         target = self.policy.target(path)
         lock_target = None
@@ -361,22 +528,32 @@ class Router:
                     f"{real} is served with other options ({', '.join(differ)} differ): "
                     f"served {writer.options}, this batch {opts}")
             return writer
+        if principal is not None:
+            # Fair share: a peer whose files are all busy (stalled on locks it
+            # holds, say) is told busy; nobody else's slots are taken from them.
+            held = sum(1 for w in self.writers.values() if w.opener == principal)
+            if held >= self.peer_max_files and not self._close_least_recently_used(principal):
+                self.stats.count("peer_files_refused")
+                raise protocol.ProtocolError(
+                    protocol.E_BUSY, f"this peer holds peer_max_files = {self.peer_max_files} files and none is idle")
         if len(self.writers) >= self.max_files and not self._close_least_recently_used():
             raise protocol.ProtocolError(
                 protocol.E_BUSY, f"this daemon serves at most {self.max_files} files at once and none is idle")
         try:
-            writer = self._make_writer(target, opts, lock_target)
+            writer = self._make_writer(target, opts, lock_target, authority)
         except (KeyError, ValueError) as exc:  # unknown owner user or group, ...
             raise protocol.ProtocolError(protocol.E_BAD_OPTIONS, f"cannot serve {real}: {exc}") from None
         except OSError as exc:  # permissions, a file where a directory should be, ...
             raise protocol.ProtocolError(protocol.E_WRITE_FAILED, f"cannot open {real}: {exc}") from None
+        writer.opener = principal
         self.writers[real] = writer
         log.info("serving %s with %s", printable(real), printable(str(opts)))
         return writer
 
-    def _close_least_recently_used(self) -> bool:
+    def _close_least_recently_used(self, principal: Hashable = None) -> bool:
+        """Close the least recently used idle writer (of ``principal``'s, if given)."""
         for path, writer in self.writers.items():
-            if writer.idle:
+            if writer.idle and (principal is None or writer.opener == principal):
                 self._close(path)
                 return True
         return False
