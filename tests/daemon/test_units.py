@@ -83,9 +83,15 @@ class _FakeWriter:
         self.stats = FileStats(path, options, 1)
         self.last_used = 0.0
         self.idle = False  # always busy: the Router may not close it for a new file
+        self.declarers: Dict[int, Any] = {}
+        self.anonymous_declared = 0.0
+        self.stopped = False
+
+    declared_by = FileWriter.declared_by
+    live_declarers = FileWriter.live_declarers
 
     def stop(self) -> None:
-        pass
+        self.stopped = True
 
     def join(self, timeout: Any) -> bool:
         return True
@@ -110,6 +116,45 @@ def test_router_serves_one_writer_per_file_and_refuses_other_options_for_it(tmp_
     assert info.value.code == protocol.E_OPTIONS_CONFLICT and "maxBytes" in str(info.value)
     assert first.stats.option_conflicts == 1
     assert factory.made == [(path, options)]
+
+
+def _unused_pid() -> int:
+    """A pid no process has now (counting down from the kernel's largest)."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        pid = int(f.read())
+    while pid > 1:
+        pid -= 1
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+    raise AssertionError("no free pid")
+
+
+def test_router_changes_a_files_options_once_every_process_that_declared_them_is_gone(tmp_path):
+    """Rolling redeploys: the served options stay while a process that
+    declared them runs (here: this one); a declaration from a process that
+    has exited does not hold them; a writer still writing its queue asks
+    the new declaration to come back (busy)."""
+    router, factory, logs = _router(tmp_path)
+    path = os.path.join(logs, "a.log")
+    old, new = {"maxBytes": 10, "backupCount": 1}, {"maxBytes": 99, "backupCount": 1}
+    first = router.route(path, old, pid=_unused_pid())
+    router.route(path, old, pid=os.getpid())
+    with pytest.raises(protocol.ProtocolError) as info:
+        router.route(path, new, pid=12345)
+    assert info.value.code == protocol.E_OPTIONS_CONFLICT and f"still running ({os.getpid()})" in str(info.value)
+    assert "'maxBytes': 10" in str(info.value) and "'maxBytes': 99" in str(info.value)
+    first.declarers.pop(os.getpid())  # as if this process had exited too
+    with pytest.raises(protocol.ProtocolError) as info:
+        router.route(path, new)
+    assert info.value.code == protocol.E_BUSY and not first.stopped  # its queue first
+    first.idle = True
+    second = router.route(path, new, pid=os.getpid())
+    assert first.stopped and second is not first and factory.made == [(path, old), (path, new)]
+    assert router.stats.counters["option_changes"] == 1
 
 
 @pytest.mark.parametrize("path, options, code", [

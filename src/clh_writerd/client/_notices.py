@@ -51,7 +51,8 @@ ADVICE = {
     FORBIDDEN_PATH: "add {dir} to allowed_dirs in the daemon's config and reload it (SIGHUP), "
                     "or log under one of its allowed_dirs",
     OPTION_CONFLICT: "give every process writing {path} the same maxBytes/backupCount/when/... "
-                     "(the daemon keeps the options declared first)",
+                     "(the daemon keeps the options declared first while a process that declared them runs; "
+                     "once they have all exited, as in a rolling redeploy, the next declaration wins)",
     TOO_LARGE: "raise max_message_bytes in the daemon's [limits], or lower this handler's batch_bytes",
     POLICY: "admit this process in the daemon's config (allowed_uids / peer_dirs / options), then reload it",
     WRITE_FAILED: "check the daemon's log and the file system (disk full, permissions)",

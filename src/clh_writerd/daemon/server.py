@@ -685,7 +685,7 @@ class Server:
                 lock_dir = options.get("lock_file_directory") if isinstance(options, dict) else None
                 self.access.check_path(dirs, self.router.policy, path, lock_dir if isinstance(lock_dir, str) else None)
             principal = peer.principal
-            writer = self.router.route(path, options, principal, authority)
+            writer = self.router.route(path, options, principal, authority, peer.pid)
             if not OptionPolicy.encodable(writer.options, lines):
                 raise protocol.ProtocolError(
                     protocol.E_BAD_OPTIONS, f"a record cannot be encoded in {writer.options.get('encoding')} "

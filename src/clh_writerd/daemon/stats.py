@@ -220,6 +220,7 @@ DAEMON_COUNTERS = (
     "shutting_down",
     "internal",
     "options_conflict",
+    "option_changes",  # files served with new options: every process that declared the old ones was gone
     "unauthorized",
     "reloads",
     "files_closed",  # idle files closed (LRU), their descriptors released

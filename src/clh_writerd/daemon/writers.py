@@ -25,7 +25,7 @@ from .config import Config
 from .paths import W, X, Authority, PathPolicy, Target, refuse_non_file
 from .policy import OptionPolicy
 from .safefiles import DirHandle, build_safe_handler, hardlinked
-from .stats import PEER_LOGGER, DaemonStats, FileStats, printable
+from .stats import PEER_LOGGER, DaemonStats, FileStats, printable, process_start
 
 log = logging.getLogger(PEER_LOGGER)  # what a client provokes here is rate-limited
 
@@ -141,6 +141,13 @@ class AckQueue:
                 pass
 
 
+# Rolling redeploys (Router._resolve): processes remembered per file as
+# having declared its options, at most; a peer without a pid (tcp) counts as
+# alive this long after its last batch.
+MAX_DECLARERS = 4096
+ANONYMOUS_DECLARER_SECONDS = 60.0
+
+
 class FileWriter:
     """One file: a bounded queue and the thread that writes it."""
 
@@ -169,6 +176,10 @@ class FileWriter:
         self.queued_bytes = 0
         self.refusal = ""  # why the last submit() was refused
         self.opener: Hashable = None  # the principal whose peer_max_files share this file counts against
+        # Who declared these options: ipc processes by pid (and start time,
+        # so a reused pid does not count), tcp peers by when last seen.
+        self.declarers: Dict[int, Optional[bytes]] = {}
+        self.anonymous_declared = 0.0
         self._budget = budget
         self.fsync_policy = fsync_policy
         self.fsync_interval = fsync_interval
@@ -198,6 +209,26 @@ class FileWriter:
         self._unsynced = False
         self._busy = False
         self._thread = threading.Thread(target=self._run, name=f"writer:{self.path}", daemon=True)
+
+    def declared_by(self, pid: Optional[int]) -> None:
+        """A batch for this file with its options came from process ``pid``."""
+        if pid in self.declarers:
+            return
+        if pid and len(self.declarers) < MAX_DECLARERS:
+            self.declarers[pid] = process_start(pid)
+        else:  # no pid (tcp), or too many to follow: alive until quiet for a while
+            self.anonymous_declared = time.monotonic()
+
+    def live_declarers(self) -> List[int]:
+        """The processes that declared the served options and still run
+        (pids; -1 for peers without one, seen within ANONYMOUS_DECLARER_SECONDS)."""
+        for pid, start in list(self.declarers.items()):
+            if start is None or process_start(pid) != start:
+                del self.declarers[pid]
+        live = list(self.declarers)
+        if self.anonymous_declared and time.monotonic() - self.anonymous_declared < ANONYMOUS_DECLARER_SECONDS:
+            live.append(-1)
+        return live
 
     def _check_opener(self, authority: Authority, name: str, options: Dict[str, Any]) -> None:
         """The peer that opens the file must be able to do itself what its
@@ -490,9 +521,11 @@ class Router:
         self._cache.clear()  # every path is checked again under the new policy
 
     def route(self, path: str, options: Dict[str, Any], principal: Hashable = None,
-              authority: Optional[Authority] = None) -> FileWriter:
+              authority: Optional[Authority] = None, pid: Optional[int] = None) -> FileWriter:
         """The writer of ``path``; a new one is opened for ``principal``
-        (its share of the files) with ``authority`` (what it may do itself)."""
+        (its share of the files) with ``authority`` (what it may do itself).
+        ``pid``: the sending process (the kernel's), one of those that
+        declare the file's options."""
         key: Hashable
         try:
             key = (path, tuple(options.items()))
@@ -506,6 +539,7 @@ class Router:
                 self._cache.clear()
             self._cache[key] = writer
         writer.last_used = time.monotonic()
+        writer.declared_by(pid)
         self.writers.move_to_end(writer.path)
         return writer
 
@@ -520,14 +554,9 @@ class Router:
         real = target.path
         writer = self.writers.get(real)
         if writer is not None:
-            if protocol.options_key(opts) != writer.options_key:
-                writer.stats.option_conflicts += 1
-                differ = sorted(k for k in set(opts) | set(writer.options) if opts.get(k) != writer.options.get(k))
-                raise protocol.ProtocolError(
-                    protocol.E_OPTIONS_CONFLICT,
-                    f"{real} is served with other options ({', '.join(differ)} differ): "
-                    f"served {writer.options}, this batch {opts}")
-            return writer
+            if protocol.options_key(opts) == writer.options_key:
+                return writer
+            self._change_options(writer, opts)  # raises unless every process that declared them is gone
         if principal is not None:
             # Fair share: a peer whose files are all busy (stalled on locks it
             # holds, say) is told busy; nobody else's slots are taken from them.
@@ -549,6 +578,31 @@ class Router:
         self.writers[real] = writer
         log.info("serving %s with %s", printable(real), printable(str(opts)))
         return writer
+
+    def _change_options(self, writer: FileWriter, opts: Dict[str, Any]) -> None:
+        """Other options for a file being served. While a process that
+        declared the served ones still runs, they stay: an options_conflict
+        naming both sets (that process writes and rotates by them). Once all
+        of them are gone (a rolling redeploy replaced them), the new
+        declaration wins: the writer closes, once its queue is written, and
+        the caller opens the file again with the new options."""
+        live = writer.live_declarers()
+        differ = sorted(k for k in set(opts) | set(writer.options) if opts.get(k) != writer.options.get(k))
+        if live:
+            writer.stats.option_conflicts += 1
+            shown = ", ".join(str(pid) for pid in live[:5] if pid > 0) or "tcp peers"
+            raise protocol.ProtocolError(
+                protocol.E_OPTIONS_CONFLICT,
+                f"{writer.path} is served with other options ({', '.join(differ)} differ) declared by processes "
+                f"still running ({shown}{', ...' if len(live) > 5 else ''}): served {writer.options}, "
+                f"this batch {opts}")
+        if not writer.idle:
+            raise protocol.ProtocolError(
+                protocol.E_BUSY, f"{writer.path}: writing what was queued with its previous options first")
+        self.stats.count("option_changes")
+        log.info("%s: every process that declared %s is gone; now serving it with %s", printable(writer.path),
+                 printable(str(writer.options)), printable(str(opts)))
+        self._close(writer.path)
 
     def _close_least_recently_used(self, principal: Hashable = None) -> bool:
         """Close the least recently used idle writer (of ``principal``'s, if given)."""
