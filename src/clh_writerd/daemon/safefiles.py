@@ -237,8 +237,12 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
 
     def _apply_perms(self, fd: int, created: bool = False) -> None:
         """chmod/owner options through the descriptor; a file created for a
-        peer becomes the peer's. A file the peer neither created now nor owns
-        keeps its mode and owner (the peer could not change them itself)."""
+        peer becomes the peer's (a root daemon gives it away). A daemon that
+        cannot give it away (not root) makes it group-writable when its
+        directory is (the shared-group setup): the peer's fallback must write
+        it when the daemon is down, whatever umask the daemon was started
+        under. A file the peer neither created now nor owns keeps its mode
+        and owner (the peer could not change them itself)."""
         creator = self.creator
         if self.chmod is None and self._set_uid is None and (creator is None or not created):
             return
@@ -252,7 +256,10 @@ class SafeRotatingFileHandler(ConcurrentRotatingFileHandler):
                 if (st.st_uid, st.st_gid) != (self._set_uid, self._set_gid):
                     os.fchown(fd, self._set_uid, self._set_gid)
             elif creator is not None and created and (st.st_uid, st.st_gid) != (creator.uid, creator.gid):
-                os.fchown(fd, creator.uid, creator.gid)
+                if os.geteuid() == 0:
+                    os.fchown(fd, creator.uid, creator.gid)
+                elif self.directory.levels[-1].st_mode & stat.S_IWGRP and self.chmod is None:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) | stat.S_IRGRP | stat.S_IWGRP)
             if self.chmod is not None and stat.S_IMODE(st.st_mode) != self.chmod:
                 os.fchmod(fd, self.chmod)
 
