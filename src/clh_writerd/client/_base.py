@@ -164,6 +164,10 @@ class WrappingHandler(logging.Handler):
     def belongs_here(self) -> bool:
         return self._pid == os.getpid()
 
+    def loop_runs_here(self) -> bool:
+        """An asyncio handler whose event loop runs on this thread."""
+        return False
+
     def _rebuild_in_child(self) -> None:
         """First use in a forked child, from any thread: one thread rebuilds
         the per-process state (``_rebuild``), the others wait for it. Two

@@ -16,7 +16,9 @@ Every live handler (thread-based or asyncio) registers here.
   end the process). ``multiprocessing.Pool``'s ``terminate()`` (what ``with
   Pool()`` does on exit) SIGTERMs its workers with records still queued. An
   app that ignores SIGTERM keeps ignoring it; one that sets its handler
-  later (gunicorn, uvicorn) replaces ours and drains through its own
+  later (gunicorn) replaces ours and drains through its own graceful exit;
+  one whose handler was there first (uvicorn, whose lifespan builds ours)
+  has it called after the drain, and its asyncio handlers are left to that
   graceful exit.
 - **Exit.** At exit (atexit, and multiprocessing's finalizers for children
   that leave through os._exit) every handler is stopped, which drains its
@@ -196,7 +198,12 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     previous = _previous_sigterm
     signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
     try:
-        stop_all()
+        # An app with its own SIGTERM handler (uvicorn's, set before its
+        # lifespan built our handler) shuts down gracefully: an asyncio
+        # handler whose loop runs under this signal handler is drained by
+        # that shutdown (``async with handler``); stopping it here would send
+        # the app's last records to the fallback.
+        stop_all(leave_running_loops=callable(previous))
     finally:
         if callable(previous):
             previous(signum, frame)
@@ -205,12 +212,15 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 # -- exit ------------------------------------------------------------------------------
-def stop_all(timeout: Optional[float] = None) -> None:
+def stop_all(timeout: Optional[float] = None, leave_running_loops: bool = False) -> None:
     """Drain and stop every handler of this process (exit hooks), then say in
-    one line on stderr if records were lost or dropped."""
+    one line on stderr if records were lost or dropped. ``leave_running_loops``:
+    not the asyncio handlers whose loop runs on this thread."""
     global _exit_reported
     for handler in list(_live):
         try:
+            if leave_running_loops and handler.loop_runs_here():
+                continue
             if handler.belongs_here():
                 handler.stop(timeout)
         except Exception:

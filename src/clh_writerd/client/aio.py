@@ -96,6 +96,10 @@ class AsyncConcurrentHandler(WrappingHandler):
         self.stats.state = STATE_STOPPED
         return done
 
+    def loop_runs_here(self) -> bool:
+        loop = self._loop
+        return loop is not None and loop.is_running() and threading.get_ident() == self._loop_thread
+
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Synchronous stop, for code outside the loop (atexit, another thread)."""
         loop, sender = self._loop, self._sender
