@@ -164,29 +164,69 @@ class BatchWriter:
             if thread_lock is not None:
                 thread_lock.release()
 
+    def write_now(self, lines: Sequence[str]) -> Optional[WriteResult]:
+        """``write(lines)`` if it can be done without waiting: no other
+        thread of this process is writing, no other process holds the lock
+        (taken with LOCK_NB on CLH's own lock descriptor, which CLH's flock
+        then re-enters: no window between the probe and the lock), the log
+        and lock files are open and no rotation is due (a rotation may gzip
+        a whole file). None: nothing was written; use write()."""
+        clh = self._clh
+        thread_lock = getattr(clh, "_thread_lock", None)
+        if fcntl is None or thread_lock is None or not thread_lock.acquire(blocking=False):
+            return None
+        try:
+            lock, stream = clh.stream_lock, clh.stream
+            if clh.is_locked or lock is None or lock.closed or stream is None or stream.closed:
+                return None
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return None
+            try:
+                if not lines or self.handler.shouldRollover(_PROBE):
+                    return None if lines else WriteResult(0, 0)
+                # Both locks are held: CLH's own _do_lock() would only take them again.
+                clh.is_locked = True
+                try:
+                    return self._write_locked(lines, False, roll=False)
+                finally:
+                    clh.is_locked = False
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        finally:
+            thread_lock.release()
+
     def _write(self, lines: Sequence[str], fsync: bool) -> WriteResult:
         clh = self._clh
         clh._do_lock()
         try:
-            clh._check_stream()
-            written = rotations = skipped = 0
-            for chunk in self._chunks(lines):
-                rotations += self._roll_if_needed()
-                try:
-                    written += self._write_chunk(chunk)
-                except UnicodeError:
-                    # As CLH's emit() would: drop only the lines the file's
-                    # encoding refuses, not the whole batch.
-                    for line in chunk:
-                        try:
-                            written += self._write_chunk([line])
-                        except UnicodeError:
-                            skipped += 1
-            if fsync and clh.stream is not None:
-                os.fsync(clh.stream.fileno())
-            return WriteResult(written, rotations, skipped)
+            return self._write_locked(lines, fsync)
         finally:
             clh._do_unlock()
+
+    def _write_locked(self, lines: Sequence[str], fsync: bool, roll: bool = True) -> WriteResult:
+        """The write, both locks held. ``roll=False``: the caller found no
+        rotation due under those locks (write_now: never a gzip here)."""
+        clh = self._clh
+        clh._check_stream()
+        written = rotations = skipped = 0
+        for chunk in self._chunks(lines):
+            if roll:
+                rotations += self._roll_if_needed()
+            try:
+                written += self._write_chunk(chunk)
+            except UnicodeError:
+                # As CLH's emit() would: drop only the lines the file's
+                # encoding refuses, not the whole batch.
+                for line in chunk:
+                    try:
+                        written += self._write_chunk([line])
+                    except UnicodeError:
+                        skipped += 1
+        if fsync and clh.stream is not None:
+            os.fsync(clh.stream.fileno())
+        return WriteResult(written, rotations, skipped)
 
     def _wait_for_lock(self, left: Callable[[], float]) -> None:
         """Return once no other process holds the lock file, or raise

@@ -110,6 +110,48 @@ print(os.waitstatus_to_exitcode(status))
     check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
 
 
+def test_a_tool_handler_that_chains_back_to_ours_still_ends_the_process(tmp_path, daemon):
+    """coverage's SIGTERM handler (installed in a multiprocessing child after
+    ours) saves, puts back the handler it found (ours) and SIGTERMs again. When
+    ours then went to the handler *it* found (coverage's again), the two
+    called each other until a RecursionError, which the drain swallowed: the
+    worker lived on, blocked on the pool's queue, and ``with Pool()`` waited
+    for it for ever (1 run in 10 of the forkserver pool under coverage). Ours
+    runs once per process; the next SIGTERM ends the process."""
+    path = os.path.join(daemon.log_dir, "chain.log")
+    done = run_script(str(tmp_path), '''
+import signal
+from clh_writerd import create_nonblocking_handler
+from clh_writerd.client import _process
+PATH = sys.argv[1]
+handler = create_nonblocking_handler(PATH)
+handler.setFormatter(logging.Formatter("%(message)s"))
+log = logging.getLogger("app")
+log.addHandler(handler)
+log.setLevel(logging.INFO)
+pid = os.fork()
+if pid == 0:
+    class Tool:  # what coverage's sigterm option does
+        def on_sigterm(self, signum, frame):
+            signal.signal(signal.SIGTERM, self.old)
+            os.kill(os.getpid(), signal.SIGTERM)
+    tool = Tool()
+    tool.old = signal.signal(signal.SIGTERM, tool.on_sigterm)
+    _process._drain_on_sigterm()  # multiprocessing's after-bootstrap hook asks again
+    for n in range(200):
+        log.info(seq_record("child", n))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+handler.close()
+print(os.waitstatus_to_exitcode(status))
+''', path, endpoint=daemon.endpoint, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == -signal.SIGTERM, done.stderr
+    check_sequences(read_lines(path), {"child": 200}).assert_complete()
+
+
 def test_where_sigterm_is_ignored_ours_is_not_installed():
     """Draining on a SIGTERM the app ignores would stop the handlers of a
     process that goes on. (Checked in this process: under coverage, its fork

@@ -60,6 +60,8 @@ CHILD_REBUILD = threading.Lock()
 _mp_finalizer: Any = None
 _after_bootstrap_registered = False
 _previous_sigterm: Any = None  # what SIGTERM did before _on_sigterm
+_sigterm_pid = 0  # the process _on_sigterm was installed in (once per process)
+_sigterm_ran = 0  # the process it ran in
 _hooked = False
 _exit_reported = False
 
@@ -176,14 +178,20 @@ def _drain_on_sigterm() -> None:
     """SIGTERM drains our handlers first (from the main thread only, where
     signal handlers are set), then goes where it went before: the handler
     already there (a tool's, such as coverage's, or the app's) or the
-    default. Not where SIGTERM is ignored, and once."""
-    global _previous_sigterm
+    default. Not where SIGTERM is ignored, and once per process: a handler
+    set over ours since (coverage's, in a multiprocessing child) calls ours
+    when it is done; putting ours over it again would make the two call
+    each other."""
+    global _previous_sigterm, _sigterm_pid
     try:
-        if threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread() or _sigterm_pid == os.getpid():
             return
         current = signal.getsignal(signal.SIGTERM)
-        if current is _on_sigterm or current == signal.SIG_IGN:
+        if current == signal.SIG_IGN:
             return
+        _sigterm_pid = os.getpid()
+        if current is _on_sigterm:
+            return  # inherited from the parent, with what it found there
         _previous_sigterm = current
         signal.signal(signal.SIGTERM, _on_sigterm)
     except (ValueError, OSError, AttributeError):  # no signals here (another interpreter, Windows)
@@ -194,7 +202,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     """Drain within each handler's drain_timeout, then do what SIGTERM did
     before ours: the previous handler, or end the process as the default
     would (the same exit status for whoever waits for us). A second SIGTERM
-    while draining goes straight there."""
+    while draining goes straight there; one that reaches ours again (a
+    handler that calls the one it found, which was ours) ends the process."""
+    global _sigterm_ran
+    if _sigterm_ran == os.getpid():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    _sigterm_ran = os.getpid()
     previous = _previous_sigterm
     signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
     try:

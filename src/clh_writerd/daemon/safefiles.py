@@ -72,6 +72,16 @@ class DirHandle:
         """``text`` (an error message) with the held name replaced by the real path, for humans."""
         return text.replace(self.path + "/", self.real_path + "/") if self.fd >= 0 else text
 
+    def still_named(self) -> bool:
+        """Its path still leads to the held directory: one lstat by the
+        kernel instead of a walk. A name that now leads elsewhere (a
+        directory moved, a symlink planted) fails: then refresh()."""
+        try:
+            st = os.stat(self.real_path, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._ident
+
     def refresh(self) -> bool:
         """Walk the path again (no symlinks); if it now leads to another
         directory, hold that one instead (same descriptor number). True if it changed."""

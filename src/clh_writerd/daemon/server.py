@@ -698,6 +698,15 @@ class Server:
         writer.stats.seen_from(principal)
         blocked = self._refused_batches(session, writer.path, seq)
         work = Work(envelope, lines, ok_reply, seq, rid, queued_cost(lines), principal, authority)
+        replies = writer.write_now(work) if sync and not blocked else None
+        if replies is not None:  # written (or refused) here, without the writer thread: reply at once
+            client_stats.records += len(lines)
+            client_stats.sync_records += 1
+            writer.stats.records_received += len(lines)
+            writer.stats.bytes_received += size
+            for reply in replies:
+                self._send(reply, fd)
+            return None
         if blocked or not writer.submit(work, sync=sync):
             writer.stats.busy_refusals += 1
             if seq is not None and not blocked:

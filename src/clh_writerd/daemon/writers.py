@@ -34,6 +34,19 @@ log = logging.getLogger(PEER_LOGGER)  # what a client provokes here is rate-limi
 MAX_RECORDS_PER_WRITE = 8192
 
 
+# The directories of a file are walked again (no symlink followed, the
+# permissions on the way read again) at least this often, and after a
+# rotation; between walks one lstat per write checks they are still at
+# their names.
+REWALK_SECONDS = 1.0
+
+# A sync record is written on the main loop's thread (FileWriter.write_now)
+# only when it is at most this large and the file's last write took at most
+# INLINE_MAX_SECONDS: the main loop never waits for a slow disk or a large
+# write on one client's behalf.
+INLINE_MAX_BYTES = 64 * 1024
+INLINE_MAX_SECONDS = 0.002
+
 # What one queued record costs beyond its characters (the str object and
 # the list slot): queued bytes are counted as characters + this per record.
 RECORD_OVERHEAD_BYTES = 64
@@ -208,6 +221,8 @@ class FileWriter:
         self._last_fsync = time.monotonic()
         self._unsynced = False
         self._busy = False
+        self._rewalk_at = 0.0  # when the directories must be walked again (_refresh_dirs)
+        self._last_write_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name=f"writer:{self.path}", daemon=True)
 
     def declared_by(self, pid: Optional[int]) -> None:
@@ -326,6 +341,32 @@ class FileWriter:
             self._cond.notify()
         return True
 
+    def write_now(self, work: Work) -> Optional[List[List[bytes]]]:
+        """A sync record written here, on the main loop's thread: no hand-off
+        to the writer thread and back (two thread wake-ups), when that costs
+        no wait: nothing of this file queued or being written (so order is
+        kept), no fsync per write, a small record, a fast last write, the
+        lock free now and no rotation due. Its replies (the ack, or an error)
+        once done; None: nothing done, submit() it."""
+        if (self.fsync_policy == "batch" or work.cost > INLINE_MAX_BYTES
+                or self._last_write_seconds > INLINE_MAX_SECONDS):
+            return None
+        with self._cond:
+            if self._busy or self._batches or self._sync or self._stopping:
+                return None
+            self._busy = True
+        replies: List[List[bytes]] = []
+        try:
+            return replies if self._write([work], replies) else None
+        except Exception as exc:  # as in _run: answer and go on
+            self._failed([work], exc, protocol.E_INTERNAL, replies)
+            return replies
+        finally:
+            with self._cond:
+                self._busy = False
+                if self._batches or self._sync or self._unsynced:
+                    self._cond.notify()  # the writer thread waits for us (never woken for nothing)
+
     def _release(self, items: List[Work]) -> None:
         """Written or refused: their bytes leave the budgets."""
         cost = 0
@@ -357,10 +398,13 @@ class FileWriter:
         """Sync work first, then queued batches; None once stopped and empty."""
         with self._cond:
             while not (self._sync or self._batches or self._stopping):
-                if not self._cond.wait(self._wait_time()):
-                    return []  # idle tick: time for an interval fsync
+                if not self._cond.wait(self._wait_time()) and not self._busy:
+                    self._busy = True  # idle tick: time for an interval fsync (never beside write_now)
+                    return []
             if not (self._sync or self._batches):
                 return None
+            while self._busy:  # write_now on the main loop's thread
+                self._cond.wait()
             self._busy = True
             items = list(self._sync)
             self._sync.clear()
@@ -383,15 +427,18 @@ class FileWriter:
                 items = self._take()
                 if items is None:
                     break
-                if items:
-                    try:
-                        self._write(items)
-                    except Exception as exc:  # never let one write end the thread: answer and go on
-                        self._failed(items, exc, protocol.E_INTERNAL)
-                    finally:
-                        self._release(items)
+                try:
+                    if items:
+                        try:
+                            self._write(items)
+                        except Exception as exc:  # never let one write end the thread: answer and go on
+                            self._failed(items, exc, protocol.E_INTERNAL)
+                        finally:
+                            self._release(items)
+                    self._interval_fsync()
+                finally:
+                    with self._cond:
                         self._busy = False
-                self._interval_fsync()
         finally:
             self._interval_fsync(force=True)
             try:
@@ -405,35 +452,55 @@ class FileWriter:
                 handle.close()
 
     def _refresh_dirs(self) -> None:
-        """Walk the path again before every write (no symlink followed); if a
-        directory was replaced, reopen the file and lock in the new one."""
-        changed = self._dir.refresh()
-        if self._lock_dir is not None:
-            changed = self._lock_dir.refresh() or changed
+        """Before a write: the held directories are still at their names (one
+        lstat each); walked again (no symlink followed) when they are not,
+        after a rotation and every REWALK_SECONDS. If a directory was
+        replaced, reopen the file and lock in the new one."""
+        handles = [handle for handle in (self._dir, self._lock_dir) if handle is not None]
+        now = time.monotonic()
+        if now < self._rewalk_at and all(handle.still_named() for handle in handles):
+            return
+        changed = False
+        for handle in handles:
+            changed = handle.refresh() or changed
+        self._rewalk_at = now + REWALK_SECONDS
         if changed:
             self._writer.reopen()
 
-    def _write(self, items: List[Work]) -> None:
+    def _write(self, items: List[Work], replies: Optional[List[List[bytes]]] = None) -> bool:
+        """Write ``items``; their replies go on the ack queue, or into
+        ``replies`` (write_now: then only if the write needs no wait; False:
+        nothing done)."""
+        now = replies is not None
         fsync = self.fsync_policy == "batch"
         started = time.perf_counter()
         try:
             self._refresh_dirs()
             items, refused = self._permitted(items)
             for work, error in refused:
-                self._failed([work], error, error.code)
+                self._failed([work], error, error.code, replies)
             if not items:
-                return
+                return True
             lines = [line for work in items for line in work.lines]
-            result = self._writer.write(lines, fsync=fsync)
+            if now:
+                quick = self._writer.write_now(lines)
+                if quick is None:
+                    return False
+                result = quick
+            else:
+                result = self._writer.write(lines, fsync=fsync)
         except protocol.ProtocolError as exc:  # a symlink planted since the last write, ...
-            self._failed(items, exc, exc.code)
-            return
+            self._failed(items, exc, exc.code, replies)
+            return True
         except OSError as exc:  # disk full, permissions, ...: never ack it
             code = protocol.E_FORBIDDEN_PATH if exc.errno in (errno.ELOOP, errno.ENOTDIR) else protocol.E_WRITE_FAILED
-            self._failed(items, exc, code)
-            return
+            self._failed(items, exc, code, replies)
+            return True
         stats = self.stats
-        stats.latency.add(time.perf_counter() - started)
+        self._last_write_seconds = elapsed = time.perf_counter() - started
+        if result.rotations:
+            self._rewalk_at = 0.0
+        stats.latency.add(elapsed)
         stats.writes += 1
         stats.bytes_written += result.bytes
         stats.rotations += result.rotations
@@ -442,11 +509,16 @@ class FileWriter:
         lost = self._lost(result)
         if lost:
             # Written, but not all of it is in the file any more: never ack.
-            self._failed(items, protocol.ProtocolError(protocol.E_BAD_OPTIONS, lost), protocol.E_BAD_OPTIONS)
-            return
+            self._failed(items, protocol.ProtocolError(protocol.E_BAD_OPTIONS, lost), protocol.E_BAD_OPTIONS, replies)
+            return True
         stats.batches_written += len(items)
         stats.records_written += len(lines)
-        self._acks.put_many([work.envelope + [work.ok_reply] for work in items])
+        acks = [work.envelope + [work.ok_reply] for work in items]
+        if replies is None:
+            self._acks.put_many(acks)
+        else:
+            replies += acks
+        return True
 
     def _lost(self, result: Any) -> str:
         if result.skipped:
@@ -457,7 +529,8 @@ class FileWriter:
                     "rotation deleted lines it had just written (maxBytes too small for the batch)")
         return ""
 
-    def _failed(self, items: List[Work], exc: BaseException, code: str = protocol.E_WRITE_FAILED) -> None:
+    def _failed(self, items: List[Work], exc: BaseException, code: str = protocol.E_WRITE_FAILED,
+                replies: Optional[List[List[bytes]]] = None) -> None:
         message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, protocol.ProtocolError) else exc.message
         for handle in (self._lock_dir, self._dir):
             if handle is not None:
@@ -470,9 +543,11 @@ class FileWriter:
         stats.write_errors += 1
         stats.last_error = message
         self._count(code)
-        self._acks.put_many([
-            work.envelope + [protocol.encode_error(code, message, seq=work.seq, id=work.id)] for work in items
-        ])
+        errors = [work.envelope + [protocol.encode_error(code, message, seq=work.seq, id=work.id)] for work in items]
+        if replies is None:
+            self._acks.put_many(errors)
+        else:
+            replies += errors
 
     def _interval_fsync(self, force: bool = False) -> None:
         if not self._unsynced or self.fsync_policy == "never":
