@@ -5,6 +5,8 @@ Modes (``spec["mode"]``):
 
 - ``sync``: ``logger.info(MESSAGE, name, n)`` in a plain loop, each call
   timed with ``perf_counter_ns``.
+- ``pace``: the same calls at a service's pace: a 0.2 ms pause (not timed)
+  every 50 calls.
 - ``coroutine``: the same calls from a coroutine under ``asyncio.run``,
   yielding to the loop (``await asyncio.sleep(0)``) every ``yield_every``
   calls, as request handlers do; every row yields the same way.
@@ -37,6 +39,9 @@ from clh_writerd.client._stages import DROP_WARNING_EVERY
 from .handlers import MESSAGE, NAMES, Built, build, log_files, new_logger, percentiles
 from .workload import count_lines
 
+PACE_EVERY = 50
+PACE_PAUSE = 0.0002
+
 
 def timed_calls(info: Any, calls: int, first: int = 0) -> List[int]:
     ns = time.perf_counter_ns
@@ -55,6 +60,20 @@ def run_sync(spec: Dict[str, Any], built: Built) -> Dict[str, Any]:
     if built.path is not None and hasattr(built.handler, "flush"):
         built.handler.flush()  # the warm-up's backlog must not land on the measured calls
     samples = timed_calls(info, spec["calls"], spec["warmup"])
+    return {"samples": samples, "logged": spec["warmup"] + spec["calls"]}
+
+
+def run_pace(spec: Dict[str, Any], built: Built) -> Dict[str, Any]:
+    """``sync``'s calls at a service's pace: a PACE_PAUSE pause every PACE_EVERY calls (not timed)."""
+    info = new_logger("bench.pace", built.handler).info
+    timed_calls(info, spec["warmup"])
+    if built.path is not None and hasattr(built.handler, "flush"):
+        built.handler.flush()
+    samples: List[int] = []
+    first = spec["warmup"]
+    for start in range(0, spec["calls"], PACE_EVERY):
+        samples += timed_calls(info, min(PACE_EVERY, spec["calls"] - start), first + start)
+        time.sleep(PACE_PAUSE)
     return {"samples": samples, "logged": spec["warmup"] + spec["calls"]}
 
 
@@ -175,6 +194,8 @@ def main() -> None:
     built = build(spec["handler"], spec["dir"], spec.get("endpoint"))
     if spec["mode"] == "sync":
         result = run_sync(spec, built)
+    elif spec["mode"] == "pace":
+        result = run_pace(spec, built)
     elif spec["mode"] == "cpu":
         result = run_cpu(spec, built)
     elif spec["mode"] == "error":

@@ -11,6 +11,8 @@ lines end up. Kinds:
 - ``queue``: stdlib ``QueueHandler`` + ``QueueListener`` writing to a FileHandler.
 - ``nb-daemon`` / ``nb-embedded``: ``create_nonblocking_handler`` with the
   daemon's endpoint / ``endpoint=None``.
+- ``ping``: ``emit`` formats the record and does one bare ping round trip
+  to the daemon (REQ/REP, nothing written): the floor of the sync path.
 - ``async-daemon`` / ``async-embedded`` / ``async-slow-nodaemon``:
   ``create_async_concurrent_handler``; the last wraps a CLH whose
   ``do_write`` sleeps 50 ms and points at an endpoint nobody serves, so the
@@ -25,9 +27,10 @@ import re
 import time
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
+import zmq
 from concurrent_log_handler import ConcurrentRotatingFileHandler
 
-from clh_writerd import create_async_concurrent_handler, create_nonblocking_handler
+from clh_writerd import create_async_concurrent_handler, create_nonblocking_handler, protocol
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 MESSAGE = "user %s did %d things"  # logger.info(MESSAGE, name, n)
@@ -47,6 +50,32 @@ class NoopHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         pass
+
+
+class PingHandler(logging.Handler):
+    """The sync path's floor: the record formatted, then one ping round trip
+    to the daemon over a REQ socket (what a sync record costs at least in
+    this design), nothing written."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__()
+        self.context = zmq.Context()
+        self.req = self.context.socket(zmq.REQ)
+        self.req.setsockopt(zmq.LINGER, 0)
+        self.req.setsockopt(zmq.RCVTIMEO, 5000)
+        self.req.connect(endpoint)
+        self.pings = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.format(record)
+        self.pings += 1
+        self.req.send(protocol.encode_ping(self.pings))
+        self.req.recv()
+
+    def close(self) -> None:
+        self.req.close()
+        self.context.term()
+        super().close()
 
 
 class SlowDiskCLH(ConcurrentRotatingFileHandler):
@@ -74,6 +103,11 @@ def build(kind: str, directory: str, endpoint: Optional[str]) -> Built:
     if kind == "noop":
         noop = NoopHandler()
         return Built(noop, noop.close, None, dict)
+    if kind == "ping":
+        assert endpoint is not None, "pings the daemon"
+        ping = PingHandler(endpoint)
+        ping.setFormatter(_formatter())
+        return Built(ping, ping.close, None, dict)
     if kind == "file":
         handler: Any = logging.FileHandler(path, encoding="utf-8")
         handler.setFormatter(_formatter())

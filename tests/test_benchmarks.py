@@ -143,7 +143,9 @@ def test_chart_newest_skips_quick_runs(tmp_path):
 ISSUE16_ROWS = {
     "cpu": ({"cpu"}, ("no-op handler (floor)", "FileHandler", "CLH direct", "QueueHandler+QueueListener",
                       "NonBlocking, daemon", "NonBlocking, endpoint=None")),
-    "sync": ({"p50", "p99", "p99.9", "max"}, ("CLH direct, logger.error", "NonBlocking sync, daemon")),
+    "sync": ({"p50", "p99", "p99.9", "max"}, ("CLH direct, logger.error", "ping round trip, daemon (floor)",
+                                              "NonBlocking sync, daemon")),
+    "pace": ({"p50", "p99", "p99.9", "max"}, ("no-op handler (floor)", "FileHandler", "NonBlocking, daemon")),
     "burst": ({"p50", "p99", "max", "dropped"}, ("Async, daemon, yield every 200",)),
 }
 

@@ -415,18 +415,33 @@ def encode_sync(
     render: str = RENDER_LINES,
     format: Optional[FieldFormat] = None,
 ) -> bytes:
-    msg = {
-        "v": LINES_VERSION,
-        "type": T_SYNC,
-        "client": _client_map(client),
-        "id": id,
-        "file": _file_map(path, options),
-        "render": render,
-        "record": record,
-    }
-    if format is not None:
-        msg.update(v=PROTOCOL_VERSION, render=RENDER_FIELDS, format=format.wire())
-    return msgpack.packb(msg)
+    return SyncFrame(client, path, options, render, format).encode(id, record)
+
+
+class SyncFrame:
+    """Sync-record frames of one client for one file: everything but the id
+    and the record packed once (the REQ path packs only those per call)."""
+
+    def __init__(self, client: ClientId, path: str, options: Mapping[str, Any], render: str = RENDER_LINES,
+                 format: Optional[FieldFormat] = None) -> None:
+        msg = {
+            "v": LINES_VERSION,
+            "type": T_SYNC,
+            "client": _client_map(client),
+            "file": _file_map(path, options),
+            "render": render,
+        }
+        if format is not None:
+            msg.update(v=PROTOCOL_VERSION, render=RENDER_FIELDS, format=format.wire())
+        packer = msgpack.Packer()
+        parts = [packer.pack_map_header(len(msg) + 2)]
+        for key, value in msg.items():
+            parts += (packer.pack(key), packer.pack(value))
+        self._head = b"".join(parts) + packer.pack("id")
+        self._record_key = packer.pack("record")
+
+    def encode(self, id: int, record: Record) -> bytes:
+        return b"".join((self._head, msgpack.packb(id), self._record_key, msgpack.packb(record)))
 
 
 def encode_stats_request(id: int = 0) -> bytes:

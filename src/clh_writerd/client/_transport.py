@@ -139,6 +139,7 @@ class SyncChannel:
         self._req: Optional[zmq.Socket] = None
         self._lock = threading.Lock()
         self._ids = 0
+        self._frames: Dict[Any, protocol.SyncFrame] = {}  # by field format (None: a rendered line)
 
     def write(self, line: Any) -> bool:
         """True once the daemon confirmed the line (or field values: the
@@ -151,24 +152,33 @@ class SyncChannel:
                 return False
             self._ids += 1
             if type(line) is str:
-                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, line)
+                payload = self._frame(None).encode(self._ids, line)
             else:
-                payload = protocol.encode_sync(self.client_id, self._ids, self.path, self.options, values_of(line),
-                                               format=plan_of(line).format)
+                payload = self._frame(plan_of(line).format).encode(self._ids, values_of(line))
             try:
                 req.send(payload, zmq.NOBLOCK)
             except zmq.Again:
                 self._drop()
                 return False
-            if not req.poll(int(self.s.sync_timeout * 1000)):
+            try:
+                reply = req.recv()  # RCVTIMEO: sync_timeout
+            except zmq.Again:
                 self.stats.sync_timeouts += 1
                 self.stats.last_error = f"sync record not confirmed within {self.s.sync_timeout}s"
                 self._drop()
                 return False
-            ok, error = self._reply(req)
+            ok, error = self._reply(reply)
             if error:
                 self.stats.last_error = error
             return ok
+
+    def _frame(self, format: Any) -> protocol.SyncFrame:
+        frame = self._frames.get(format)
+        if frame is None:
+            if len(self._frames) >= 64:  # formats come from the app's formatters: few; bounded anyway
+                self._frames.clear()
+            frame = self._frames[format] = protocol.SyncFrame(self.client_id, self.path, self.options, format=format)
+        return frame
 
     def _connect(self) -> Optional[zmq.Socket]:
         problem = self.trust.problem() if self.trust is not None else ""
@@ -180,6 +190,7 @@ class SyncChannel:
             self.curve.apply(req)
         req.setsockopt(zmq.LINGER, 0)
         req.setsockopt(zmq.IMMEDIATE, 1)
+        req.setsockopt(zmq.RCVTIMEO, max(1, int(self.s.sync_timeout * 1000)))
         req.connect(self.endpoint)
         # With IMMEDIATE, POLLOUT means a daemon completed the connection.
         if not req.poll(int(self.s.connect_timeout * 1000), zmq.POLLOUT):
@@ -188,9 +199,9 @@ class SyncChannel:
         self._req = req
         return req
 
-    def _reply(self, req: zmq.Socket) -> Tuple[bool, str]:
+    def _reply(self, frame: bytes) -> Tuple[bool, str]:
         try:
-            reply = protocol.decode_reply(req.recv())
+            reply = protocol.decode_reply(frame)
         except protocol.ProtocolError as exc:
             self._drop()
             return False, f"bad reply from daemon: {exc}"
