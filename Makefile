@@ -11,7 +11,7 @@ DEMO_STAMP = $(VENV)/.demo-stamp
 # machines with a fake clock and a fake daemon, options, daemon writers/Router.
 FAST_TESTS = tests/client/test_core.py tests/client/test_options.py tests/daemon/test_units.py
 
-.PHONY: venv demo test test-fast test-matrix bench bench-chart guarantees security-table soak lint clean
+.PHONY: venv demo test test-fast test-matrix bench figures bench-chart guarantees security-table soak lint clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,10 @@ soak: venv
 
 bench: venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# The performance tables of the README and the docs, from the results files their blocks name.
+figures: venv
+	$(BIN)/python -m benchmarks.summary --write README.md benchmarks/README.md docs/patterns.md docs/migration.md
 
 # docs/bench.svg from the newest full results in benchmarks/results/ (ingest, latency, e2e, asyncio).
 bench-chart: venv

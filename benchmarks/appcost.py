@@ -48,8 +48,10 @@ def app_cpu(params: Params) -> List[Row]:
 @scenario("sync", baseline=CLH_ERROR, metrics=("p50", "p99", "p99.9", "max"), ratio_metrics=("p50", "p99"),
           goals=[Goal(NB_SYNC, metric="p50", max_ratio=4.0), Goal(NB_SYNC, metric="p99", max_ratio=4.0)])
 def sync_path(params: Params) -> List[Row]:
-    """logger.error confirmed through the daemon vs CLH direct's logger.error (µs per call), and the
-    bare ping round trip to the daemon beside it: the floor of any sync record in this design."""
+    """logger.error confirmed through the daemon vs CLH direct's, beside the bare ping round trip (its floor).
+
+    The ping row: the record formatted, then one REQ/REP ping to the daemon,
+    nothing written: what any sync record costs at least in this design."""
     return handler_rows(params, "error", SYNC_ROWS, min(SYNC_CALLS, params.calls), SYNC_WARMUP)
 
 
