@@ -551,7 +551,7 @@ class Server:
         for _ in range(MAX_BURST):
             # Asked before each receive: a receive that finds nothing raises
             # zmq.Again, whose construction cost more than a ping's handling.
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                 return
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
