@@ -11,3 +11,9 @@ one run on one machine; no test ever asserts a speed.
 To add a scenario: write a module with a ``@scenario(...)`` function and add
 it to ``SCENARIO_MODULES`` in ``benchmarks/__main__.py``.
 """
+
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)  # the checkout
+RESULTS_DIR = os.path.join(HERE, "results")

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .harness import RESULTS_DIR, ROOT
+from . import RESULTS_DIR, ROOT
 
 DEFAULT_SCENARIOS = ("ingest", "latency", "e2e", "asyncio")
 PERCENTILES = ("p50", "p99")  # the metric bars drawn, when a row has them

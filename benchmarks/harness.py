@@ -19,9 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-RESULTS_DIR = os.path.join(HERE, "results")
+from . import RESULTS_DIR, ROOT  # noqa: F401 (ROOT: the scenarios' modules take it from here)
 
 
 @dataclass

@@ -17,8 +17,8 @@ from clh_writerd.daemon.stats import (
     GoneClients,
     FileStats,
     LatencyWindow,
-    render_table,
 )
+from clh_writerd.daemon.view import render_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATS_DOC = os.path.join(REPO, "docs", "stats.md")

@@ -102,7 +102,7 @@ def _router(tmp_path: Any, **limits: Any) -> Tuple[Router, Factory, str]:
     os.makedirs(logs)
     config = config_from_mapping({"daemon": {"allowed_dirs": [logs]}, "limits": limits})
     factory = Factory()
-    return Router(config, DaemonStats("ipc:///unit", 10), factory), factory, logs
+    return Router(config, DaemonStats("ipc:///unit", 10), make_writer=factory), factory, logs
 
 
 def test_router_serves_one_writer_per_file_and_refuses_other_options_for_it(tmp_path):

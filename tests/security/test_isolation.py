@@ -28,10 +28,10 @@ def route(self, path, options, *args):
     return _route(self, path, options, *args)
 
 
-def write(self, items):
+def write(self, items, *args):
     if "/boom-writer" in self.path:
         raise MemoryError("injected")
-    return _write(self, items)
+    return _write(self, items, *args)
 
 
 writers.Router.route = route

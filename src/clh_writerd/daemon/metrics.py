@@ -20,6 +20,7 @@ from socketserver import ThreadingMixIn
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from ..forward.status import forward_metrics
 from .errors import StartupError
 from .stats import OTHER_PROGRAM
 
@@ -84,8 +85,6 @@ class StatsCollector:
         yield from self._files(doc["files"])
         yield from self._clients(doc)
         if "forward" in doc:  # [forward] is on (docs/forwarding.md)
-            from ..forward.status import forward_metrics
-
             yield from forward_metrics(doc["forward"], PREFIX)
 
     def _daemon(self, d: Dict[str, Any]) -> Iterator[Any]:

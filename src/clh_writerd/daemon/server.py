@@ -27,19 +27,21 @@ from typing import IO, Any, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import msgpack
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import protocol
 from .._sockdir import key_file_problem, socket_dir_problem
 from .._version import __version__
-from .access import LOCAL, AccessPolicy, Peer
+from .access import AccessPolicy, Peer
 from .config import Config, load_config, metrics_warnings
+from .dispatch import Dispatcher
+from ..forward import Forwarder, options_from_config
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
+from .metrics import METRICS_SHARE, MetricsServer
 from .notify import SystemdNotifier
-from .paths import Target
-from .policy import OptionPolicy
 from .safefiles import proc_fd_available
-from .stats import PEER_LOGGER, DaemonStats, FileStats, printable
-from .writers import AckQueue, FileWriter, QueueBudget, Router, Work, queued_cost
+from .stats import PEER_LOGGER, DaemonStats, printable
+from .writers import AckQueue, QueueBudget, Router
 
 log = logging.getLogger("clh_writerd.daemon")
 peer_log = logging.getLogger(PEER_LOGGER)
@@ -53,8 +55,6 @@ EXIT_FORCED = 130
 POLL_MS = 200
 # Frames handled per poll wake-up before acks get their turn.
 MAX_BURST = 256
-# How long a busy refusal holds back a client's later batches for that file.
-BLOCK_SECONDS = 2.0
 # Descriptors one served file may hold: its directory, the lock file's
 # directory, the log stream and the lock stream.
 FDS_PER_FILE = 4
@@ -231,8 +231,6 @@ class ConnectionGuard:
 
     def handle(self) -> None:
         """Read the accept events; shut down the newest connections beyond the ceiling; pause if short."""
-        from zmq.utils.monitor import recv_monitor_message
-
         accepted = []
         pending = self.pending
         while True:
@@ -347,7 +345,7 @@ class Server:
         self.force_exit = False
         self.reload_requested = False
         self._writers_running = False
-        self._blocked: Dict[Tuple[Any, str], Tuple[int, float]] = {}
+        self.dispatcher: Optional[Dispatcher] = None
         self._old_handlers: List[Any] = []
         self._old_gc_threshold: Optional[Tuple[int, ...]] = None
         self.notifier = SystemdNotifier()
@@ -386,7 +384,9 @@ class Server:
         self.context = zmq.Context()
         self.context.MAX_SOCKETS = ZMQ_MAX_SOCKETS
         self.acks = AckQueue()
-        self.router = Router(cfg, self.stats, self._make_writer, self.stats.limits["max_files"])
+        self.router = Router(cfg, self.stats, self.acks, self.budget, self.stats.limits["max_files"])
+        self.dispatcher = Dispatcher(cfg, self.stats, self.access, self.router, lambda: self.should_exit,
+                                     self._stats_document, self._may_send_large)
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.MAXMSGSIZE, hard_frame_limit(cfg.max_message_bytes))
         sock.setsockopt(zmq.SNDHWM, REPLY_HWM)
@@ -411,16 +411,12 @@ class Server:
         self.guard.local_address = self._local_address(sock)
         RateLimit.attach(cfg.log_rate_limit, self.stats.count)
         if cfg.metrics_listen:
-            from .metrics import MetricsServer
-
             self.metrics = MetricsServer(cfg.metrics_listen, self._metrics_snapshot, per_client=cfg.metrics_per_client,
                                          sees_all=lambda uid: self.access.admin_uid(uid), public=cfg.metrics_public)
             log.info("metrics on http://%s/metrics", cfg.metrics_listen)
             for warning in metrics_warnings(cfg):
                 log.warning("%s", warning)
         if cfg.forward_target:
-            from ..forward import Forwarder, options_from_config
-
             try:
                 self.forwarder = Forwarder(options_from_config(cfg))
             except (RuntimeError, OSError) as exc:  # e.g. an unreadable checkpoint
@@ -510,6 +506,8 @@ class Server:
             logging.getLogger("clh_writerd").setLevel(new.log_level.upper())
         self.config = new
         self.access = AccessPolicy(new, new.ipc_path is not None)
+        if self.dispatcher is not None:
+            self.dispatcher.config, self.dispatcher.access = new, self.access
         if self.authenticator is not None:
             problem = self._keys_problem(new)
             if problem:  # a key planted in a directory someone else can write is never admitted
@@ -547,7 +545,8 @@ class Server:
         sock = self.router_socket
         assert sock is not None
         self._large_replies.clear()
-        guard = self.guard
+        guard, dispatcher = self.guard, self.dispatcher
+        assert dispatcher is not None
         for _ in range(MAX_BURST):
             # Asked before each receive: a receive that finds nothing raises
             # zmq.Again, whose construction cost more than a ping's handling.
@@ -567,7 +566,8 @@ class Server:
                 guard.pending.pop(fd, None)  # it spoke: no longer the first to go
             # The payload is read in place (a memoryview of libzmq's buffer): no copy of a
             # frame that may be megabytes and is often refused.
-            self.handle([p.bytes for p in parts[:-1]] + [last.buffer], peer, fd)
+            for reply, reply_fd in dispatcher.handle([p.bytes for p in parts[:-1]] + [last.buffer], peer, fd):
+                self._send(reply, reply_fd)
 
     @staticmethod
     def _source_fd(frame: zmq.Frame) -> int:
@@ -583,180 +583,6 @@ class Server:
             return str(frame.get("User-Id"))
         except zmq.ZMQError:
             return None
-
-    def handle(self, frames: List[Any], peer: Peer = LOCAL, fd: int = -1) -> None:
-        """authorize -> decode -> route -> hand to the writer (which acks), or reply now.
-
-        Isolated: whatever one message raises becomes an ``internal`` error
-        reply and a counter; the daemon goes on with the next message.
-        """
-        try:
-            self._handle(frames, peer, fd)
-        except Exception as exc:
-            self.stats.count(protocol.E_INTERNAL)
-            peer_log.error("internal error on a message (answered, daemon goes on): %s",
-                      printable(f"{type(exc).__name__}: {exc}"[:500]))
-            if 2 <= len(frames) <= 3:
-                seq = rid = None
-                try:  # echo the batch seq / request id when the frame names one
-                    request = protocol.decode_request(frames[-1])
-                    seq, rid = getattr(request, "seq", None), getattr(request, "id", None)
-                except Exception:
-                    pass
-                reply = protocol.encode_error(protocol.E_INTERNAL, f"{type(exc).__name__}", seq=seq, id=rid)
-                self._send(frames[:-1] + [reply])
-
-    def _handle(self, frames: List[Any], peer: Peer, fd: int = -1) -> None:
-        self.stats.count("frames_received")
-        # DEALER: [identity, payload]; REQ: [identity, b"", payload].
-        if len(frames) < 2 or len(frames) > 3:
-            self.stats.count("malformed")
-            if len(frames) > 3:  # a DEALER's identity is the first frame: tell it
-                self._send([frames[0], protocol.encode_error(
-                    protocol.E_MALFORMED, f"a message has one payload frame, this one has {len(frames) - 1}")])
-            return
-        envelope, payload = frames[:-1], frames[-1]
-        request: Optional[protocol.Request] = None
-        try:
-            if len(payload) > self.config.max_message_bytes:
-                # Bounded (see hard_frame_limit): decode only to name the batch refused.
-                try:
-                    request = protocol.decode_request(payload)
-                except protocol.ProtocolError:
-                    pass
-                raise protocol.ProtocolError(
-                    protocol.E_TOO_LARGE, f"frame of {len(payload)} bytes exceeds max_message_bytes "
-                    f"({self.config.max_message_bytes})")
-            request = protocol.decode_request(payload)
-            reply = self._dispatch(envelope, request, len(payload), peer, fd)
-        except protocol.ProtocolError as exc:
-            self.stats.count(exc.code)
-            if exc.code == protocol.E_UNAUTHORIZED:
-                self.stats.refused_peer(peer.uid)
-            # Echo the batch seq / request id so the client knows what failed.
-            seq = getattr(request, "seq", None)
-            rid = getattr(request, "id", None)
-            reply = protocol.encode_error(exc.code, exc.message, seq=seq, id=rid)
-            if exc.code != protocol.E_BUSY:
-                peer_log.warning("refused a message: %s", printable(str(exc)))
-        if reply is not None:
-            self._send(envelope + [reply], fd)
-
-    def _dispatch(self, envelope: List[bytes], request: protocol.Request, size: int, peer: Peer,
-                  fd: int = -1) -> Optional[bytes]:
-        # Every message needs the same rights: stats reveal paths and clients.
-        decision = self.access.decide(peer)
-        if isinstance(request, protocol.Batch):
-            return self._route(envelope, request.client, request.path, request.options,
-                               request.lines(self._render_error), protocol.encode_ack(request.seq), request.seq,
-                               None, size, peer, decision.dirs, decision.authority, fd)
-        if isinstance(request, protocol.SyncRecord):
-            return self._route(envelope, request.client, request.path, request.options,
-                               request.lines(self._render_error),
-                               protocol.encode_ok(request.id), None, request.id, size, peer, decision.dirs,
-                               decision.authority, fd)
-        if isinstance(request, protocol.StatsRequest):
-            if fd >= 0 and not self._may_send_large(fd, envelope[0]):
-                self.stats.count("replies_dropped")  # it has not read the last one: no new document for it
-                return None
-            return protocol.encode_ok(request.id, packed_data=self._stats_document(
-                None if decision.admin else peer.principal))
-        if isinstance(request, protocol.Ping):
-            return protocol.encode_ok(request.id, {"version": __version__, "pid": os.getpid(),
-                                                   "max_message_bytes": self.config.max_message_bytes,
-                                                   "protocol": protocol.PROTOCOL_VERSION})
-        if isinstance(request, protocol.Report):
-            self.stats.report(request.client, request.counters, peer, request.state, request.file, request.error,
-                              request.final)
-            return protocol.encode_ok(request.id)
-        raise protocol.ProtocolError(protocol.E_INTERNAL, "unhandled message")  # pragma: no cover
-
-    def _render_error(self) -> None:
-        """A record whose values its format cannot render: written as a line
-        saying so (with the values), counted here."""
-        self.stats.count("render_errors")
-
-    def _route(self, envelope: List[bytes], client: protocol.ClientId, path: str, options: dict,
-               lines: List[str], ok_reply: bytes, seq: Optional[int], rid: Optional[int], size: int,
-               peer: Peer = LOCAL, dirs: Optional[Tuple[str, ...]] = None, authority: Any = None,
-               fd: int = -1) -> Optional[bytes]:
-        client_stats = self.stats.client(client, peer)
-        if self.should_exit:
-            raise protocol.ProtocolError(protocol.E_SHUTTING_DOWN, "the daemon is stopping")
-        assert self.router is not None
-        try:
-            if dirs is not None:  # peer_dirs: checked before the file is opened or created
-                lock_dir = options.get("lock_file_directory") if isinstance(options, dict) else None
-                self.access.check_path(dirs, self.router.policy, path, lock_dir if isinstance(lock_dir, str) else None)
-            principal = peer.principal
-            writer = self.router.route(path, options, principal, authority, peer.pid)
-            if not OptionPolicy.encodable(writer.options, lines):
-                raise protocol.ProtocolError(
-                    protocol.E_BAD_OPTIONS, f"a record cannot be encoded in {writer.options.get('encoding')} "
-                    "and unicode_error_policy = strict would drop it")
-        except protocol.ProtocolError:
-            client_stats.errors += 1
-            raise
-        sync = rid is not None
-        session = (peer.identity, client.session)  # another peer cannot block this one
-        writer.stats.seen_from(principal)
-        blocked = self._refused_batches(session, writer.path, seq)
-        work = Work(envelope, lines, ok_reply, seq, rid, queued_cost(lines), principal, authority)
-        replies = writer.write_now(work) if sync and not blocked else None
-        if replies is not None:  # written (or refused) here, without the writer thread: reply at once
-            client_stats.records += len(lines)
-            client_stats.sync_records += 1
-            writer.stats.records_received += len(lines)
-            writer.stats.bytes_received += size
-            for reply in replies:
-                self._send(reply, fd)
-            return None
-        if blocked or not writer.submit(work, sync=sync):
-            writer.stats.busy_refusals += 1
-            if seq is not None and not blocked:
-                self._block(session, writer.path, seq)
-            budget = not blocked and "bytes" in writer.refusal
-            if budget:
-                self.stats.count("queue_bytes_refused")
-            raise protocol.ProtocolError(protocol.E_BUSY, f"queue for {writer.path} is full"
-                                         + (f": {writer.refusal}" if budget else ""))
-        writer.stats.records_received += len(lines)
-        writer.stats.bytes_received += size
-        client_stats.records += len(lines)
-        if sync:
-            client_stats.sync_records += 1
-        else:
-            client_stats.batches += 1
-        return None
-
-    def _refused_batches(self, session: Any, path: str, seq: Optional[int]) -> bool:
-        """Per-process order under backpressure: once a client's batch for a
-        file was refused as busy, its later batches for that file are refused
-        too until it sends the refused one again (or BLOCK_SECONDS pass, in
-        case it wrote that batch through its fallback instead)."""
-        if seq is None or not self._blocked:
-            return False
-        key = (session, path)
-        entry = self._blocked.get(key)
-        if entry is None:
-            return False
-        first, expires = entry
-        if seq == first or time.monotonic() > expires:
-            del self._blocked[key]
-            return False
-        return True
-
-    def _block(self, session: Any, path: str, seq: int) -> None:
-        """Remember a busy refusal (see _refused_batches); the map is bounded by max_clients."""
-        blocked = self._blocked
-        if len(blocked) >= self.config.max_clients:
-            now = time.monotonic()
-            for key in [k for k, (_, expires) in blocked.items() if expires < now]:
-                del blocked[key]
-            while len(blocked) >= self.config.max_clients:
-                del blocked[next(iter(blocked))]
-                self.stats.count("busy_map_evictions")
-        blocked[(session, path)] = (seq, time.monotonic() + BLOCK_SECONDS)
 
     def _pause_listening(self) -> None:
         assert self.router_socket is not None
@@ -784,10 +610,8 @@ class Server:
         self.stats.fold_gone()
         if self.guard is not None:
             self.guard.sweep()
-        if self._blocked:
-            now = time.monotonic()
-            for key in [k for k, (_, expires) in self._blocked.items() if expires < now]:
-                del self._blocked[key]
+        if self.dispatcher is not None:
+            self.dispatcher.sweep(time.monotonic())
 
     def _forward_acks(self, wait_ms: int = 0) -> None:
         acks = self.acks
@@ -838,8 +662,6 @@ class Server:
     def _metrics_snapshot(self) -> dict:
         """What a scrape is built from (the metrics thread): everything, so that the scrape stays within
         about stats_max_bytes (metrics.METRICS_SHARE)."""
-        from .metrics import METRICS_SHARE
-
         return self.snapshot(None, max(16 * 1024, self.config.stats_max_bytes // METRICS_SHARE))
 
     def snapshot(self, scope: Hashable = None, budget: int = 0) -> dict:
@@ -850,22 +672,6 @@ class Server:
         return doc
 
     # -- resources -----------------------------------------------------------
-    def _make_writer(self, target: Target, options: dict, lock_target: Optional[Target],
-                     authority: Any = None) -> FileWriter:
-        cfg = self.config
-        path = target.path
-        old = self.stats.files.get(path)
-        stats = FileStats(path, options, cfg.queue_batches)
-        if old is not None:  # a file closed while idle and opened again keeps its totals
-            stats.carry_over(old)
-        policy, interval = cfg.fsync_for(path)
-        assert self.acks is not None and self.router is not None
-        writer = FileWriter(target, options, stats, self.acks, cfg.queue_batches, cfg.max_write_chars, policy,
-                            interval, lock_target, self.stats.count, self.budget, cfg.queue_bytes, authority)
-        writer.start()
-        self.stats.add_file(stats, self.router.writers, keep=2 * self.router.max_files)
-        return writer
-
     def _prepare_allowed_dirs(self) -> None:
         for directory in self.config.allowed_dirs:
             if not os.path.isdir(directory):

@@ -413,6 +413,3 @@ def _within(entries: Iterable[Any], left: int, size: Any) -> Tuple[List[Any], in
         left -= cost
     return kept, left
 
-
-# Rendering lives in view.py; these names stay importable from here.
-from .view import render_table, render_watch  # noqa: E402,F401

@@ -12,6 +12,8 @@ whose dependencies are pyzmq, msgpack and concurrent-log-handler.)
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ..protocol import printable
+
 # Counters a client reports about itself that the client table shows.
 CLIENT_COLUMNS = ("sent", "acked", "fallback", "dropped", "resent")
 # Reverse video, and back to normal: the highlight of a client in trouble now.
@@ -22,8 +24,6 @@ MARK = "!"
 
 def printable_doc(value: Any) -> Any:
     """Every string of a stats document (paths, hosts, programs, errors came from clients) escaped."""
-    from .stats import printable
-
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):

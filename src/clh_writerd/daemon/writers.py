@@ -315,6 +315,17 @@ class FileWriter:
     def start(self) -> None:
         self._thread.start()
 
+    def has_room(self, sync: bool = False) -> bool:
+        """Whether submit() finds a place by count (bytes are checked there):
+        the main loop renders a batch only then. Sets ``refusal`` when not."""
+        if self._stopping:
+            self.refusal = "the file is being closed"
+            return False
+        if len(self._sync if sync else self._batches) >= self.capacity:
+            self.refusal = f"queue_batches ({self.capacity}) reached"
+            return False
+        return True
+
     def submit(self, work: Work, sync: bool = False) -> bool:
         """Queue work; False when a queue is full (``refusal`` says which):
         batches and sync records each have ``capacity`` places, so neither
@@ -575,11 +586,16 @@ class Router:
     ``idle_file_seconds`` or when a new file needs its slot.
     """
 
-    def __init__(self, config: Config, stats: DaemonStats, make_writer: WriterFactory,
-                 max_files: Optional[int] = None) -> None:
+    def __init__(self, config: Config, stats: DaemonStats, acks: Optional[AckQueue] = None,
+                 budget: Optional[QueueBudget] = None, max_files: Optional[int] = None,
+                 make_writer: Optional[WriterFactory] = None) -> None:
+        """Writers reply through ``acks`` and share ``budget``;
+        ``make_writer`` replaces the router's own factory (tests)."""
         self.stats = stats
+        self.acks = acks
+        self.budget = budget
         self.writers: "OrderedDict[str, FileWriter]" = OrderedDict()
-        self._make_writer = make_writer
+        self._make_writer = make_writer or self._new_writer
         self._cache: Dict[Hashable, FileWriter] = {}
         self._closing: List[FileWriter] = []
         self.max_files = max_files or config.max_files
@@ -652,6 +668,23 @@ class Router:
         writer.opener = principal
         self.writers[real] = writer
         log.info("serving %s with %s", printable(real), printable(str(opts)))
+        return writer
+
+    def _new_writer(self, target: Target, options: Dict[str, Any], lock_target: Optional[Target],
+                    authority: Optional[Authority] = None) -> FileWriter:
+        """A started writer for ``target``; a file closed while idle and opened again keeps its totals."""
+        cfg = self.config
+        path = target.path
+        old = self.stats.files.get(path)
+        stats = FileStats(path, options, cfg.queue_batches)
+        if old is not None:
+            stats.carry_over(old)
+        policy, interval = cfg.fsync_for(path)
+        assert self.acks is not None, "a router without an ack queue cannot make writers"
+        writer = FileWriter(target, options, stats, self.acks, cfg.queue_batches, cfg.max_write_chars, policy,
+                            interval, lock_target, self.stats.count, self.budget, cfg.queue_bytes, authority)
+        writer.start()
+        self.stats.add_file(stats, self.writers, keep=2 * self.max_files)
         return writer
 
     def _change_options(self, writer: FileWriter, opts: Dict[str, Any]) -> None:

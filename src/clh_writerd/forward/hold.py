@@ -3,13 +3,22 @@
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, List, Optional, Set
+from typing import Any, Dict, List, Optional, Protocol, Set
 
-from .checkpoint import SegmentState
+from .checkpoint import Checkpoint, SegmentState
 from .segments import Candidate, segment_size
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .forwarder import Forwarder
+
+class HoldOwner(Protocol):
+    """What the hold needs of the forwarder that owns it (no import of it: no cycle)."""
+
+    checkpoint: Checkpoint
+    hold_seq: int
+    sources: Dict[str, Any]
+
+    def held_only_keys(self) -> Set[str]: ...
+
+    def mark_dirty(self) -> None: ...
 
 log = logging.getLogger("clh_writerd.forward")
 
@@ -50,7 +59,7 @@ class Hold:
     oldest of those are let go, each counted as lost with its exact size.
     """
 
-    def __init__(self, directory: str, max_bytes: int, forwarder: "Forwarder") -> None:
+    def __init__(self, directory: str, max_bytes: int, forwarder: HoldOwner) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
         self.fw = forwarder
