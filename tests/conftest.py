@@ -7,6 +7,16 @@ import pytest
 
 from support import DaemonProcess, RawClient
 
+# Fixtures that start real processes: a test that uses one is end to end
+# (marked e2e here, so `make test-fast` leaves it out without a hand-kept list).
+PROCESS_FIXTURES = {"start_daemon", "daemon", "raw_client", "image", "crowd", "central", "lab"}
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture
 def start_daemon(tmp_path) -> Callable[..., DaemonProcess]:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from support import check_sequences, read_lines, short_socket_dir, wait_for, write_config
 
+pytestmark = pytest.mark.e2e  # builds and installs the package in subprocesses
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
