@@ -5,6 +5,7 @@ config in daemon/clh-writerd.toml."""
 import dataclasses
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -334,3 +335,22 @@ def test_reference_config_values_are_the_defaults(env, tmp_path):
 ])
 def test_type_errors_name_the_kind_in_plain_english(env, tmp_path, text, expected):
     assert refused(tmp_path, text).endswith(expected)
+
+
+def test_the_reload_table_of_the_operations_guide_is_what_the_options_declare():
+    """docs/operations.md's "applies live / needs a restart" table against
+    Option.restart_only (the one declaration the server's reload reads)."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    start = guide.index("| applies live | needs a restart |")
+    rows = [line for line in guide[start:].splitlines()[2:] if line.startswith("| ")]
+    live, restart = set(), set()
+    for row in rows:
+        left, right = row.strip("|").split(" | ", 1)
+        live |= set(re.findall(r"`([a-z_]+)`", left))
+        restart |= set(re.findall(r"`([a-z_]+)`", right))
+    daemon_keys = {o.key for o in OPTIONS if o.section in ("daemon", "limits")}
+    declared = {o.key for o in OPTIONS if o.section in ("daemon", "limits") and o.restart_only}
+    assert restart & daemon_keys == declared
+    assert live & daemon_keys == daemon_keys - declared
+    assert "`[forward]`" in guide[start:] and all(o.restart_only for o in OPTIONS if o.section == "forward")
+    assert not any(o.restart_only for o in OPTIONS if o.section == "fsync")

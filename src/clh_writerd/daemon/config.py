@@ -170,18 +170,20 @@ class Option:
     default: Any
     check: Callable[[str, Any], Any]
     doc: str
+    # A reload (SIGHUP) keeps the running value: it is read once, at start.
+    restart_only: bool = False
 
 
 OPTIONS: Tuple[Option, ...] = (
     Option("daemon", "endpoint", "", _string,
            'ZeroMQ endpoint to bind: "ipc:///path/to.sock" or "tcp://127.0.0.1:PORT". '
-           'Empty: $CLH_WRITERD_ENDPOINT, else an ipc socket in the per-user runtime directory.'),
+           'Empty: $CLH_WRITERD_ENDPOINT, else an ipc socket in the per-user runtime directory.', restart_only=True),
     Option("daemon", "socket_dir_mode", 0o700, _positive(int, 0, 0o7777),
-           "Mode of the directory that holds the ipc socket (who may connect)."),
+           "Mode of the directory that holds the ipc socket (who may connect).", restart_only=True),
     Option("daemon", "socket_group", "", _group,
-           'Group of the socket directory (name or gid); "" leaves it as created.'),
+           'Group of the socket directory (name or gid); "" leaves it as created.', restart_only=True),
     Option("daemon", "allow_remote_tcp", False, _boolean,
-           "Allow a tcp endpoint on a non-loopback address."),
+           "Allow a tcp endpoint on a non-loopback address.", restart_only=True),
     Option("daemon", "allowed_dirs", ["logs"], _dirs,
            "The only directories (real paths, subdirectories included) the daemon writes under."),
     Option("daemon", "allowed_uids", [], _principals("user"),
@@ -198,12 +200,12 @@ OPTIONS: Tuple[Option, ...] = (
            "(root and the daemon's own uid always do); any other peer sees its own clients and the files they write."),
     Option("daemon", "metrics_public", False, _boolean,
            "Show per-file and per-client series on /metrics to every scraper (off: only to loopback scrapers that "
-           "run as a stats admin; the others get the daemon-wide series)."),
+           "run as a stats admin; the others get the daemon-wide series).", restart_only=True),
     Option("daemon", "tcp_auth", "curve", _choice(TCP_AUTH),
            'tcp endpoints: "curve" (clients need a key in curve_public_keys_dir) or "none" (anyone who can '
-           "reach the port may write; warned at every start)."),
+           "reach the port may write; warned at every start).", restart_only=True),
     Option("daemon", "curve_secret_key", "", _string,
-           "The daemon's CURVE key pair (the .key_secret file of `clh-writerd keygen`), for tcp."),
+           "The daemon's CURVE key pair (the .key_secret file of `clh-writerd keygen`), for tcp.", restart_only=True),
     Option("daemon", "curve_public_keys_dir", "", _string,
            "Directory of the client public keys (.key files) admitted on tcp; re-read on reload."),
     Option("daemon", "create_allowed_dirs", True, _boolean,
@@ -218,10 +220,10 @@ OPTIONS: Tuple[Option, ...] = (
            "Diagnostic lines per second at most (bursts of as many); the rest are counted and summarised "
            "once a second. 0 = no limit."),
     Option("daemon", "metrics_listen", "", _listen,
-           'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.'),
+           'Prometheus metrics at http://HOST:PORT/metrics (needs clh-writerd[metrics]); "" = off.', restart_only=True),
     Option("daemon", "metrics_per_client", False, _boolean,
            "Also expose one series per client process (pid, session labels): one new series per worker "
-           "restart; off = client series per (program, file) only."),
+           "restart; off = client series per (program, file) only.", restart_only=True),
     Option("daemon", "clients_gone_after", 300.0, _positive(float, 1.0, 30 * 86400.0),
            "Seconds after which a client not seen (or closed) leaves the stats client list; its reported totals "
            'are kept in "clients_gone", per program and file.'),
@@ -246,7 +248,7 @@ OPTIONS: Tuple[Option, ...] = (
     # Byte budgets (docs/security.md, "Budgets"): what one client can make the daemon hold.
     Option("limits", "receive_buffer_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
            "Bytes libzmq may buffer per connection before it stops reading it: RCVHWM is this over the "
-           "largest frame (2 x max_message_bytes), at least 1. Read at start (a reload keeps it)."),
+           "largest frame (2 x max_message_bytes), at least 1. Read at start (a reload keeps it).", restart_only=True),
     Option("limits", "queue_bytes", 64 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
            "Bytes queued per file (characters of the lines plus 64 per record) before the daemon answers 'busy'."),
     Option("limits", "peer_queue_bytes", 128 * 1024 * 1024, _positive(int, 64 * 1024, 1 << 40),
@@ -271,29 +273,29 @@ OPTIONS: Tuple[Option, ...] = (
            'Seconds between fsyncs under the "interval" policy.'),
     # [forward]: at-least-once forwarding to a central rsyslog over RELP (docs/forwarding.md).
     Option("forward", "target", "", _listen,
-           'Central RELP server as HOST:PORT (rsyslog imrelp); "" = no forwarding.'),
+           'Central RELP server as HOST:PORT (rsyslog imrelp); "" = no forwarding.', restart_only=True),
     Option("forward", "paths", [], _globs,
-           "Files to forward (paths or glob patterns of the live files; rotated segments follow)."),
+           "Files to forward (paths or glob patterns of the live files; rotated segments follow).", restart_only=True),
     Option("forward", "state_file", "forward-checkpoint.json", _string,
-           "Checkpoint of acknowledged offsets per segment (written atomically)."),
+           "Checkpoint of acknowledged offsets per segment (written atomically).", restart_only=True),
     Option("forward", "hostname", "", _hostname,
-           'HOSTNAME field of forwarded records; "" = this machine\'s hostname.'),
+           'HOSTNAME field of forwarded records; "" = this machine\'s hostname.', restart_only=True),
     Option("forward", "window", 256, _positive(int, 1, 100_000),
-           "RELP frames sent and not yet acknowledged, at most (also the duplicate bound per reconnect)."),
+           "RELP frames sent and not yet acknowledged, at most (also the duplicate bound per reconnect).", restart_only=True),
     Option("forward", "checkpoint_interval", 0.2, _positive(float, 0.0, 60.0),
-           "Seconds between checkpoint writes while acks arrive (bounds resends after a forwarder crash)."),
+           "Seconds between checkpoint writes while acks arrive (bounds resends after a forwarder crash).", restart_only=True),
     Option("forward", "timeout", 5.0, _positive(float, 0.1, 600.0),
-           "Seconds without any ack while frames are in flight before the session is dropped and resent."),
+           "Seconds without any ack while frames are in flight before the session is dropped and resent.", restart_only=True),
     Option("forward", "hold_max_bytes", 1024 ** 3, _positive(int, 0, 2 ** 60),
            "Disk budget for a long outage: rotated segments not yet forwarded are kept (hard links) up to "
-           "this many bytes after retention deletes them; beyond it they are counted as lost. 0 = off."),
+           "this many bytes after retention deletes them; beyond it they are counted as lost. 0 = off.", restart_only=True),
     Option("forward", "hold_dir", "", _string,
-           'Where held segments are linked (same filesystem as the logs); "" = "<state_file>.hold".'),
+           'Where held segments are linked (same filesystem as the logs); "" = "<state_file>.hold".', restart_only=True),
     Option("forward", "tls", False, _boolean,
-           "RELP over TLS (imrelp tls=\"on\" with x509 certificates)."),
-    Option("forward", "tls_ca_file", "", _string, 'CA bundle that signed the server certificate ("" = system CAs).'),
-    Option("forward", "tls_cert_file", "", _string, 'Client certificate (PEM) for mutual TLS ("" = none).'),
-    Option("forward", "tls_key_file", "", _string, "Key of tls_cert_file."),
+           "RELP over TLS (imrelp tls=\"on\" with x509 certificates).", restart_only=True),
+    Option("forward", "tls_ca_file", "", _string, 'CA bundle that signed the server certificate ("" = system CAs).', restart_only=True),
+    Option("forward", "tls_cert_file", "", _string, 'Client certificate (PEM) for mutual TLS ("" = none).', restart_only=True),
+    Option("forward", "tls_key_file", "", _string, "Key of tls_cert_file.", restart_only=True),
 )
 
 
@@ -398,6 +400,10 @@ class Config:
 
 def _attr(opt: Option) -> str:
     return f"{opt.section}_{opt.key}" if opt.section in ("fsync", "forward") else opt.key
+
+
+# The Config attributes a reload keeps (Option.restart_only).
+RESTART_ONLY: Tuple[str, ...] = tuple(_attr(opt) for opt in OPTIONS if opt.restart_only)
 
 
 def _toml_value(value: Any) -> str:

@@ -33,7 +33,7 @@ from .. import protocol
 from .._sockdir import key_file_problem, socket_dir_problem
 from .._version import __version__
 from .access import AccessPolicy, Peer
-from .config import Config, load_config, metrics_warnings
+from .config import RESTART_ONLY, Config, load_config, metrics_warnings
 from .dispatch import Dispatcher
 from ..forward import Forwarder, options_from_config
 from .errors import StartupError  # noqa: F401 (re-exported: `from .server import StartupError`)
@@ -307,17 +307,6 @@ class ConnectionGuard:
 
     def close(self) -> None:
         self.monitor.close(linger=0)
-
-
-# Settings a reload cannot apply to a running daemon (the endpoint is handled
-# on its own); everything else applies live.
-RESTART_ONLY: Tuple[str, ...] = ("socket_dir_mode", "socket_group", "allow_remote_tcp", "metrics_listen", "tcp_auth",
-                                 "metrics_per_client", "metrics_public", "receive_buffer_bytes",
-                                 "curve_secret_key")
-# The forwarder reads its [forward] options once, at start.
-RESTART_ONLY += tuple(f"forward_{key}" for key in ("target", "paths", "state_file", "hostname", "window",
-                                                   "checkpoint_interval", "timeout", "hold_max_bytes", "hold_dir", "tls", "tls_ca_file",
-                                                   "tls_cert_file", "tls_key_file"))
 
 
 def hard_frame_limit(max_message_bytes: int) -> int:
