@@ -54,10 +54,64 @@ CHECKED_FRAME_BYTES = 64 * 1024
 # to `clh-writerd stats` (control.request), whose limit is MAX_FRAME_BYTES.
 MAX_HANDLER_REPLY_BYTES = 64 * 1024
 MAX_INT = 2**63 - 1
+
+
+class ClientCounter(NamedTuple):
+    """A counter a client keeps about itself, declared once (``CLIENT_COUNTERS``):
+    ``get_stats()`` and the handlers' ``ClientStats``, the report, what the
+    daemon keeps, its metrics, `clh-writerd stats`' client table, the
+    handler's summary line and docs/client.md's table all come from here."""
+
+    name: str  # the get_stats() key (a ClientStats attribute)
+    wire: str  # its name in a report and on the daemon's side; "": kept in the process only
+    help: str  # what it counts (docs/client.md, the Prometheus help)
+    column: bool = False  # shown in `clh-writerd stats`' client table
+    summary: bool = False  # shown in the handler's monitor_interval summary line
+
+
+CLIENT_COUNTERS: Tuple[ClientCounter, ...] = (
+    ClientCounter("enqueued", "", "records accepted into the queue"),
+    ClientCounter("sent", "sent", "records sent to the daemon (resends included)", column=True, summary=True),
+    ClientCounter("acked", "acked", "records the daemon acknowledged as written", column=True, summary=True),
+    ClientCounter("fallback_written", "fallback",
+                  "records written directly through CLH: fallback, embedded mode, sync records without a daemon",
+                  column=True, summary=True),
+    ClientCounter("dropped_count", "dropped",
+                  "records dropped because the queue was full and `fallback_on_full=False`", column=True,
+                  summary=True),
+    ClientCounter("resent", "resent",
+                  "records that were sent but never acknowledged, then written again (fallback) or sent again; "
+                  "with `sync_timeouts`, an upper bound on duplicates", column=True, summary=True),
+    ClientCounter("fallback_count", "queue_full", "records written synchronously because the queue was full",
+                  summary=True),
+    ClientCounter("sync_count", "", "records at or above `sync_level`"),
+    ClientCounter("sync_timeouts", "sync_timeouts",
+                  "sync records the daemon did not confirm in time; the fallback wrote them, so a duplicate is "
+                  "possible"),
+    ClientCounter("busy", "",
+                  "batches the daemon refused as busy; they are sent again after a back-off (10 ms doubling to "
+                  "1 s), and never count as `resent` since nothing of them was written"),
+    ClientCounter("write_errors", "write_errors",
+                  "direct writes that failed (attempts, not records: a failure that may pass, such as a full disk "
+                  "or a held lock, is retried)", summary=True),
+    ClientCounter("lost", "lost",
+                  "records that could not be written anywhere: neither the daemon nor the fallback took them (a "
+                  "directory that cannot be created, no permission, a lock held past `LOCK_WAIT`, a write still "
+                  "failing after 10 s or at the drain's deadline). Each loss is said on stderr (see "
+                  "[Loss](#loss))", summary=True),
+    ClientCounter("oversize", "oversize", "records too large for one message, written through the fallback",
+                  summary=True),
+    ClientCounter("unencodable", "unencodable",
+                  "records whose text is not UTF-8 (lone surrogates, as `os.fsdecode()` makes of undecodable "
+                  "bytes), which msgpack cannot carry: written through the fallback, under the file's "
+                  "`unicode_error_policy`, the same bytes CLH writes", summary=True),
+    ClientCounter("closed_count", "",
+                  "records emitted after `close()`: written through the fallback (as `FileHandler` reopens its "
+                  "file), never a traceback"),
+)
 # The counters a client may report about itself (``report`` messages); the
 # daemon keeps only these names, so a client cannot grow its stats document.
-REPORT_COUNTERS = ("dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
-                   "sent", "acked", "write_errors", "unencodable", "lost")
+REPORT_COUNTERS: Tuple[str, ...] = tuple(c.wire for c in CLIENT_COUNTERS if c.wire)
 # What a report may say about the client's state (client/_stats.py), and how
 # much of its last error the daemon keeps.
 REPORT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")

@@ -37,6 +37,42 @@ def test_docs_parameter_table_is_the_options_dataclass():
         "regenerate it: python -m clh_writerd.client._options docs/client.md"
 
 
+def test_docs_counter_table_is_the_declared_counters():
+    """docs/client.md's counters come from protocol.CLIENT_COUNTERS, which
+    ClientStats, the report, the daemon's metrics and stats table read."""
+    from clh_writerd import protocol
+    from clh_writerd.client._stats import COUNTERS, ClientStats
+    from clh_writerd.client._stats import markdown_table as counters_table
+    from clh_writerd.daemon.metrics import CLIENT_REPORTED
+    from clh_writerd.daemon.view import CLIENT_COLUMNS
+
+    with open(DOCS, encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"<!-- counters-table:start -->\n(.*?)<!-- counters-table:end -->", text, re.S)
+    assert match, "docs/client.md lost its counters table markers"
+    assert match.group(1) == counters_table(), "regenerate it: python -m clh_writerd.client._options docs/client.md"
+    stats = ClientStats()
+    for n, name in enumerate(COUNTERS, 1):
+        setattr(stats, name, n)
+    assert stats.report() == {c.wire: COUNTERS.index(c.name) + 1 for c in protocol.CLIENT_COUNTERS if c.wire}
+    assert set(stats.snapshot(0, 0, 0)) >= set(COUNTERS)
+    assert CLIENT_REPORTED == protocol.REPORT_COUNTERS and set(CLIENT_COLUMNS) <= set(protocol.REPORT_COUNTERS)
+
+
+def test_every_doc_that_lists_the_reported_counters_lists_them_all():
+    """The guides that name what a client reports (metrics, protocol, limits) say all of it."""
+    from clh_writerd import protocol
+
+    docs = os.path.dirname(DOCS)
+    for name in ("operations.md", "protocol.md", "security.md"):
+        with open(os.path.join(docs, name), encoding="utf-8") as f:
+            paragraphs = [p for p in f.read().split("\n\n") if "`queue_full`" in p]
+        assert paragraphs, name
+        for paragraph in paragraphs:
+            named = set(re.findall(r"`([a-z_]+)`", paragraph))
+            assert set(protocol.REPORT_COUNTERS) <= named, (name, set(protocol.REPORT_COUNTERS) - named)
+
+
 def test_each_handler_takes_its_own_options_and_the_plan_defaults():
     thread, aio = HandlerOptions.build(THREAD), HandlerOptions.build(ASYNC)
     assert (thread.queue_size, thread.sync_level, thread.fallback_on_full) == (10000, logging.ERROR, True)

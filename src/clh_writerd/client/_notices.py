@@ -99,11 +99,9 @@ def drop_message(path: str, dropped: int, policy: str, kind: str) -> str:
 
 def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:
     """The monitor_interval line: what get_stats() says, in one line."""
+    counters = " ".join(f"{c.wire} {snap[c.name]}" for c in protocol.CLIENT_COUNTERS if c.summary)
     line = (f"clh-writerd: {path}: {snap['state']}; queue {snap['queue_depth']}/{snap['capacity']}, "
-            f"in flight {snap['in_flight']}; sent {snap['sent']} acked {snap['acked']} "
-            f"fallback {snap['fallback_written']} dropped {snap['dropped_count']} resent {snap['resent']} "
-            f"queue_full {snap['fallback_count']} oversize {snap['oversize']} unencodable {snap['unencodable']} "
-            f"write_errors {snap['write_errors']} lost {snap['lost']}")
+            f"in flight {snap['in_flight']}; {counters}")
     if snap.get("last_error"):
         line += f"; last error: {snap['last_error']}"
     return line

@@ -270,17 +270,23 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def update_docs(path: str) -> None:
-    """Rewrite the table between the options-table markers of ``path``."""
+def replace_block(path: str, name: str, content: str) -> None:
+    """Rewrite what is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    start, end = "<!-- options-table:start -->\n", "<!-- options-table:end -->"
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
     head, rest = text.split(start, 1)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(head + start + markdown_table() + end + rest.split(end, 1)[1])
+        f.write(head + start + content + end + rest.split(end, 1)[1])
 
 
-if __name__ == "__main__":  # python -m clh_writerd.client._options [docs/client.md]
+if __name__ == "__main__":  # python -m clh_writerd.client._options [docs/client.md]: its tables
     import sys
 
-    update_docs(sys.argv[1]) if len(sys.argv) > 1 else print(markdown_table(), end="")
+    from ._stats import markdown_table as counters_table
+
+    if len(sys.argv) > 1:
+        replace_block(sys.argv[1], "options-table", markdown_table())
+        replace_block(sys.argv[1], "counters-table", counters_table())
+    else:
+        print(markdown_table(), end="")

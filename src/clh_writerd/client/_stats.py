@@ -19,23 +19,26 @@ RECORD_LIMIT = protocol.MAX_RECORD_BYTES // 2
 
 @dataclass
 class ClientStats:
-    """Counters shared by the thread and asyncio handlers (same keys)."""
+    """Counters shared by the thread and asyncio handlers (same keys). Each
+    counter is declared, with what it counts and where it is shown, in
+    ``protocol.CLIENT_COUNTERS``; here it is a typed attribute (a test keeps
+    the two equal)."""
 
-    enqueued: int = 0  # accepted into the queue
-    sent: int = 0  # records sent to the daemon (resends included)
-    acked: int = 0  # records the daemon acknowledged as written
-    dropped_count: int = 0  # refused by policy (queue full, drop)
-    fallback_count: int = 0  # queue full (or stopping): handled synchronously instead
-    fallback_written: int = 0  # records written directly through CLH
-    sync_count: int = 0  # records at or above sync_level written before emit returned
-    sync_timeouts: int = 0  # sync records the daemon did not confirm in time
-    resent: int = 0  # records sent but not acked, then sent again or written by the fallback
-    busy: int = 0  # batches refused by the daemon's backpressure
-    write_errors: int = 0  # fallback writes that raised (attempts, not records)
-    lost: int = 0  # records that could not be written anywhere (the daemon and the fallback failed)
-    oversize: int = 0  # records too large for one frame: written by the fallback
-    unencodable: int = 0  # records whose text is not UTF-8 (lone surrogates): written by the fallback
-    closed_count: int = 0  # records emitted after close(): written through the fallback
+    enqueued: int = 0
+    sent: int = 0
+    acked: int = 0
+    fallback_written: int = 0
+    dropped_count: int = 0
+    resent: int = 0
+    fallback_count: int = 0
+    sync_count: int = 0
+    sync_timeouts: int = 0
+    busy: int = 0
+    write_errors: int = 0
+    lost: int = 0
+    oversize: int = 0
+    unencodable: int = 0
+    closed_count: int = 0
     # Not counters:
     state: str = STATE_CONNECTING
     last_error: str = ""
@@ -45,20 +48,8 @@ class ClientStats:
     record_limit: int = RECORD_LIMIT
 
     def report(self) -> Dict[str, int]:
-        """The counters a client reports to the daemon about itself."""
-        return {
-            "dropped": self.dropped_count,
-            "fallback": self.fallback_written,
-            "resent": self.resent,
-            "queue_full": self.fallback_count,
-            "sync_timeouts": self.sync_timeouts,
-            "oversize": self.oversize,
-            "unencodable": self.unencodable,
-            "sent": self.sent,
-            "acked": self.acked,
-            "write_errors": self.write_errors,
-            "lost": self.lost,
-        }
+        """The counters a client reports to the daemon about itself, by their wire names."""
+        return {wire: getattr(self, name) for name, wire in _REPORTED}
 
     def lose(self, count: int, cause: str) -> None:
         """``count`` records could not be written anywhere, because of ``cause``."""
@@ -76,5 +67,12 @@ class ClientStats:
         return out
 
 
-COUNTERS: Tuple[str, ...] = tuple(f.name for f in fields(ClientStats) if f.type in (int, "int")
-                                  and f.name != "record_limit")
+COUNTERS: Tuple[str, ...] = tuple(c.name for c in protocol.CLIENT_COUNTERS)
+_REPORTED: Tuple[Tuple[str, str], ...] = tuple((c.name, c.wire) for c in protocol.CLIENT_COUNTERS if c.wire)
+# The dataclass's int attributes are the declared counters (record_limit aside).
+assert COUNTERS == tuple(f.name for f in fields(ClientStats) if f.type in (int, "int") and f.name != "record_limit")
+
+def markdown_table() -> str:
+    """docs/client.md's get_stats() counters (``python -m clh_writerd.client._options docs/client.md``)."""
+    rows = [f"| `{c.name}` | {f'`{c.wire}`' if c.wire else '-'} | {c.help} |" for c in protocol.CLIENT_COUNTERS]
+    return "| counter | reported to the daemon as | meaning |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n"

@@ -20,6 +20,7 @@ from socketserver import ThreadingMixIn
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from .. import protocol
 from ..forward.status import forward_metrics
 from .errors import StartupError
 from .stats import OTHER_PROGRAM
@@ -50,10 +51,9 @@ FILE_GAUGES = (
     ("queue_bytes", "bytes queued for the file (characters + 64 per record)"),
     ("queue_capacity", "batches the file's queue holds"),
 )
-# What clients report about themselves (protocol.REPORT_COUNTERS, and the
-# names issue 15 adds); a name a client never sent shows as 0.
-CLIENT_REPORTED = ("sent", "acked", "dropped", "fallback", "resent", "queue_full", "sync_timeouts", "oversize",
-                   "write_errors", "unencodable", "lost")
+# What clients report about themselves (protocol.CLIENT_COUNTERS); a name a
+# client never sent shows as 0.
+CLIENT_REPORTED = protocol.REPORT_COUNTERS
 # The states a client reports (client/_stats.py); every group shows all of
 # them, 0 included, so an alert on state="fallback" has a series to look at.
 CLIENT_STATES = ("connecting", "daemon", "fallback", "embedded", "stopped")

@@ -12,10 +12,10 @@ whose dependencies are pyzmq, msgpack and concurrent-log-handler.)
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ..protocol import printable
+from ..protocol import CLIENT_COUNTERS, printable
 
 # Counters a client reports about itself that the client table shows.
-CLIENT_COLUMNS = ("sent", "acked", "fallback", "dropped", "resent")
+CLIENT_COLUMNS = tuple(c.wire for c in CLIENT_COUNTERS if c.column)
 # Reverse video, and back to normal: the highlight of a client in trouble now.
 HIGHLIGHT, NORMAL = "\x1b[7m", "\x1b[0m"
 # The mark in the first column of a client in trouble (visible without colours).
