@@ -23,6 +23,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from .. import protocol
 from ..forward.status import forward_metrics
 from .errors import StartupError
+from .stats import FILE_COUNTERS as DAEMON_FILE_COUNTERS
 from .stats import OTHER_PROGRAM
 
 try:
@@ -33,19 +34,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 PREFIX = "clh_writerd_"
 
-# stats key -> (metric name, help); counters get Prometheus' _total suffix.
-FILE_COUNTERS = (
-    ("records_received", "records received for the file"),
-    ("bytes_received", "frame bytes received for the file"),
-    ("records_written", "records written to the file"),
-    ("bytes_written", "bytes written to the file"),
-    ("batches_written", "batches written to the file"),
-    ("rotations", "rotations done by the daemon"),
-    ("write_errors", "writes that failed (not acknowledged)"),
-    ("busy_refusals", "batches refused because the file's queue was full"),
-    ("option_conflicts", "declarations with options different from the first"),
-    ("fsyncs", "fsync calls"),
-)
+# stats key -> help; counters get Prometheus' _total suffix (stats.FILE_COUNTERS).
+FILE_COUNTERS = tuple((counter.name, counter.help) for counter in DAEMON_FILE_COUNTERS if counter.metric)
 FILE_GAUGES = (
     ("queue_depth", "messages queued for the file"),
     ("queue_bytes", "bytes queued for the file (characters + 64 per record)"),

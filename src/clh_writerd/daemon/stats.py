@@ -10,7 +10,8 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from dataclasses import dataclass, field, fields
+from typing import Any, Deque, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 from .._version import __version__
 from ..protocol import MAX_REPORT_ERROR_CHARS, REPORT_COUNTERS, ClientId
@@ -52,28 +53,55 @@ class LatencyWindow:
         return samples[min(len(samples) - 1, int(p / 100.0 * len(samples)))]
 
 
+class FileCounter(NamedTuple):
+    """A counter the daemon keeps per file, declared once: FileStats, its
+    carry-over, the stats document and the Prometheus metrics read it."""
+
+    name: str  # FileStats attribute and stats key
+    help: str  # what it counts (the metric's help)
+    metric: bool = True  # exported as clh_writerd_file_<name>_total
+
+
+FILE_COUNTERS: Tuple[FileCounter, ...] = (
+    FileCounter("records_received", "records received for the file"),
+    FileCounter("bytes_received", "frame bytes received for the file"),
+    FileCounter("records_written", "records written to the file"),
+    FileCounter("bytes_written", "bytes written to the file"),
+    FileCounter("batches_written", "batches written to the file"),
+    FileCounter("writes", "write calls (each under one lock)", metric=False),
+    FileCounter("rotations", "rotations done by the daemon"),
+    FileCounter("write_errors", "writes that failed (not acknowledged)"),
+    FileCounter("busy_refusals", "batches refused because the file's queue was full"),
+    FileCounter("option_conflicts", "declarations with options different from the first"),
+    FileCounter("fsyncs", "fsync calls"),
+)
+
+
+@dataclass(eq=False)
 class FileStats:
-    def __init__(self, path: str, options: Dict[str, Any], capacity: int) -> None:
-        self.path = path
-        self.options = options
-        self.capacity = capacity
-        self.queue_depth = 0
-        self.records_received = 0
-        self.bytes_received = 0
-        self.records_written = 0
-        self.bytes_written = 0
-        self.batches_written = 0
-        self.writes = 0
-        self.rotations = 0
-        self.write_errors = 0
-        self.last_error = ""
-        self.busy_refusals = 0
-        self.option_conflicts = 0
-        self.fsyncs = 0
-        self.queue_bytes = 0
-        self.latency = LatencyWindow()
-        # Who sent batches for the file (access.Peer.principal): who may see it in the stats. Bounded.
-        self.principals: Set[Any] = set()
+    """One file's figures. Its counters are declared in FILE_COUNTERS (a typed
+    attribute each here, checked equal to the table at import)."""
+
+    path: str
+    options: Dict[str, Any]
+    capacity: int
+    queue_depth: int = 0
+    queue_bytes: int = 0
+    last_error: str = ""
+    records_received: int = 0
+    bytes_received: int = 0
+    records_written: int = 0
+    bytes_written: int = 0
+    batches_written: int = 0
+    writes: int = 0
+    rotations: int = 0
+    write_errors: int = 0
+    busy_refusals: int = 0
+    option_conflicts: int = 0
+    fsyncs: int = 0
+    latency: LatencyWindow = field(default_factory=LatencyWindow)
+    # Who sent batches for the file (access.Peer.principal): who may see it in the stats. Bounded.
+    principals: Set[Any] = field(default_factory=set)
 
     def seen_from(self, principal: Any) -> None:
         if principal not in self.principals and len(self.principals) < MAX_FILE_PRINCIPALS:
@@ -81,35 +109,24 @@ class FileStats:
 
     def carry_over(self, old: "FileStats") -> None:
         """Keep the totals of the same file's previous (idle-closed) writer."""
-        for name in ("records_received", "bytes_received", "records_written", "bytes_written", "batches_written",
-                     "writes", "rotations", "write_errors", "busy_refusals", "option_conflicts", "fsyncs"):
-            setattr(self, name, getattr(old, name))
+        for counter in FILE_COUNTERS:
+            setattr(self, counter.name, getattr(old, counter.name))
         self.last_error = old.last_error
         self.principals = set(old.principals)
 
     def snapshot(self) -> Dict[str, Any]:
         p50, p99 = self.latency.percentile(50), self.latency.percentile(99)
-        return {
-            "path": self.path,
-            "options": self.options,
-            "queue_depth": self.queue_depth,
-            "queue_capacity": self.capacity,
-            "queue_bytes": self.queue_bytes,
-            "records_received": self.records_received,
-            "bytes_received": self.bytes_received,
-            "records_written": self.records_written,
-            "bytes_written": self.bytes_written,
-            "batches_written": self.batches_written,
-            "writes": self.writes,
-            "rotations": self.rotations,
-            "write_errors": self.write_errors,
-            "last_error": self.last_error,
-            "busy_refusals": self.busy_refusals,
-            "option_conflicts": self.option_conflicts,
-            "fsyncs": self.fsyncs,
-            "write_latency_p50_ms": None if p50 is None else round(p50 * 1000, 3),
-            "write_latency_p99_ms": None if p99 is None else round(p99 * 1000, 3),
-        }
+        doc = {"path": self.path, "options": self.options, "queue_depth": self.queue_depth,
+               "queue_capacity": self.capacity, "queue_bytes": self.queue_bytes}
+        doc.update((counter.name, getattr(self, counter.name)) for counter in FILE_COUNTERS)
+        doc.update(last_error=self.last_error,
+                   write_latency_p50_ms=None if p50 is None else round(p50 * 1000, 3),
+                   write_latency_p99_ms=None if p99 is None else round(p99 * 1000, 3))
+        return doc
+
+
+assert [f.name for f in fields(FileStats) if f.type in (int, "int") and f.name not in (
+    "capacity", "queue_depth", "queue_bytes")] == [counter.name for counter in FILE_COUNTERS]
 
 
 # Seconds between checks that listed clients' processes still exist, and how
