@@ -67,6 +67,33 @@ def test_lines_land_with_the_terminator(tmp_path):
     assert result.rotations == 0
 
 
+def test_write_now_writes_only_when_nothing_has_to_wait(tmp_path):
+    """The daemon's inline sync write: done when the lock is free and no
+    rotation is due; None (nothing written, nothing held) when another
+    process holds the lock, when a rotation is due, or before the files are
+    open; the lock is free again after it."""
+    path = tmp_path / "app.log"
+    writer = BatchWriter(build_handler(str(path), {"maxBytes": 64, "backupCount": 2}))
+    try:
+        assert writer.write_now(["before open"]) is None  # log and lock files not open yet
+        writer.write(["opened"])
+        assert writer.write_now(["now"]).bytes == len(b"now\n")
+        lock_file = writer._clh.lockFilename
+        with open(lock_file) as other:  # another open file description: another process's lock
+            fcntl.flock(other, fcntl.LOCK_EX)
+            assert writer.write_now(["held"]) is None
+            fcntl.flock(other, fcntl.LOCK_UN)
+            writer.write(["x" * 80])  # past maxBytes: the next write rotates
+            assert writer.write_now(["due"]) is None
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # write_now left the lock free
+            fcntl.flock(other, fcntl.LOCK_UN)
+        assert writer.write(["rotated"]).rotations == 1
+        assert read_bytes(str(path) + ".1") == b"opened\nnow\n" + b"x" * 80 + b"\n"
+        assert read_bytes(path) == b"rotated\n"
+    finally:
+        writer.close()
+
+
 def test_appends_to_an_existing_file(tmp_path):
     path = tmp_path / "app.log"
     path.write_bytes(b"already here\n")

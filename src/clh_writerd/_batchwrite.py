@@ -167,10 +167,10 @@ class BatchWriter:
     def write_now(self, lines: Sequence[str]) -> Optional[WriteResult]:
         """``write(lines)`` if it can be done without waiting: no other
         thread of this process is writing, no other process holds the lock
-        (taken with LOCK_NB on CLH's own lock descriptor, which CLH's flock
-        then re-enters: no window between the probe and the lock), the log
-        and lock files are open and no rotation is due (a rotation may gzip
-        a whole file). None: nothing was written; use write()."""
+        (taken with LOCK_NB on CLH's own lock descriptor: no window between
+        a probe and the lock), the log and lock files are open and no
+        rotation is due (a rotation may gzip a whole file). None: nothing
+        was written; use write()."""
         clh = self._clh
         thread_lock = getattr(clh, "_thread_lock", None)
         if fcntl is None or thread_lock is None or not thread_lock.acquire(blocking=False):
@@ -184,7 +184,11 @@ class BatchWriter:
             except OSError:
                 return None
             try:
-                if not lines or self.handler.shouldRollover(_PROBE):
+                try:
+                    due = self.handler.shouldRollover(_PROBE)
+                except OSError:
+                    return None  # write() decides, as CLH's emit() would
+                if not lines or due:
                     return None if lines else WriteResult(0, 0)
                 # Both locks are held: CLH's own _do_lock() would only take them again.
                 clh.is_locked = True
