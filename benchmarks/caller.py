@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from clh_writerd.client._stages import DROP_WARNING_EVERY
+from clh_writerd.client._notices import DROP_WARNING_EVERY
 
 from .handlers import MESSAGE, NAMES, Built, build, log_files, new_logger, percentiles
 from .workload import count_lines

@@ -25,9 +25,10 @@ from hypothesis import strategies as st
 
 from clh_writerd import protocol
 from clh_writerd._render import FieldFormat
-from clh_writerd.client._stages import FieldPlan, Renderer
-from clh_writerd.client._stages import plan_of as plan_of_item
-from clh_writerd.client._stages import values_of
+from clh_writerd.client._plans import FieldPlan
+from clh_writerd.client._renderer import Renderer
+from clh_writerd.client._plans import plan_of as plan_of_item
+from clh_writerd.client._plans import values_of
 
 ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC")
 # DST changes (UTC epochs): Berlin 2026-03-29 01:00 and 2026-10-25 01:00,

@@ -21,7 +21,9 @@ from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
 from ._sender import SenderCore
-from ._stages import DROP_WARNING_EVERY, Item, Renderer, record_of
+from ._notices import DROP_WARNING_EVERY
+from ._plans import Item, record_of
+from ._renderer import Renderer
 from ._stats import STATE_EMBEDDED, ClientStats
 from ._transport import SyncChannel, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust

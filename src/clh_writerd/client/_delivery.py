@@ -16,7 +16,8 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 from .. import protocol
 from ._options import HandlerOptions
 from . import _notices
-from ._stages import Batcher, FieldPlan, Item, Window, cannot_travel, packed_records, plan_of, to_lines
+from ._batching import Batcher, cannot_travel, Window
+from ._plans import FieldPlan, Item, packed_records, plan_of, to_lines
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
 from ._transport import CONNECTED, DISCONNECTED

@@ -7,7 +7,8 @@ import threading
 from typing import Any, Optional, Sequence
 
 from .._batchwrite import BatchWriter, CLHHandler, LockTimeout, LockWait, rotating_part
-from ._stages import Item, cannot_travel, to_lines
+from ._batching import cannot_travel
+from ._plans import Item, to_lines
 from ._stats import STATE_FALLBACK, ClientStats
 
 # Seconds a fallback write waits at most while another process holds the

@@ -15,7 +15,7 @@ import zmq.asyncio
 
 from ._direct import Fallback
 from ._sender import Flush, SenderCore
-from ._stages import Item
+from ._plans import Item
 from ._stats import STATE_STOPPED, ClientStats
 
 log = logging.getLogger("clh_writerd.client")

@@ -30,6 +30,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .. import protocol
 
+# A drop warning comes at the first drop, then every this many.
+DROP_WARNING_EVERY = 1000
+
 LOGGER_NAME = "clh_writerd.client"
 log = logging.getLogger(LOGGER_NAME)
 
@@ -94,7 +97,7 @@ def drop_message(path: str, dropped: int, policy: str, kind: str) -> str:
     else:
         fix = "raise queue_size, or use fallback_mode='nowait' (or 'block') to write them instead"
     return (f"clh-writerd: {path}: queue full, {dropped} records dropped so far ({policy}); "
-            f"the next warning comes at every 1000 more. To fix: {fix}.")
+            f"the next warning comes at every {DROP_WARNING_EVERY} more. To fix: {fix}.")
 
 
 def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from .._batchwrite import rotating_part
 from . import _notices
 from ._sender import SyncItem
-from ._stages import PLANS_LOCK
+from ._plans import PLANS_LOCK
 
 # Anything with .handler (the wrapped CLH handler), .mark_forked(),
 # .belongs_here(), .stop(), .park_for_fork(deadline), .resume_after_fork()

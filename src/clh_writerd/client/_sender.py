@@ -20,7 +20,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 from . import _notices
 from ._delivery import Delivery
 from ._direct import LOCK_WAIT, describe, is_permanent
-from ._stages import Item, Renderer
+from ._plans import Item
+from ._renderer import Renderer
 from ._stats import ClientStats
 
 log = logging.getLogger("clh_writerd.client")

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import zmq
 
 from .. import protocol
-from ._stages import plan_of, values_of
+from ._plans import plan_of, values_of
 from ._stats import STATE_FALLBACK, ClientStats
 from ._trust import CurveKeys, EndpointTrust
 

@@ -21,7 +21,8 @@ from ._asynclogger import AsyncLogger
 from ._base import WrappingHandler, build_clh
 from ._loop_sender import LoopSender
 from ._options import ASYNC, HandlerOptions, split_kwargs
-from ._stages import DROP_WARNING_EVERY, record_of
+from ._notices import DROP_WARNING_EVERY
+from ._plans import record_of
 from ._stats import STATE_STOPPED
 
 require_full_python("AsyncConcurrentHandler")
