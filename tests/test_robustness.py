@@ -556,7 +556,8 @@ def test_slow_disk_backpressure_reaches_clients_and_memory_stays_bounded(start_d
     # fallback_on_full=True: nothing missing. False: exactly the dropped ones,
     # each counted, one warning line per 1000.
     assert not report.torn, report.torn[:3]
-    assert {w: len(report.missing.get(w, [])) for w in results} == {w: dropped.get(w, 0) for w in results}
+    missing = {w: len(report.missing.get(w, [])) for w in results}
+    assert missing == {w: dropped.get(w, 0) for w in results}, (stats, file_stats, daemon_counters)
     assert len(warnings) == sum(d // 1000 for d in dropped.values()), (len(warnings), dropped)
     resent = sum(s["resent"] for s in stats.values())
     assert report.duplicates <= resent, (report.duplicates, resent)

@@ -9,6 +9,7 @@ torn lines.
 """
 
 import asyncio
+import gc
 import json
 import logging
 import math
@@ -402,6 +403,12 @@ def untraced() -> None:
 def lag_child(kind: str, mode: str, path: str, endpoint: Optional[str], daemon_pid: int, result_path: str) -> None:
     """Load the handler and measure loop lag (a forked child, see realtime_priority)."""
     untraced()
+    # The child inherits the heap of a pytest process that has run the suite
+    # so far: a full collection of it takes 50 ms and more late in `make
+    # test` (one such tick failed CI). The lag measured is the handler's, so
+    # the inherited objects leave the collector's view (what the handler
+    # allocates is still collected).
+    gc.freeze()
     realtime = realtime_priority()
 
     async def main() -> Dict[str, Any]:

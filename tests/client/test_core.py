@@ -16,6 +16,7 @@ import pytest
 from clh_writerd import protocol
 from clh_writerd.client._delivery import Delivery
 from clh_writerd.client._options import THREAD, HandlerOptions
+from clh_writerd.client._direct import FINAL_LOCK_WAIT, LOCK_WAIT
 from clh_writerd.client._sender import GIVE_UP_AFTER, RETRY_DELAY, Flush, SenderCore
 from clh_writerd.client._renderer import Renderer
 from clh_writerd.client._stats import ClientStats
@@ -286,6 +287,22 @@ def test_a_failed_fallback_write_is_retried_and_given_up_only_at_the_stop_deadli
     d.core.request_stop(1.0)
     d.run(lambda: d.core.finished(d.queue), seconds=2)
     assert d.stats.lost == 1 and "No space" in d.stats.loss_cause
+
+
+def test_a_fallback_write_waits_for_the_lock_within_bounds_and_still_at_the_stop_deadline():
+    """LOCK_WAIT while running; a stop cuts it to FINAL_LOCK_WAIT past the
+    drain's deadline, never to nothing: at the deadline the daemon may be
+    mid-write, and a write with no time to wait for its lock loses the
+    unacknowledged records it was meant to save (seen under load in CI)."""
+    d = Driver(None)
+    running = d.core.lock_wait()
+    assert running() == pytest.approx(LOCK_WAIT)
+    d.core.request_stop(2.0)
+    assert running() == pytest.approx(2.0 + FINAL_LOCK_WAIT)  # read again while it waits
+    d.clock.now += 2.0  # the deadline: the write that saves the window starts now
+    assert d.core.lock_wait()() == pytest.approx(FINAL_LOCK_WAIT)
+    d.clock.now += FINAL_LOCK_WAIT
+    assert d.core.lock_wait()() <= 0.0
 
 
 def test_a_write_failing_for_good_is_lost_at_once_counted_and_announced(capsys):

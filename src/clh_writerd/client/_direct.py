@@ -15,6 +15,12 @@ from ._stats import STATE_FALLBACK, ClientStats
 # file's lock (a rotation with gzip of a large file holds it for seconds; a
 # process that never lets go must not hold our records for ever).
 LOCK_WAIT = 10.0
+# Stopping: the drain's deadline ends the wait for the daemon, not the
+# records' last write. What it did not acknowledge is written through the
+# fallback, which may still wait this long past the deadline for the lock
+# (0 would lose the lot whenever the daemon is mid-write at that moment).
+# Below nonblocking.STOP_MARGIN, so the sender ends before stop() takes over.
+FINAL_LOCK_WAIT = 0.4
 # Errors that writing again soon will not cure: the records are lost at once
 # (counted, announced) instead of being retried until exit.
 PERMANENT_ERRORS = frozenset((errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,

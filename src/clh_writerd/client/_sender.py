@@ -19,7 +19,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import _notices
 from ._delivery import Delivery
-from ._direct import LOCK_WAIT, describe, is_permanent
+from ._direct import FINAL_LOCK_WAIT, LOCK_WAIT, describe, is_permanent
 from ._plans import Item
 from ._renderer import Renderer
 from ._stats import ClientStats
@@ -235,13 +235,14 @@ class SenderCore:
 
     def lock_wait(self) -> Callable[[], float]:
         """How long the next fallback write may wait for another process's
-        lock, read again while it waits: LOCK_WAIT, and never past the
-        drain's deadline (a stop requested meanwhile cuts the wait short)."""
+        lock, read again while it waits: LOCK_WAIT, and never more than
+        FINAL_LOCK_WAIT past the drain's deadline (a stop requested
+        meanwhile cuts the wait short)."""
         end = self.clock() + LOCK_WAIT
 
         def left() -> float:
             deadline = self.deadline
-            return (end if deadline is None else min(end, deadline)) - self.clock()
+            return (end if deadline is None else min(end, deadline + FINAL_LOCK_WAIT)) - self.clock()
 
         return left
 

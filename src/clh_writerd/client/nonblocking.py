@@ -53,7 +53,8 @@ SLICE_SECONDS = 0.0002
 # bounded there: _direct.LOCK_WAIT).
 STALL_SECONDS = 2.0
 # stop(): after the drain's deadline, how long to wait more for the sender to
-# end, then for it to reach a point between two steps before taking over.
+# end (its last fallback write may wait _direct.FINAL_LOCK_WAIT for the lock),
+# then for it to reach a point between two steps before taking over.
 STOP_MARGIN = 0.5
 TAKEOVER_LOCK_WAIT = 1.0
 # A parked sender goes on by itself after this long (fork() returned long ago).
