@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+SUMMARY = re.compile(r"\b(passed|failed|error|errors|no tests ran)\b.* in [0-9.]+s")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MATRIX_DIR = os.path.join(ROOT, ".venv-matrix")
 VERSIONS = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
@@ -188,8 +189,11 @@ def run_tests(version: str, files: Sequence[str], extra: Sequence[str], log: Lis
     cmd = [venv_python(version), "-m", "pytest", *PYTEST_ARGS, *files, *extra]
     env = {"CLH_WRITERD_DAEMON_PYTHON": daemon_python} if daemon_python else {}
     ok = _run_logged(cmd, log, TEST_TIMEOUT, env)
-    tail = [line for line in log[-1].splitlines() if line.strip()]
-    return ok, (tail[-1].strip("= ") if tail else "no output")
+    # pytest's own summary ("1 failed, 306 passed in 22.9s"), not whatever the
+    # process printed last (the suite's at-exit loss notices come after it).
+    lines = [line for line in log[-1].splitlines() if line.strip()]
+    summaries = [line for line in lines if SUMMARY.search(line)]
+    return ok, (summaries or lines or ["no output"])[-1].strip("= ")
 
 
 def run_version(version: str, interpreter: str, files: Sequence[str], extra: Sequence[str],
@@ -265,6 +269,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # the daemons of the client-only versions.
     daemon_python: Optional[str] = None
     order = [v for v in found if v not in CLIENT_ONLY] + [v for v in found if v in CLIENT_ONLY]
+    if order and order[0] in CLIENT_ONLY:
+        # Client-only versions alone (--versions 3.6,3.7): their daemons still
+        # need a full version, the newest one here.
+        full = [v for v in VERSIONS if v not in CLIENT_ONLY and find_interpreter(v)]
+        if full:
+            print(f"(adding {full[-1]} to run the daemons of {', '.join(order)})")
+            found[full[-1]] = find_interpreter(full[-1]) or ""
+            order.insert(0, full[-1])
     for version in order:
         exe = found[version]
         print(f"--- {version}: ", end="", flush=True)
@@ -280,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 daemon_python = venv_python(version)
         outcomes.append(outcome)
         print(f"{outcome.result} in {outcome.seconds:.1f}s ({outcome.detail})", flush=True)
-        if outcome.result != "passed":
+        if outcome.result != "passed" and os.path.exists(os.path.join(MATRIX_DIR, f"{version}.log")):
             with open(os.path.join(MATRIX_DIR, f"{version}.log")) as f:
                 tail = f.read().splitlines()[-40:]
             print("\n".join("    " + line for line in tail), flush=True)
