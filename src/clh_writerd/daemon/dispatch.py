@@ -100,7 +100,7 @@ class Dispatcher:
         request: Optional[protocol.Request] = None
         try:
             if len(payload) > self.config.max_message_bytes:
-                # Bounded (see server.hard_frame_limit): decode only to name the batch refused.
+                # Bounded (see listener.hard_frame_limit): decode only to name the batch refused.
                 try:
                     request = protocol.decode_request(payload)
                 except protocol.ProtocolError:
