@@ -46,3 +46,22 @@ def doc_title(path: str) -> str:
             if line.startswith("#"):
                 return line.lstrip("#").strip()
     return ""
+
+
+def generated_block(text: str, name: str) -> str:
+    """What is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``text`` (a generated table)."""
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise ValueError(f"no {name} block (<!-- {name}:start --> ... <!-- {name}:end -->)")
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def replace_block(path: str, name: str, content: str) -> None:
+    """Rewrite what is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    generated_block(text, name)  # the markers are there
+    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    head, rest = text.split(start, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(head + start + content + end + rest.split(end, 1)[1])

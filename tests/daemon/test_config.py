@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from clh_writerd import protocol
+from clh_writerd._resources import generated_block
 from clh_writerd.daemon import config as config_mod
 from clh_writerd.daemon.config import OPTIONS, Config, ConfigError, FileOverride, load_config
 
@@ -335,6 +336,27 @@ def test_reference_config_values_are_the_defaults(env, tmp_path):
 ])
 def test_type_errors_name_the_kind_in_plain_english(env, tmp_path, text, expected):
     assert refused(tmp_path, text).endswith(expected)
+
+
+def test_the_guide_s_table_of_keys_is_the_options_table():
+    """docs/operations.md's "Configuration keys" table is generated from OPTIONS."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    assert generated_block(guide, "config-table") == config_mod.markdown_table(), \
+        "regenerate it: python -m clh_writerd.daemon.config docs/operations.md"
+    rows = config_mod.markdown_table().splitlines()[2:]
+    assert [re.match(r"\| `\[(\w+)\]` `(\w+)`", row).groups() for row in rows] == [(o.section, o.key) for o in OPTIONS]
+    assert "| `[limits]` `queue_bytes` | `67108864` (64 MiB) | live |" in guide
+
+
+def test_a_key_is_declared_once_its_config_attribute_and_forward_option_follow():
+    """Config has one typed field per OPTIONS entry (no default of its own);
+    the forwarder's options are the [forward] keys by name."""
+    from clh_writerd.forward.forwarder import CONFIGURED
+
+    attrs = [f.name for f in dataclasses.fields(Config) if f.name not in config_mod.DERIVED]
+    assert sorted(attrs) == sorted(config_mod._attr(o) for o in OPTIONS)
+    assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Config))
+    assert sorted(CONFIGURED) == sorted(o.key for o in OPTIONS if o.section == "forward")
 
 
 def test_the_reload_table_of_the_operations_guide_is_what_the_options_declare():

@@ -16,7 +16,9 @@ from concurrent_log_handler import ConcurrentRotatingFileHandler
 
 from support import check_sequences, per_writer_order, read_lines, seq_record, wait_for
 
-from clh_writerd.forward import Forwarder, ForwardOptions, RelpClient, RelpError
+from clh_writerd.daemon.config import config_from_mapping
+from clh_writerd.forward import Forwarder, RelpClient, RelpError, options_from_config
+from clh_writerd.forward.forwarder import CONFIGURED
 
 from .certs import Certs, central_tls_args
 
@@ -26,8 +28,12 @@ def forwarders():
     made = []
 
     def make(central, paths, state, **kw) -> Forwarder:
-        options = ForwardOptions(target=central.target, paths=tuple(paths), state_file=str(state), hostname="h1",
-                                 reconnect_interval=0.2, scan_interval=0.2, **kw)
+        # The configured keys go through the daemon's config loader (its defaults, its checks).
+        section = {"target": central.target, "paths": [str(p) for p in paths], "state_file": str(state),
+                   "hostname": "h1", **{k: v for k, v in kw.items() if k in CONFIGURED}}
+        tuning = {"reconnect_interval": 0.2, "scan_interval": 0.2,
+                  **{k: v for k, v in kw.items() if k not in CONFIGURED}}
+        options = options_from_config(config_from_mapping({"forward": section}), **tuning)
         fw = Forwarder(options)
         made.append(fw)
         fw.start()

@@ -270,19 +270,10 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def replace_block(path: str, name: str, content: str) -> None:
-    """Rewrite what is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
-    head, rest = text.split(start, 1)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(head + start + content + end + rest.split(end, 1)[1])
-
-
 if __name__ == "__main__":  # python -m clh_writerd.client._options [docs/client.md]: its tables
     import sys
 
+    from .._resources import replace_block
     from ._stats import markdown_table as counters_table
 
     if len(sys.argv) > 1:

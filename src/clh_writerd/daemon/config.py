@@ -11,7 +11,7 @@ import grp
 import ipaddress
 import os
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .. import protocol
@@ -310,16 +310,32 @@ class FileOverride:
 
 @dataclass(frozen=True)
 class Config:
+    """One typed attribute per ``OPTIONS`` entry (``[fsync]`` and ``[forward]``
+    keys prefixed with their section; no defaults here: they are the table's,
+    and the module checks at import that the two name the same keys), then
+    what the loader derives."""
+
     endpoint: str
     socket_dir_mode: int
     socket_group: str
     allow_remote_tcp: bool
     allowed_dirs: Tuple[str, ...]
+    allowed_uids: Tuple[int, ...]
+    allowed_groups: Tuple[int, ...]
+    peer_dirs: Dict[str, Tuple[str, ...]]
+    stats_admins: Tuple[str, ...]
+    metrics_public: bool
+    tcp_auth: str
+    curve_secret_key: str
+    curve_public_keys_dir: str
     create_allowed_dirs: bool
     allow_owner: bool
     drain_timeout: float
     log_level: str
+    log_rate_limit: int
     metrics_listen: str
+    metrics_per_client: bool
+    clients_gone_after: float
     max_message_bytes: int
     queue_batches: int
     max_write_chars: int
@@ -328,45 +344,35 @@ class Config:
     max_path_depth: int
     max_connections: int
     max_clients: int
+    receive_buffer_bytes: int
+    queue_bytes: int
+    peer_queue_bytes: int
+    total_queue_bytes: int
+    peer_max_files: int
+    unread_reply_bytes: int
+    stats_max_bytes: int
+    handshake_timeout: float
     fsync_policy: str
     fsync_interval: float
-    files: Tuple[FileOverride, ...] = ()
-    source: str = EMBEDDED
-    forward_target: str = ""
-    forward_paths: Tuple[str, ...] = ()
-    forward_state_file: str = "forward-checkpoint.json"
-    forward_hostname: str = ""
-    forward_window: int = 256
-    forward_checkpoint_interval: float = 0.2
-    forward_timeout: float = 5.0
-    forward_hold_max_bytes: int = 1024 ** 3
-    forward_hold_dir: str = ""
-    forward_tls: bool = False
-    forward_tls_ca_file: str = ""
-    forward_tls_cert_file: str = ""
-    forward_tls_key_file: str = ""
-    allowed_uids: Tuple[int, ...] = ()
-    allowed_groups: Tuple[int, ...] = ()
-    peer_dirs: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    tcp_auth: str = "curve"
-    curve_secret_key: str = ""
-    curve_public_keys_dir: str = ""
-    metrics_per_client: bool = False
-    clients_gone_after: float = 300.0
-    receive_buffer_bytes: int = 64 * 1024 * 1024
-    queue_bytes: int = 64 * 1024 * 1024
-    peer_queue_bytes: int = 128 * 1024 * 1024
-    total_queue_bytes: int = 512 * 1024 * 1024
-    peer_max_files: int = 250
-    unread_reply_bytes: int = 64 * 1024
-    stats_max_bytes: int = 1024 * 1024
-    handshake_timeout: float = 5.0
-    log_rate_limit: int = 100
-    stats_admins: Tuple[str, ...] = ()
-    metrics_public: bool = False
+    forward_target: str
+    forward_paths: Tuple[str, ...]
+    forward_state_file: str
+    forward_hostname: str
+    forward_window: int
+    forward_checkpoint_interval: float
+    forward_timeout: float
+    forward_hold_max_bytes: int
+    forward_hold_dir: str
+    forward_tls: bool
+    forward_tls_ca_file: str
+    forward_tls_cert_file: str
+    forward_tls_key_file: str
+    # Derived by the loader, not keys of the file:
+    files: Tuple[FileOverride, ...]  # the [[files]] tables
+    source: str  # the file read, or EMBEDDED
     # allowed_dirs as written (absolute, not resolved): a client's path may
     # start with these names too (docs/security.md, "How paths are reached").
-    allowed_dir_names: Tuple[str, ...] = ()
+    allowed_dir_names: Tuple[str, ...]
 
     def fsync_for(self, path: str) -> Tuple[str, float]:
         """The fsync policy and interval for one file (first matching override wins)."""
@@ -401,6 +407,12 @@ class Config:
 def _attr(opt: Option) -> str:
     return f"{opt.section}_{opt.key}" if opt.section in ("fsync", "forward") else opt.key
 
+
+DERIVED = ("files", "source", "allowed_dir_names")
+_declared = [_attr(opt) for opt in OPTIONS] + list(DERIVED)
+if sorted(f.name for f in fields(Config)) != sorted(_declared):  # pragma: no cover - a declaration error
+    raise TypeError("Config's fields and OPTIONS differ: "
+                    f"{sorted(set(f.name for f in fields(Config)) ^ set(_declared))}")
 
 # The Config attributes a reload keeps (Option.restart_only).
 RESTART_ONLY: Tuple[str, ...] = tuple(_attr(opt) for opt in OPTIONS if opt.restart_only)
@@ -558,4 +570,34 @@ def load_config(path: Optional[str] = None) -> Config:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def _shown(opt: Option) -> str:
+    """A default as the docs table shows it: TOML, modes in octal, byte counts also in KiB/MiB/GiB."""
+    if opt.key.endswith("_mode"):
+        return f"`{oct(opt.default)}`"
+    text = f"`{_toml_value(opt.default)}`"
+    if opt.key.endswith("_bytes") and isinstance(opt.default, int) and opt.default >= 1024:
+        for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+            if opt.default % size == 0:
+                return f"{text} ({opt.default // size} {unit})"
+    return text
+
+
+def markdown_table() -> str:
+    """docs/operations.md's table of every key (tests/daemon/test_config.py keeps it in sync)."""
+    rows = ["| key | default | on reload | meaning |", "| --- | --- | --- | --- |"]
+    for opt in OPTIONS:
+        reload = "restart" if opt.restart_only else "live"
+        rows.append(f"| `[{opt.section}]` `{opt.key}` | {_shown(opt)} | {reload} | {opt.doc.replace('|', '&#124;')} |")
+    return "\n".join(rows) + "\n"
+
+
 __all__ = ["Config", "ConfigError", "FileOverride", "OPTIONS", "load_config", "config_from_mapping"]
+
+
+if __name__ == "__main__":  # python -m clh_writerd.daemon.config [docs/operations.md]: its table of keys
+    from .._resources import replace_block
+
+    if len(sys.argv) > 1:
+        replace_block(sys.argv[1], "config-table", markdown_table())
+    else:
+        print(markdown_table(), end="")

@@ -26,7 +26,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Deque, Dict, List, NamedTuple, Optional, Set, Tuple
 
 from .checkpoint import Checkpoint, SegmentState, fingerprint
@@ -42,25 +42,28 @@ PRI = 16 * 8 + 6
 
 @dataclass(frozen=True)
 class ForwardOptions:
-    """What the ``[forward]`` section configures (see daemon/config.py)."""
+    """What the ``[forward]`` section configures: one field per key, same
+    name, no default here (the defaults are the config table's,
+    daemon/config.py ``OPTIONS``; a test checks the two name the same keys);
+    then the tuning the config file does not expose."""
 
     target: str
     paths: Tuple[str, ...]
     state_file: str
-    hostname: str = ""
-    window: int = 256
-    checkpoint_interval: float = 0.2
+    hostname: str
+    window: int
+    checkpoint_interval: float
+    timeout: float
+    hold_max_bytes: int
+    hold_dir: str  # "" = "<state_file>.hold"
+    tls: bool
+    tls_ca_file: str
+    tls_cert_file: str
+    tls_key_file: str
     reconnect_interval: float = 1.0
     scan_interval: float = 0.5
     retention_grace: float = 5.0
     max_line_bytes: int = 8000
-    timeout: float = 5.0
-    hold_dir: str = ""  # "" = "<state_file>.hold"
-    hold_max_bytes: int = 1024 ** 3
-    tls: bool = False
-    tls_ca_file: str = ""
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
 
     def address(self) -> Tuple[str, int]:
         """(host, port) of ``target`` ("HOST:PORT", "[v6]:PORT", optional relp:// prefix)."""
@@ -77,16 +80,13 @@ class ForwardOptions:
         return context
 
 
-def options_from_config(config: Any) -> ForwardOptions:
-    """The forwarder's options from the daemon's Config ([forward] section)."""
-    return ForwardOptions(
-        target=config.forward_target, paths=tuple(config.forward_paths), state_file=config.forward_state_file,
-        hostname=config.forward_hostname, window=config.forward_window,
-        hold_dir=config.forward_hold_dir, hold_max_bytes=config.forward_hold_max_bytes,
-        checkpoint_interval=config.forward_checkpoint_interval, timeout=config.forward_timeout,
-        tls=config.forward_tls, tls_ca_file=config.forward_tls_ca_file,
-        tls_cert_file=config.forward_tls_cert_file, tls_key_file=config.forward_tls_key_file,
-    )
+# The fields the [forward] section sets (config attribute "forward_<name>").
+CONFIGURED = tuple(f.name for f in fields(ForwardOptions) if f.default is MISSING)
+
+
+def options_from_config(config: Any, **tuning: Any) -> ForwardOptions:
+    """The forwarder's options from the daemon's Config ([forward] section), plus any ``tuning``."""
+    return ForwardOptions(**{name: getattr(config, "forward_" + name) for name in CONFIGURED}, **tuning)
 
 
 class Source:
