@@ -108,7 +108,8 @@ class Driver:
         formatter.setFormatter(logging.Formatter("%(message)s"))
         self.renderer = Renderer(formatter)  # type: ignore[arg-type]
         self.render_errors: List[Any] = []
-        self.core = SenderCore(self.delivery, self.renderer, self.stats, self.render_errors.append, self.clock)
+        self.core = SenderCore(self.delivery, self.renderer, self.stats, self.render_errors.append, self.clock,
+                               monitor_interval=opts.monitor_interval)
         self.queue: Deque[Any] = deque()
         self.fallback: List[str] = []
         self.fallback_fails = False
@@ -393,15 +394,10 @@ def monitored(options: Any = None, **kwargs: Any) -> Driver:
     """A Driver whose core's notices are captured instead of logged."""
     d = Driver(**kwargs) if options is None else Driver(options, **kwargs)
     d.logged = []
-    d.core.log_notices = lambda: d.logged.extend(_drain(d.delivery.notices))  # type: ignore[assignment]
+    d.core.log_notices = lambda: d.logged.extend(d.delivery.take_notices())  # type: ignore[assignment]
     return d
 
 
-def _drain(queue: Any) -> List[Any]:
-    out = []
-    while queue:
-        out.append(queue.popleft())
-    return out
 
 
 def test_a_refused_path_warns_once_and_reports_in_fallback_until_the_final_report():

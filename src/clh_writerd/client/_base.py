@@ -144,9 +144,10 @@ class WrappingHandler(logging.Handler):
         self._open_sync()
         if self._context is not None and self.endpoint is not None:
             self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
-        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport)
-        delivery.renderer = self._renderer if self.opts.daemon_render else None
-        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed, summary=self.get_stats)
+        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport,
+                            renderer=self._renderer if self.opts.daemon_render else None)
+        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed, summary=self.get_stats,
+                                monitor_interval=self.opts.monitor_interval)
         return self._core
 
     def _release_sockets(self) -> None:

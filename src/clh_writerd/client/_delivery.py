@@ -15,7 +15,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequenc
 
 from .. import protocol
 from ._options import HandlerOptions
-from . import _notices
+from . import _notices as notices
 from ._batching import Batcher, cannot_travel, Window
 from ._plans import FieldPlan, Item, packed_records, plan_of, to_lines
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
@@ -56,7 +56,9 @@ class Delivery:
 
     def __init__(self, options: HandlerOptions, stats: ClientStats, path: str, file_options: Dict[str, Any],
                  client_id: protocol.ClientId, transport: Optional[Transport],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, renderer: Optional[Any] = None) -> None:
+        """``renderer``: the handler's Renderer when the daemon may render its
+        records (protocol 2: it is told, on each connection, whether this one does)."""
         self.s = options
         self.stats = stats
         self.path = path
@@ -66,12 +68,11 @@ class Delivery:
         self.window = Window(options.window)
         self.batcher = Batcher(options.batch_size, options.batch_bytes, clock)
         stats.record_limit = RECORD_LIMIT  # until a daemon tells its own
-        self.stop_deadline: Optional[float] = None
-        self.flushing = False  # a flush() waits: send without lingering
+        self.stop_deadline: Optional[float] = None  # stop_at()
+        self.flushing = False  # a flush() waits: send without lingering (service())
         self.abandoned = False  # the stop deadline passed: everything goes to the fallback
         self.transport = transport
-        # The handler's Renderer: told whether the daemon renders (protocol 2).
-        self.renderer: Optional[Any] = None
+        self.renderer = renderer
         self.fields_ok = False
         now = clock()
         self.connect_started = now
@@ -98,10 +99,10 @@ class Delivery:
         self.final_deadline: Optional[float] = None
         self.final_answered = False
         # Warnings for the driver to log (level, message), oldest first;
-        # appended from any thread (drops), popped by the sender.
-        self.notices: Deque[Tuple[int, str]] = deque()
-        # (code, message) of sync records the daemon refused, from callers' threads.
-        self.sync_refusals: Deque[Tuple[str, str]] = deque()
+        # appended from any thread (notify()), taken by the driver (take_notices()).
+        self._notices: Deque[Tuple[int, str]] = deque()
+        # (code, message) of sync records the daemon refused, from callers' threads (sync_refused()).
+        self._sync_refusals: Deque[Tuple[str, str]] = deque()
         # A fallback episode that was warned about: it ends (with one more
         # warning) at the first batch the daemon acknowledges again, so a
         # daemon that answers pings but refuses the path warns once, not at
@@ -114,6 +115,28 @@ class Delivery:
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    # -- from the handler (any thread) -----------------------------------------
+    def stop_at(self, deadline: float) -> None:
+        """The stop deadline: batches stop lingering, acks are waited for
+        until half a second before it; at it, everything unacknowledged goes
+        to the fallback (service())."""
+        self.stop_deadline = deadline
+
+    def notify(self, level: int, message: str) -> None:
+        """A notice for the driver to log (any thread: the caller's thread never waits for stderr)."""
+        self._notices.append((level, message))
+
+    def take_notices(self) -> List[Tuple[int, str]]:
+        """The notices to log now, oldest first (the driver's thread)."""
+        out = []
+        while self._notices:
+            out.append(self._notices.popleft())
+        return out
+
+    def sync_refused(self, code: str, message: str) -> None:
+        """The daemon refused a sync record (any thread): the next service() decides on the fallback."""
+        self._sync_refusals.append((code, message))
 
     # -- feeding -----------------------------------------------------------
     @property
@@ -142,6 +165,11 @@ class Delivery:
         return not self.batcher.lines and not len(self.window)
 
     @property
+    def lingering(self) -> bool:
+        """Lines wait in a batch that is not full (sent when due: wait_time())."""
+        return bool(self.batcher.lines)
+
+    @property
     def in_flight(self) -> int:
         return len(self.window)
 
@@ -154,13 +182,18 @@ class Delivery:
         return self.window.take_all() + self.batcher.take_all()
 
     # -- the step ------------------------------------------------------------
-    def service(self, now: float) -> List[Item]:
+    def service(self, now: float, flushing: bool = False) -> List[Item]:
         """Read replies, send what fits, and return lines the driver must
-        write directly now, oldest first (fallback or embedded mode)."""
+        write directly now, oldest first (fallback or embedded mode).
+        ``flushing``: a flush() waits, so batches go without lingering."""
+        self.flushing = flushing
+        if (self.stop_deadline is not None and now >= self.stop_deadline and not self.abandoned
+                and self.final_deadline is None):  # (drained, the final report sent: nothing to abandon)
+            self.abandon("stop deadline reached: unacknowledged records go to the fallback")
         if self.transport is None:
             return self.batcher.take_all()
         self.on_readable()
-        if self.sync_refusals:
+        if self._sync_refusals:
             self._sync_refused()
         state = self.stats.state
         if state == STATE_CONNECTING:
@@ -171,7 +204,7 @@ class Delivery:
         elif state == STATE_DAEMON:
             if self.daemon_stopping:
                 if not self.window.batches:  # everything it accepted is acked
-                    self._enter_fallback("the daemon is stopping", kind=_notices.STOPPING)
+                    self._enter_fallback("the daemon is stopping", kind=notices.STOPPING)
             else:
                 self._send_batches(now)
             self._check_liveness(now)
@@ -194,11 +227,11 @@ class Delivery:
         if self.liveness_deadline is not None:
             if now > self.liveness_deadline:
                 self._enter_fallback(f"no ack within {self.ack_timeout():.1f}s and no answer to a ping",
-                                     kind=_notices.NOT_ANSWERING)
+                                     kind=notices.NOT_ANSWERING)
             return
         if now - self.last_progress > self.ack_timeout():
             if self.stop_deadline is not None and now >= self.stop_deadline - 0.5:
-                self._enter_fallback("stopping: no time left to wait for acks", kind=_notices.STOP_DEADLINE)
+                self._enter_fallback("stopping: no time left to wait for acks", kind=notices.STOP_DEADLINE)
                 return
             self.liveness_id = self._next_id()
             self._ping(self.liveness_id)
@@ -282,7 +315,7 @@ class Delivery:
         """Stop deadline: no more waiting for this daemon; every unacked and
         pending line goes to the fallback on the next service()."""
         self.abandoned = True
-        self._enter_fallback(reason, kind=_notices.STOP_DEADLINE)
+        self._enter_fallback(reason, kind=notices.STOP_DEADLINE)
 
     def on_readable(self) -> None:
         """Drain replies, then connection events, without blocking.
@@ -345,7 +378,7 @@ class Delivery:
             self._report_answered(reply.id)
             return
         self.stats.last_error = f"daemon error {reply.code}: {reply.message}"
-        kind = _notices.KIND_OF_ERROR.get(reply.code, _notices.POLICY)
+        kind = notices.KIND_OF_ERROR.get(reply.code, notices.POLICY)
         if reply.code == protocol.E_UNAUTHORIZED:
             # This daemon does not admit this process (allowed_uids, peer_dirs),
             # even for a ping: the fallback writes; ask again rarely (a reload may admit it).
@@ -366,12 +399,12 @@ class Delivery:
         policy) refuses its batches too: the fallback writes, and warns once,
         as for a refused batch. A refusal about one record (too large, an
         encoding) or a passing one (write failed) changes nothing."""
-        while self.sync_refusals:
-            code, message = self.sync_refusals.popleft()
+        while self._sync_refusals:
+            code, message = self._sync_refusals.popleft()
             if code in SYNC_REFUSALS_FOR_THE_FILE and self.stats.state != STATE_FALLBACK:
                 self.stats.last_error = f"daemon error {code}: {message}"
                 self._enter_fallback(self.stats.last_error, probe_after=60.0,
-                                     kind=_notices.KIND_OF_ERROR.get(code, _notices.POLICY))
+                                     kind=notices.KIND_OF_ERROR.get(code, notices.POLICY))
 
     def _connection_events(self) -> None:
         assert self.transport is not None
@@ -392,7 +425,7 @@ class Delivery:
             # Never connected: write through the fallback, look again soon
             # (an lstat; the daemon may be starting).
             self._enter_fallback(problem, probe_after=min(0.5, self.s.max_probe_interval),
-                                kind=_notices.NO_DAEMON if problem.startswith("no daemon") else _notices.UNTRUSTED)
+                                kind=notices.NO_DAEMON if problem.startswith("no daemon") else notices.UNTRUSTED)
             self.stats.last_error = problem
             return
         self._ping(self._next_id())
@@ -423,7 +456,7 @@ class Delivery:
             self.renderer.fields = self.fields_ok
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None,
-                        kind: str = _notices.NO_DAEMON) -> None:
+                        kind: str = notices.NO_DAEMON) -> None:
         self.liveness_deadline = None
         self.daemon_stopping = False
         entering = self.stats.state != STATE_FALLBACK
@@ -436,12 +469,12 @@ class Delivery:
             self.episode = kind
             self.episode_written = self.stats.fallback_written
             self.episode_started = self.clock()
-            self.notices.append((logging.WARNING, _notices.fallback_message(kind, reason, self.path)))
+            self._notices.append((logging.WARNING, notices.fallback_message(kind, reason, self.path)))
 
     def _back_on_daemon(self) -> None:
         """The daemon acknowledged a batch after a warned fallback episode."""
         written = self.stats.fallback_written - self.episode_written
-        self.notices.append((logging.WARNING, (
+        self._notices.append((logging.WARNING, (
             f"clh-writerd: {self.path}: back on the daemon after {self.clock() - self.episode_started:.1f}s in "
             f"the fallback ({self.episode}); {written} records were written directly meanwhile "
             f"({self.stats.resent} resent in all: records the daemon may also have written)")))

@@ -73,7 +73,7 @@ class SenderCore:
 
     def __init__(self, delivery: Delivery, renderer: Renderer, stats: ClientStats,
                  on_render_error: Callable[[Any], None], clock: Callable[[], float] = time.monotonic,
-                 summary: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
+                 summary: Optional[Callable[[], Dict[str, Any]]] = None, monitor_interval: float = 0.0) -> None:
         self.delivery = delivery
         self.renderer = renderer
         self.stats = stats
@@ -97,7 +97,7 @@ class SenderCore:
         self.taken_over = False
         # monitor_interval: log ``summary()`` (the handler's get_stats()) that often.
         self.summary = summary
-        self.monitor_interval = delivery.s.monitor_interval
+        self.monitor_interval = monitor_interval
         self.monitor_at = clock() + self.monitor_interval if self.monitor_interval else None
         self.monitored = (stats.dropped_count, stats.fallback_written)
         # True while collect() holds items between the queue and Delivery
@@ -111,7 +111,7 @@ class SenderCore:
         fallback, whatever else is pending (a flush included)."""
         if self.deadline is None:
             self.deadline = self.clock() + timeout
-            self.delivery.stop_deadline = self.deadline
+            self.delivery.stop_at(self.deadline)
 
     @property
     def stopping(self) -> bool:
@@ -124,18 +124,16 @@ class SenderCore:
         """A notice for the ``clh_writerd.client`` logger, logged by the
         sender (any thread may call this: the caller's thread must not wait
         for stderr)."""
-        self.delivery.notices.append((level, message))
+        self.delivery.notify(level, message)
 
     def sync_refused(self, code: str, message: str) -> None:
         """The daemon refused a sync record (any thread): Delivery decides
         on its next step whether that means the fallback."""
-        self.delivery.sync_refusals.append((code, message))
+        self.delivery.sync_refused(code, message)
 
     def log_notices(self) -> None:
         """Log what Delivery and the handler had to say (sender's thread)."""
-        notices = self.delivery.notices
-        while notices:
-            level, message = notices.popleft()
+        for level, message in self.delivery.take_notices():
             _notices.emit(level, message)
 
     def _monitor(self, now: float) -> None:
@@ -217,14 +215,8 @@ class SenderCore:
         """Read replies, send what fits, and return the lines the driver must
         write through the fallback now (then call ``written``)."""
         now = self.clock()
-        delivery = self.delivery
-        delivery.flushing = bool(self.flushes)
-        if (self.deadline is not None and now >= self.deadline and not delivery.abandoned
-                and delivery.final_deadline is None):  # (drained, the final report sent: nothing to abandon)
-            delivery.abandon("stop deadline reached: unacknowledged records go to the fallback")
-        self.pending += delivery.service(now)
-        if delivery.notices:
-            self.log_notices()
+        self.pending += self.delivery.service(now, flushing=bool(self.flushes))
+        self.log_notices()
         if self.monitor_at is not None and now >= self.monitor_at:
             self._monitor(now)
         if not self.pending or now < self.retry_at:
@@ -303,7 +295,7 @@ class SenderCore:
     def lingering(self) -> bool:
         """Lines wait for a batch to fill (the delivery's linger): the driver
         will look again when it is due, without being woken."""
-        return bool(self.delivery.batcher.lines)
+        return self.delivery.lingering
 
     def idle(self, queue: Deque[Any]) -> bool:
         """Nothing queued, being collected, pending or unacknowledged: every
@@ -317,7 +309,7 @@ class SenderCore:
         if not (self.deadline is not None and not queue and self.drained()):
             return False
         done = self.delivery.final_report(self.clock())
-        if done and self.delivery.notices:
+        if done:
             self.log_notices()
         return done
 
