@@ -832,7 +832,7 @@ async def test_after_a_sender_task_crash_each_record_is_still_written(tmp_path):
     async with handler:
         log.info(seq_record("w", 0))
         await handler.aflush()
-        sender = handler._sender
+        sender = handler._driver
 
         def crash() -> None:
             raise RuntimeError("a bug in the sender")

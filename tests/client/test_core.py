@@ -17,7 +17,7 @@ from clh_writerd import protocol
 from clh_writerd.client._delivery import Delivery
 from clh_writerd.client._options import THREAD, HandlerOptions
 from clh_writerd.client._direct import FINAL_LOCK_WAIT, LOCK_WAIT
-from clh_writerd.client._sender import GIVE_UP_AFTER, RETRY_DELAY, Flush, SenderCore
+from clh_writerd.client._core import GIVE_UP_AFTER, RETRY_DELAY, Flush, SenderCore
 from clh_writerd.client._renderer import Renderer
 from clh_writerd.client._stats import ClientStats
 from clh_writerd.client._transport import CONNECTED, DISCONNECTED

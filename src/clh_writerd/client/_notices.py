@@ -111,7 +111,7 @@ def summary_line(path: str, snap: Dict[str, Any], interval: float) -> str:
 
 
 def _ours(handler: logging.Handler) -> bool:
-    # A class attribute of WrappingHandler, not isinstance(): _base imports this module.
+    # A class attribute of WrappingHandler, not isinstance(): _wrapping imports this module.
     return getattr(handler, "clh_writerd_handler", False) is True
 
 

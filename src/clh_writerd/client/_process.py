@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .._batchwrite import rotating_part
 from . import _notices
-from ._sender import SyncItem
+from ._core import SyncItem
 from ._plans import PLANS_LOCK
 
 # Anything with .handler (the wrapped CLH handler), .mark_forked(),

@@ -2,7 +2,7 @@
 
 On the loop's thread ``emit()`` is ``freeze`` + append to a bounded deque;
 from another thread the record is handed over with ``call_soon_threadsafe``.
-The sender task (``LoopSender``) drives the same ``SenderCore`` as the thread
+The driver task (``LoopDriver``) drives the same ``SenderCore`` as the thread
 handler; every blocking step runs in an executor. The loop is blocked only
 when the user opts in with ``fallback_mode='block'``.
 """
@@ -18,8 +18,8 @@ from .._batchwrite import CLHHandler
 from .._compat import require_full_python
 from . import _process
 from ._asynclogger import AsyncLogger
-from ._base import WrappingHandler, build_clh
-from ._loop_sender import LoopSender
+from ._wrapping import WrappingHandler, build_clh
+from ._loop_driver import LoopDriver
 from ._options import ASYNC, HandlerOptions, split_kwargs
 from ._notices import DROP_WARNING_EVERY
 from ._plans import record_of
@@ -41,7 +41,7 @@ class AsyncConcurrentHandler(WrappingHandler):
     """
 
     KIND = ASYNC
-    _sender: Optional[LoopSender] = None
+    _driver: Optional[LoopDriver] = None
     _loop: Optional[asyncio.AbstractEventLoop] = None
 
     def __init__(self, handler: CLHHandler, **options: Any) -> None:
@@ -56,15 +56,15 @@ class AsyncConcurrentHandler(WrappingHandler):
         super()._new_process_state()
         self._loop = None
         self._loop_thread = -1
-        self._sender = None
+        self._driver = None
         self._blocked_warnings = 0
         self._open_sync()  # before any loop: sync records without a loop use it
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        """Bind to the running loop and start the sender task (done lazily by
+        """Bind to the running loop and start the driver task (done lazily by
         the first emit() on a loop, and by ``async with``)."""
-        self._check_startable(self._sender is not None)
+        self._check_startable(self._driver is not None)
         loop = asyncio.get_running_loop()
         _process.register(self)  # again in a forked child: its exit hooks
         self._loop, self._loop_thread = loop, threading.get_ident()
@@ -72,11 +72,11 @@ class AsyncConcurrentHandler(WrappingHandler):
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="clh-writerd-async")
         core = self._new_core()
         sockets = self._transport.sockets() if self._transport is not None else []
-        self._sender = LoopSender(loop, core, self._queue, self._fallback, executor, sockets, self.stats,
+        self._driver = LoopDriver(loop, core, self._queue, self._fallback, executor, sockets, self.stats,
                                   self.drain_timeout, self.queue_size)
 
     async def __aenter__(self) -> "AsyncConcurrentHandler":
-        if self._sender is None:
+        if self._driver is None:
             self.start()
         return self
 
@@ -84,16 +84,16 @@ class AsyncConcurrentHandler(WrappingHandler):
         await self.aclose()
 
     async def aclose(self, timeout: Optional[float] = None) -> None:
-        """Drain (to the daemon or the fallback), stop the sender, close."""
+        """Drain (to the daemon or the fallback), stop the driver, close."""
         await self.astop(timeout)
         self._close_resources()
 
     async def astop(self, timeout: Optional[float] = None) -> bool:
-        """Drain and stop the sender task; True if everything was written in time."""
-        sender = self._sender
+        """Drain and stop the driver task; True if everything was written in time."""
+        driver = self._driver
         done = True
-        if sender is not None and not sender.task.done():
-            done = await sender.stop(self.drain_timeout if timeout is None else timeout)
+        if driver is not None and not driver.task.done():
+            done = await driver.stop(self.drain_timeout if timeout is None else timeout)
         self.stats.state = STATE_STOPPED
         return done
 
@@ -103,8 +103,8 @@ class AsyncConcurrentHandler(WrappingHandler):
 
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Synchronous stop, for code outside the loop (atexit, another thread)."""
-        loop, sender = self._loop, self._sender
-        if sender is None or not self.belongs_here():
+        loop, driver = self._loop, self._driver
+        if driver is None or not self.belongs_here():
             self.stats.state = STATE_STOPPED
             return True
         if loop is not None and loop.is_running() and threading.get_ident() != self._loop_thread:
@@ -115,9 +115,9 @@ class AsyncConcurrentHandler(WrappingHandler):
                 return False
         if loop is not None and loop.is_running():
             # On the loop's own thread we cannot wait for the task: ask it to stop.
-            sender.begin_stop(self.drain_timeout if timeout is None else timeout)
+            driver.begin_stop(self.drain_timeout if timeout is None else timeout)
             return False
-        return sender.salvage()
+        return driver.salvage()
 
     def close(self) -> None:
         """logging.shutdown() and handler removal call this: stop, then close."""
@@ -128,20 +128,20 @@ class AsyncConcurrentHandler(WrappingHandler):
     def _close_resources(self) -> None:
         if self._closed:
             return
-        sender = self._sender
-        if sender is None or sender.task.done():
-            self._release_after(sender)
+        driver = self._driver
+        if driver is None or driver.task.done():
+            self._release_after(driver)
             self._close_wrapped()
             return
         # The task still runs (stop() gave up waiting, or could not wait on
         # the loop's own thread): it may be writing. The executor, sockets
         # and the file are released when it ends, never under its write.
         self._close_wrapped(close_file=False)
-        sender.task.add_done_callback(lambda _task: self._release_after(sender, close_file=True))
+        driver.task.add_done_callback(lambda _task: self._release_after(driver, close_file=True))
 
-    def _release_after(self, sender: Optional[LoopSender], close_file: bool = False) -> None:
-        if sender is not None and self.opts.executor is None:
-            sender.executor.shutdown(wait=False)
+    def _release_after(self, driver: Optional[LoopDriver], close_file: bool = False) -> None:
+        if driver is not None and self.opts.executor is None:
+            driver.executor.shutdown(wait=False)
         self._release_sockets()
         if close_file:
             self._close_file()
@@ -159,8 +159,8 @@ class AsyncConcurrentHandler(WrappingHandler):
 
     async def aflush(self) -> None:
         """Return once every record queued before the call is written."""
-        if self._sender is not None:
-            await self._sender.flush()
+        if self._driver is not None:
+            await self._driver.flush()
 
     # -- emit: freeze -> enqueue, on the loop's thread -----------------------------
     def emit(self, record: logging.LogRecord) -> None:
@@ -191,31 +191,31 @@ class AsyncConcurrentHandler(WrappingHandler):
             self._confirmed.write(self._renderer.render_now(record))
             self.stats.sync_count += int(record.levelno >= self.sync_level)
             return
-        if self._sender is not None and self._loop is not None and self._loop.is_closed():
-            self._sender.abandon()  # a previous loop died with records: write them
+        if self._driver is not None and self._loop is not None and self._loop.is_closed():
+            self._driver.abandon()  # a previous loop died with records: write them
             self._release_sockets()
-            self._sender = None
+            self._driver = None
         self.start()
         self._emit_item(self._renderer.freeze(record), record.levelno)
 
     def _emit_item(self, item: Any, levelno: int) -> None:
-        sender = self._sender
-        assert sender is not None
-        if levelno >= self.sync_level or sender.stopping:
+        driver = self._driver
+        assert driver is not None
+        if levelno >= self.sync_level or driver.stopping:
             self.stats.sync_count += int(levelno >= self.sync_level)
             if self.fallback_mode == "block" and levelno >= self.sync_level:
                 self._confirmed.write(self._renderer.render(item))
             else:
-                sender.submit(self._confirmed.write, self._renderer.render(item))  # never dropped
+                driver.submit(self._confirmed.write, self._renderer.render(item))  # never dropped
             return
         if len(self._queue) >= self.queue_size:
-            self._queue_full(item, sender)
+            self._queue_full(item, driver)
             return
         self._queue.append(item)
         self.stats.enqueued += 1
-        sender.record_queued()
+        driver.record_queued()
 
-    def _queue_full(self, item: Any, sender: LoopSender) -> None:
+    def _queue_full(self, item: Any, driver: LoopDriver) -> None:
         mode = self.fallback_mode
         if mode == "block":
             self.stats.fallback_count += 1
@@ -224,15 +224,15 @@ class AsyncConcurrentHandler(WrappingHandler):
                 self._confirmed.write(self._warning_line(
                     record_of(item), "queue full: blocking the event loop to write (%d so far)", self._blocked_warnings))
             self._confirmed.write(self._renderer.render(item))
-        elif mode == "nowait" and len(sender.overflow) < self.max_nowait:
+        elif mode == "nowait" and len(driver.overflow) < self.max_nowait:
             self.stats.fallback_count += 1
-            sender.add_overflow(self._renderer.render(item))
+            driver.add_overflow(self._renderer.render(item))
         else:
             self._drop(item, f"fallback_mode={mode!r}")
 
     def _wake(self) -> None:
-        if self._sender is not None:
-            self._sender.wake()
+        if self._driver is not None:
+            self._driver.wake()
 
     # -- awaitable confirmation ---------------------------------------------------
     async def emit_wait(self, record: logging.LogRecord, timeout: Optional[float] = None) -> None:
@@ -240,10 +240,10 @@ class AsyncConcurrentHandler(WrappingHandler):
         or fallback written). Raises asyncio.TimeoutError after ``timeout``
         (the write may still complete). Skips the queue, like sync records."""
         loop = asyncio.get_running_loop()
-        if self._sender is None and not self._closed:
+        if self._driver is None and not self._closed:
             self.start()
         line = self._renderer.render_now(record)
-        executor = self._sender.executor if self._sender is not None else None
+        executor = self._driver.executor if self._driver is not None else None
         future = loop.run_in_executor(executor, self._confirmed.write, line)
         self.stats.sync_count += 1
         await asyncio.wait_for(future, timeout)

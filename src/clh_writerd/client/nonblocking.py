@@ -27,10 +27,10 @@ import zmq
 
 from .._batchwrite import CLHHandler
 from . import _notices, _process
-from ._base import WrappingHandler, build_clh
+from ._wrapping import WrappingHandler, build_clh
 from ._direct import describe
 from ._options import THREAD, HandlerOptions, split_kwargs
-from ._sender import Flush, SyncItem
+from ._core import Flush, SyncItem
 from ._stats import STATE_STOPPED
 
 log = logging.getLogger("clh_writerd.client")

@@ -20,7 +20,7 @@ from . import _notices, _process
 from ._delivery import Delivery
 from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
-from ._sender import SenderCore
+from ._core import SenderCore
 from ._notices import DROP_WARNING_EVERY
 from ._plans import Item, record_of
 from ._renderer import Renderer

@@ -1,4 +1,6 @@
-"""The sender core both handlers drive: everything between "an item leaves
+"""The sender core both handlers drive (``_core``: the thread handler's
+sender thread and the asyncio handler's ``LoopDriver`` are its drivers):
+everything between "an item leaves
 the queue" and "its line is acknowledged or written", without I/O.
 
 ``SenderCore`` renders queued items (routing oversize records to the

@@ -1,4 +1,5 @@
-"""The asyncio handler's sender task: how it waits (an ``asyncio.Event`` and
+"""The asyncio handler's driver task (the thread handler's is its sender
+thread, in nonblocking.py): how it waits (an ``asyncio.Event`` and
 a ``zmq.asyncio`` poller) and how it runs a blocking step (in the executor).
 What it does between the waits is the shared ``SenderCore``."""
 
@@ -14,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from ._direct import Fallback
-from ._sender import Flush, SenderCore
+from ._core import Flush, SenderCore
 from ._plans import Item
 from ._stats import STATE_STOPPED, ClientStats
 
@@ -31,8 +32,8 @@ MAX_TURN_BUDGET = 0.0006
 KEEP_UP_BUDGET = 0.001
 
 
-class LoopSender:
-    """One sender task on one loop, for one handler, until it is stopped."""
+class LoopDriver:
+    """One driver task on one loop, for one handler, until it is stopped."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, core: SenderCore, queue: Deque[Any], fallback: Fallback,
                  executor: Executor, sockets: List[zmq.Socket], stats: ClientStats, drain_timeout: float,
