@@ -37,16 +37,16 @@ MATRIX_DIR = os.path.join(ROOT, ".venv-matrix")
 VERSIONS = ("3.6", "3.7", "3.8", "3.9", "3.10", "3.11", "3.12", "3.13")
 CLIENT_ONLY = ("3.6", "3.7")
 LAST_PIP = {"3.6": "pip<22", "3.7": "pip<24.1"}
-# Unit tests plus one end-to-end test; files that do not exist yet are skipped.
+# Every unit test (tests/unit: no daemon) plus one end-to-end test.
 TEST_FILES = (
-    "tests/test_protocol.py",
+    "tests/unit",
     "tests/daemon/test_smoke.py",
 )
 # The thread client on Python 3.6/3.7, against a daemon on a newer Python.
 CLIENT_TEST_FILES = (
-    "tests/test_protocol.py",
+    "tests/unit/test_protocol.py",
     "tests/test_batchwrite.py",
-    "tests/client/test_core.py",
+    "tests/unit/client/test_core.py",
     "tests/client/test_options.py",
     "tests/client/test_handler.py",
 )

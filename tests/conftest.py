@@ -1,5 +1,6 @@
 """Shared fixtures: real daemon subprocesses that are always cleaned up."""
 
+import os
 from typing import Any, Callable, List
 
 import pytest
@@ -9,13 +10,21 @@ from support import DaemonProcess, RawClient
 
 # Fixtures that start real processes: a test that uses one is end to end
 # (marked e2e here, so `make test-fast` leaves it out without a hand-kept list).
-PROCESS_FIXTURES = {"start_daemon", "daemon", "raw_client", "image", "crowd", "central", "lab"}
+PROCESS_FIXTURES = {"start_daemon", "daemon", "raw_client", "image", "crowd", "central", "lab", "served", "fuzz_daemon"}
+
+
+UNIT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unit") + os.sep
 
 
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    misplaced = []
     for item in items:
-        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.e2e)
+            if str(item.fspath).startswith(UNIT_DIR):
+                misplaced.append(item.nodeid)
+    if misplaced:  # tests/unit runs without a daemon or a process: an e2e test belongs elsewhere
+        raise pytest.UsageError("end-to-end tests in tests/unit: " + ", ".join(misplaced))
 
 
 @pytest.fixture

@@ -237,7 +237,7 @@ def test_the_scrape_shows_the_stats_totals_before_and_after_clients_are_folded(s
     assert doc["clients"] and any(v > 0 for (name, labels), v in listed.items()
                                   if name == "clh_writerd_client_reported_total" and ("counter", "dropped") in labels)
     # Not seen for clients_gone_after (1 s): folded into clients_gone, and the series do not move
-    # (tests/daemon/test_metrics.py shows that is the gone totals, not the exporter's held high).
+    # (tests/unit/daemon/test_metrics.py shows that is the gone totals, not the exporter's held high).
     folded = wait_for(lambda: (lambda d: d if not d["clients"] and d["clients_gone"] else None)(daemon.stats()),
                       timeout=15, what="the killed clients folded into clients_gone")
     assert {g["program"] for g in folded["clients_gone"]} == {"flooder", "steady"}

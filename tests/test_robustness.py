@@ -45,7 +45,7 @@ from support.clients import StopFlag
 
 from clh_writerd import protocol
 from clh_writerd.client.nonblocking import create_nonblocking_handler
-from tests.test_protocol import (
+from tests.unit.test_protocol import (
     CORPUS,
     FIELD_NAMES,
     VALID,

@@ -13,7 +13,7 @@ import pytest
 
 from clh_writerd import protocol
 from clh_writerd.daemon.paths import PathPolicy
-from support import DaemonProcess, RawClient, read_lines
+from support import DaemonProcess, RawClient, read_lines, wait_for
 
 
 # -- PathPolicy ---------------------------------------------------------------
@@ -181,8 +181,10 @@ def assert_refused(s: Served, path: str, options: Dict[str, Any], code: str, mus
     reply = s.client.write(path, ["must not be written"], options, timeout=10)
     assert isinstance(reply, protocol.Error), reply
     assert reply.code == code, reply
-    assert _counter(s.daemon, code) == before_count + 1
-    assert _client_errors(s.daemon, "paths-test") == before_errors + 1
+    # The daemon reuses a stats document for ten times its build time (a
+    # bound on what stats requests cost it): wait for a fresh one.
+    wait_for(lambda: _counter(s.daemon, code) == before_count + 1, 5, f"the {code} counter to count the refusal")
+    wait_for(lambda: _client_errors(s.daemon, "paths-test") == before_errors + 1, 5, "the client's errors to count it")
     # Nothing created or modified, inside or outside the allowed dirs.
     assert snapshot(s.base, s.daemon.stderr_path) == before_tree
     for target in must_not_exist:

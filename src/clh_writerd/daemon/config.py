@@ -583,7 +583,7 @@ def _shown(opt: Option) -> str:
 
 
 def markdown_table() -> str:
-    """docs/operations.md's table of every key (tests/daemon/test_config.py keeps it in sync)."""
+    """docs/operations.md's table of every key (tests/unit/daemon/test_config.py keeps it in sync)."""
     rows = ["| key | default | on reload | meaning |", "| --- | --- | --- | --- |"]
     for opt in OPTIONS:
         reload = "restart" if opt.restart_only else "live"

@@ -12,7 +12,7 @@ Rendering comes after every check that can refuse the batch, so a daemon
 under back-pressure does not render the batches it refuses. The busy map
 (per-process order under back-pressure) lives here. Nothing here touches a
 socket: the server sends what ``handle`` returns, and unit tests drive it
-with frames and a real router (tests/daemon/test_dispatch.py).
+with frames and a real router (tests/unit/daemon/test_dispatch.py).
 """
 
 import logging

@@ -14,7 +14,7 @@ from clh_writerd._resources import generated_block
 from clh_writerd.daemon import config as config_mod
 from clh_writerd.daemon.config import OPTIONS, Config, ConfigError, FileOverride, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 REFERENCE = os.path.join(REPO, "daemon", "clh-writerd.toml")
 
 
@@ -340,7 +340,7 @@ def test_type_errors_name_the_kind_in_plain_english(env, tmp_path, text, expecte
 
 def test_the_guide_s_table_of_keys_is_the_options_table():
     """docs/operations.md's "Configuration keys" table is generated from OPTIONS."""
-    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
     assert generated_block(guide, "config-table") == config_mod.markdown_table(), \
         "regenerate it: python -m clh_writerd.daemon.config docs/operations.md"
     rows = config_mod.markdown_table().splitlines()[2:]
@@ -363,7 +363,7 @@ def test_the_reload_notes_of_the_operations_guide_agree_with_the_options():
     """docs/operations.md's reload notes name real keys, and say `restart` of
     exactly the keys declared so (Option.restart_only, which the server's
     reload reads); which keys apply live is the generated table's column."""
-    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
     section = guide[guide.index("## Reload (SIGHUP)"):guide.index("## Stop, drain and exit codes")]
     keys = {o.key: o for o in OPTIONS if o.section in ("daemon", "limits", "fsync")}
     notes = [n for n in section.split("\n- ")[1:]]

@@ -143,6 +143,9 @@ def _client_line(renderer, prepared):
 def test_daemon_line_is_the_formatters_line(restore_tz, fmt, datefmt, mfmt, utc, client_tz, daemon_tz, base,
                                             offset, message, user, count, ratio):
     style, text = fmt
+    # 3.8's formatTime applies default_msec_format even when it is None: the
+    # client renders such a record itself (FieldPlan.for_formatter).
+    assume(mfmt or sys.version_info >= (3, 9))
     formatter = logging.Formatter(text, datefmt=datefmt, style=style)
     formatter.default_msec_format = mfmt
     if utc:

@@ -20,7 +20,7 @@ from clh_writerd.daemon.stats import (
 )
 from clh_writerd.daemon.view import render_table
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 STATS_DOC = os.path.join(REPO, "docs", "stats.md")
 
 DAEMON_KEYS = {"version", "pid", "host", "endpoint", "started", "uptime_s", "counters", "refused_uids", "limits"}
