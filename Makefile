@@ -36,7 +36,7 @@ demo: $(DEMO_STAMP)
 	$(BIN)/python client/demo.py
 
 test: venv
-	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=85 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=85 --durations=15 $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)

@@ -7,7 +7,7 @@ same ``Params``, so every row of a scenario handles identical bytes.
 import os
 from typing import Any, Dict, List, Tuple
 
-from clh_writerd._render import FieldFormat
+from clh_writerd._fieldformat import FieldFormat
 
 from .harness import Params
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Seq
 
 import msgpack
 
-from ._render import FieldFormat, RecordTooLarge
+from ._fieldformat import FieldFormat, RecordTooLarge
 
 # Version 2 adds the "fields" render mode (the daemon renders the line);
 # every other message keeps version 1's shape and is still sent as
@@ -129,7 +129,7 @@ T_ERROR = "error"
 
 RENDER_LINES = "lines"  # records are formatted lines without terminator
 # Version 2: the batch carries a ``format`` (a stock logging.Formatter as
-# data, see _render.FieldFormat) and each record is either a formatted line
+# data, see _fieldformat.FieldFormat) and each record is either a formatted line
 # (rendered by the client: exc_info, a value the daemon cannot reproduce) or
 # the list of the format's field values, rendered by the daemon.
 RENDER_FIELDS = "fields"

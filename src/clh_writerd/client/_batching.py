@@ -7,7 +7,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 
-from .._render import _ASCII_CHECK, text_size
+from .._fieldformat import _ASCII_CHECK, text_size
 from ._stats import RECORD_LIMIT
 from ._plans import Item
 

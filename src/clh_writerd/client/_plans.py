@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import msgpack
 
 from .. import protocol
-from .._render import TIME_FIELD, FieldFormat
+from .._fieldformat import TIME_FIELD, FieldFormat
 
 _STYLES = {logging.PercentStyle: "%", logging.StrFormatStyle: "{", logging.StringTemplateStyle: "$"}
 # Formatter methods an instance may override by assignment: then it is not stock.

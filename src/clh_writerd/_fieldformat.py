@@ -206,6 +206,8 @@ class FieldFormat:
             if len(record) != n:
                 raise ValueError(f"a record has {len(record)} values, the format {n} fields")
             chars = others = lists = 0
+            # bound_values' per-value check, inlined (and taking the time
+            # list): this loop runs for every value the daemon receives.
             for value in record:
                 kind = type(value)
                 if kind is str:

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from clh_writerd import protocol
-from clh_writerd._render import FieldFormat
+from clh_writerd._fieldformat import FieldFormat
 from clh_writerd.client._plans import FieldPlan
 from clh_writerd.client._renderer import Renderer
 from clh_writerd.client._plans import plan_of as plan_of_item
