@@ -12,10 +12,10 @@ thread of ours exists (no thread of ours imports lazily: see
 ``client/_process.py``).
 """
 
-import importlib
 import sys
 from typing import Any, Dict
 
+from ._compat import lazy_names
 from ._version import __version__
 
 # name -> the module that defines it.
@@ -37,13 +37,7 @@ if sys.version_info >= (3, 8):
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # the next lookup is a plain attribute
-    return value
+__getattr__ = lazy_names(__name__, _PUBLIC)
 
 
 def __dir__() -> Any:

@@ -7,8 +7,10 @@ RHEL 8 and similar can use it. The daemon and ``AsyncConcurrentHandler`` need
 says so, instead of failing later on a missing feature.
 """
 
+import importlib
 import os
 import sys
+from typing import Any, Callable, Dict
 
 FULL_PYTHON = (3, 8)
 
@@ -39,3 +41,19 @@ def unsupported_platform(part: str) -> str:
         return (f"clh-writerd's handlers need a POSIX system (Linux, tested; macOS, untested), not {sys.platform}: "
                 "use concurrent_log_handler.ConcurrentRotatingFileHandler directly here")
     return ""
+
+
+def lazy_names(package: str, public: Dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for ``package``: a public name is
+    imported from the module ``public`` gives for it when first used, then
+    kept as a plain attribute of the package."""
+
+    def __getattr__(name: str) -> Any:
+        module = public.get(name)
+        if module is None:
+            raise AttributeError("module {!r} has no attribute {!r}".format(package, name))
+        value = getattr(importlib.import_module(module, package), name)
+        setattr(sys.modules[package], name, value)  # the next lookup is a plain attribute
+        return value
+
+    return __getattr__

@@ -7,7 +7,7 @@ repository. A checkout or an editable install reads them where they live.
 """
 
 import os
-from typing import Dict
+from typing import Dict, Tuple
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # src/clh_writerd -> the repository root, for a checkout or an editable install.
@@ -48,11 +48,15 @@ def doc_title(path: str) -> str:
     return ""
 
 
+def _markers(name: str) -> Tuple[str, str]:
+    return f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+
+
 def generated_block(text: str, name: str) -> str:
     """What is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``text`` (a generated table)."""
-    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
+    start, end = _markers(name)
     if start not in text or end not in text:
-        raise ValueError(f"no {name} block (<!-- {name}:start --> ... <!-- {name}:end -->)")
+        raise ValueError(f"no {name} block ({start.strip()} ... {end})")
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
@@ -60,8 +64,7 @@ def replace_block(path: str, name: str, content: str) -> None:
     """Rewrite what is between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` in ``path``."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    generated_block(text, name)  # the markers are there
-    start, end = f"<!-- {name}:start -->\n", f"<!-- {name}:end -->"
-    head, rest = text.split(start, 1)
+    start, end = _markers(name)
+    old = start + generated_block(text, name) + end
     with open(path, "w", encoding="utf-8") as f:
-        f.write(head + start + content + end + rest.split(end, 1)[1])
+        f.write(text.replace(old, start + content + end, 1))

@@ -5,10 +5,9 @@ module of the package (``python -m clh_writerd.daemon.config``, a test of
 the config) does not start with the server's.
 """
 
-import importlib
-from typing import Any, Dict
+from typing import Dict
 
-from .._compat import require_full_python
+from .._compat import lazy_names, require_full_python
 
 require_full_python("the clh-writerd daemon")
 
@@ -20,10 +19,4 @@ _PUBLIC: Dict[str, str] = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _PUBLIC)

@@ -353,8 +353,7 @@ def test_a_key_is_declared_once_its_config_attribute_and_forward_option_follow()
     the forwarder's options are the [forward] keys by name."""
     from clh_writerd.forward.forwarder import CONFIGURED
 
-    attrs = [f.name for f in dataclasses.fields(Config) if f.name not in config_mod.DERIVED]
-    assert sorted(attrs) == sorted(config_mod._attr(o) for o in OPTIONS)
+    # (That Config's fields are OPTIONS' keys is checked when the module loads.)
     assert all(f.default is dataclasses.MISSING for f in dataclasses.fields(Config))
     assert sorted(CONFIGURED) == sorted(o.key for o in OPTIONS if o.section == "forward")
 
