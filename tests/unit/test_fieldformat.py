@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from clh_writerd import protocol
 from clh_writerd._fieldformat import FieldFormat
 from clh_writerd.client._plans import FieldPlan
-from clh_writerd.client._renderer import Renderer
+from clh_writerd.client._items import ItemMaker
 from clh_writerd.client._plans import plan_of as plan_of_item
-from clh_writerd.client._plans import values_of
+from clh_writerd.client._plans import to_line, values_of
 
 ZONES = ("Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kathmandu", "UTC")
 # DST changes (UTC epochs): Berlin 2026-03-29 01:00 and 2026-10-25 01:00,
@@ -102,34 +102,23 @@ def client_and_daemon(formatter, record, client_tz, daemon_tz):
     set_tz(client_tz)
     handler = logging.Handler()
     handler.setFormatter(formatter)
-    renderer = Renderer(handler)  # type: ignore[arg-type]
-    renderer.fields = True
-    prepared = renderer.prepare(record)
-    expected = _client_line(renderer, prepared)
-    item = renderer.render(prepared)
+    items = ItemMaker(handler, fields=True)  # type: ignore[arg-type]
+    own = ItemMaker(handler)  # type: ignore[arg-type]  # no daemon: the client renders every line
+    prepared = items.prepare(record)
+    expected = own.finish(prepared)  # the wrapped handler's formatter on the frozen record
+    item = items.finish(prepared)
     assert type(item) is tuple, "a stock formatter's record must travel as field values"
+    # What the fallback and the sync lane to a daemon that does not render write.
+    assert to_line(item) == expected
     plan, values = plan_of_item(item), values_of(item)
-    frozen = renderer.freeze(record)  # the thread handler's queued path
+    frozen = items.freeze(record)  # the thread handler's queued path
     if type(frozen[0]) is int:
-        assert renderer.render(frozen) == item
-        renderer.fields = False  # the fallback renders a frozen record itself
-        try:
-            assert renderer.render(frozen) == expected
-        finally:
-            renderer.fields = True
+        assert items.finish(frozen) == item
+        assert own.finish(frozen) == expected
     frame = protocol.encode_batch(CLIENT, 1, "/tmp/x.log", {}, [values], format=plan.format)
     set_tz(daemon_tz)
     request = protocol.decode_request(frame)
     return expected, request.lines()[0]
-
-
-def _client_line(renderer, prepared):
-    """The wrapped handler's formatter on the frozen record: today's client-side line."""
-    renderer.fields = False
-    try:
-        return renderer.render(prepared)
-    finally:
-        renderer.fields = True
 
 
 @settings(max_examples=int(os.environ.get("RENDER_EXAMPLES", "300")), deadline=None, derandomize=True,
@@ -209,29 +198,27 @@ def test_a_queued_record_is_frozen_into_values_and_not_kept():
     otherwise survive into the app's oldest GC generation."""
     handler = logging.Handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(user)s %(message)s"))
-    renderer = Renderer(handler)  # type: ignore[arg-type]
-    renderer.fields = True
+    items = ItemMaker(handler, fields=True)  # type: ignore[arg-type]
     record = make_record(time.time(), "m", "u", 1, 0.5)
     record.msg, record.args = "m %s", ("arg",)
     alive = weakref.ref(record)
-    frozen = renderer.freeze(record)
+    frozen = items.freeze(record)
     expected = handler.format(record)
     del record
     assert alive() is None, "the queued item must not hold the LogRecord"
     assert frozen[1] == "m arg" and frozen[4:] == ("INFO", "app.\u00fcser", "u")
-    renderer.fields = False
-    assert renderer.render(frozen) == expected
+    assert ItemMaker(handler).finish(frozen) == expected  # type: ignore[arg-type]
+    assert to_line(items.finish(frozen)) == expected
     # Not frozen: a traceback, or a value only the client can render.
     record = make_record(time.time(), "m", "u", 1, 0.5)
     record.user = object()
-    renderer.fields = True
-    assert renderer.freeze(record)[0] is record
+    assert items.freeze(record)[0] is record
     try:
         raise ValueError("boom")
     except ValueError:
         record = make_record(time.time(), "m", "u", 1, 0.5)
         record.exc_info = sys.exc_info()
-    prepared = renderer.freeze(record)
+    prepared = items.freeze(record)
     assert prepared[0] is record and "ValueError: boom" in record.exc_text
 
 
@@ -244,14 +231,13 @@ def test_queued_and_in_flight_records_are_untracked_by_the_first_collection():
     (measured before: 5 per 200,000 records, 20-70 ms each)."""
     handler = logging.Handler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(user)s %(message)s"))
-    renderer = Renderer(handler)  # type: ignore[arg-type]
-    renderer.fields = True
+    items = ItemMaker(handler, fields=True)  # type: ignore[arg-type]
     queued, in_flight = [], []  # as the handler's deque and window hold them
     gc.collect()
     for n in range(200):
-        frozen = renderer.freeze(make_record(time.time(), f"m{n}", "u", n, 0.5))
+        frozen = items.freeze(make_record(time.time(), f"m{n}", "u", n, 0.5))
         queued.append(frozen)
-        in_flight.append(renderer.render(frozen))
+        in_flight.append(items.finish(frozen))
     assert all(type(item[0]) is int for item in queued + in_flight), "the daemon renders these records"
     gc.collect(0)
     tracked = [item for item in queued + in_flight if gc.is_tracked(item)]
@@ -307,7 +293,7 @@ def test_records_the_daemon_cannot_reproduce_render_client_side():
     record = make_record(time.time(), "caf\udce9", "u", 1, 0.5)
     record.obj = "fine"
     assert plan.flight_of(record, "caf\udce9", 10**6) is None
-    frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as Renderer.freeze makes it
+    frozen = (plan.number, "caf\udce9", record.created, record.msecs, "fine")  # as ItemMaker.freeze makes it
     assert plan.flight(frozen, 10**6) is None
     assert plan.flight(frozen[:1] + ("café",) + frozen[2:], 10**6) is not None
     # A large record: over the quick bound, so measured exactly against the limit.

@@ -3,7 +3,7 @@ sender thread and the asyncio handler's ``LoopDriver`` are its drivers):
 everything between "an item leaves
 the queue" and "its line is acknowledged or written", without I/O.
 
-``SenderCore`` renders queued items (routing oversize records to the
+``SenderCore`` finishes queued items (``ItemMaker.finish``; routing oversize records to the
 fallback), feeds ``Delivery``, settles flush markers, applies the stop
 deadline and retries failed direct writes. It never waits and never writes:
 ``step()`` returns the lines the driver must write through the fallback, and
@@ -22,8 +22,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 from . import _notices
 from ._delivery import Delivery
 from ._direct import FINAL_LOCK_WAIT, LOCK_WAIT, describe, is_permanent
+from ._items import ItemMaker
 from ._plans import Item
-from ._renderer import Renderer
 from ._stats import ClientStats
 
 log = logging.getLogger("clh_writerd.client")
@@ -73,11 +73,11 @@ class SyncItem:
 class SenderCore:
     """Drives Delivery from queued items; see the module docstring."""
 
-    def __init__(self, delivery: Delivery, renderer: Renderer, stats: ClientStats,
+    def __init__(self, delivery: Delivery, items: ItemMaker, stats: ClientStats,
                  on_render_error: Callable[[Any], None], clock: Callable[[], float] = time.monotonic,
                  summary: Optional[Callable[[], Dict[str, Any]]] = None, monitor_interval: float = 0.0) -> None:
         self.delivery = delivery
-        self.renderer = renderer
+        self.items = items
         self.stats = stats
         self.on_render_error = on_render_error
         self.clock = clock
@@ -127,11 +127,6 @@ class SenderCore:
         sender (any thread may call this: the caller's thread must not wait
         for stderr)."""
         self.delivery.notify(level, message)
-
-    def sync_refused(self, code: str, message: str) -> None:
-        """The daemon refused a sync record (any thread): Delivery decides
-        on its next step whether that means the fallback."""
-        self.delivery.sync_refused(code, message)
 
     def log_notices(self) -> None:
         """Log what Delivery and the handler had to say (sender's thread)."""
@@ -193,7 +188,7 @@ class SenderCore:
         return taken
 
     def take(self, item: Any) -> None:
-        """One queued item: a Flush marker, or a prepared record to render."""
+        """One queued item: a Flush marker, or a prepared record to finish."""
         if isinstance(item, Flush):
             self.flushes.append(item)
             return
@@ -202,7 +197,7 @@ class SenderCore:
                 return  # its caller gave up waiting and wrote it
             item = item.item
         try:
-            line = self.renderer.render(item)
+            line = self.items.finish(item, self.stats.record_limit)
         except Exception:
             self.on_render_error(item)
             return
@@ -349,7 +344,7 @@ class SenderCore:
                     continue
                 item = item.item
             try:
-                lines.append(self.renderer.render(item))
+                lines.append(self.items.finish(item, self.stats.record_limit))
             except Exception:
                 self.on_render_error(item)
         for flush in self.flushes:

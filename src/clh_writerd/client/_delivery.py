@@ -20,7 +20,7 @@ from ._batching import Batcher, cannot_travel, Window
 from ._plans import FieldPlan, Item, packed_records, plan_of, to_lines
 from ._stats import (RECORD_LIMIT, STATE_CONNECTING, STATE_DAEMON, STATE_EMBEDDED, STATE_FALLBACK, STATE_STOPPED,
                      ClientStats)
-from ._transport import CONNECTED, DISCONNECTED
+from ._transport import CONNECTED, DISCONNECTED, Event, SyncRefused
 
 try:
     from typing import Protocol
@@ -34,7 +34,8 @@ class Transport(Protocol):
     def usable(self) -> str: ...  # "" once connected to a trusted endpoint; else why not
     def send(self, payload: bytes) -> bool: ...  # False: not connected, nothing queued
     def recv(self) -> Optional[bytes]: ...  # None: nothing to read now
-    def events(self) -> Iterator[str]: ...  # CONNECTED / DISCONNECTED since the last call
+    def events(self) -> Iterator[Event]: ...  # CONNECTED / DISCONNECTED / SyncRefused since the last call
+    def answered(self, renders: bool) -> None: ...  # a daemon answered a probe; it renders field values or not
     def close(self) -> None: ...
 
 
@@ -56,9 +57,7 @@ class Delivery:
 
     def __init__(self, options: HandlerOptions, stats: ClientStats, path: str, file_options: Dict[str, Any],
                  client_id: protocol.ClientId, transport: Optional[Transport],
-                 clock: Callable[[], float] = time.monotonic, renderer: Optional[Any] = None) -> None:
-        """``renderer``: the handler's Renderer when the daemon may render its
-        records (protocol 2: it is told, on each connection, whether this one does)."""
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.s = options
         self.stats = stats
         self.path = path
@@ -72,8 +71,7 @@ class Delivery:
         self.flushing = False  # a flush() waits: send without lingering (service())
         self.abandoned = False  # the stop deadline passed: everything goes to the fallback
         self.transport = transport
-        self.renderer = renderer
-        self.fields_ok = False
+        self.fields_ok = False  # the daemon answering renders field values (protocol 2)
         now = clock()
         self.connect_started = now
         self.probe_at = 0.0
@@ -101,8 +99,6 @@ class Delivery:
         # Warnings for the driver to log (level, message), oldest first;
         # appended from any thread (notify()), taken by the driver (take_notices()).
         self._notices: Deque[Tuple[int, str]] = deque()
-        # (code, message) of sync records the daemon refused, from callers' threads (sync_refused()).
-        self._sync_refusals: Deque[Tuple[str, str]] = deque()
         # A fallback episode that was warned about: it ends (with one more
         # warning) at the first batch the daemon acknowledges again, so a
         # daemon that answers pings but refuses the path warns once, not at
@@ -133,10 +129,6 @@ class Delivery:
         while self._notices:
             out.append(self._notices.popleft())
         return out
-
-    def sync_refused(self, code: str, message: str) -> None:
-        """The daemon refused a sync record (any thread): the next service() decides on the fallback."""
-        self._sync_refusals.append((code, message))
 
     # -- feeding -----------------------------------------------------------
     @property
@@ -193,8 +185,6 @@ class Delivery:
         if self.transport is None:
             return self.batcher.take_all()
         self.on_readable()
-        if self._sync_refusals:
-            self._sync_refused()
         state = self.stats.state
         if state == STATE_CONNECTING:
             if now >= self.probe_at:
@@ -394,22 +384,22 @@ class Delivery:
             # again rarely (a config reload may allow it later).
             self._enter_fallback(self.stats.last_error, probe_after=60.0, kind=kind)
 
-    def _sync_refused(self) -> None:
+    def _sync_refused(self, code: str, message: str) -> None:
         """A daemon that refuses this file's sync records (path, options,
         policy) refuses its batches too: the fallback writes, and warns once,
         as for a refused batch. A refusal about one record (too large, an
         encoding) or a passing one (write failed) changes nothing."""
-        while self._sync_refusals:
-            code, message = self._sync_refusals.popleft()
-            if code in SYNC_REFUSALS_FOR_THE_FILE and self.stats.state != STATE_FALLBACK:
-                self.stats.last_error = f"daemon error {code}: {message}"
-                self._enter_fallback(self.stats.last_error, probe_after=60.0,
-                                     kind=notices.KIND_OF_ERROR.get(code, notices.POLICY))
+        if code in SYNC_REFUSALS_FOR_THE_FILE and self.stats.state != STATE_FALLBACK:
+            self.stats.last_error = f"daemon error {code}: {message}"
+            self._enter_fallback(self.stats.last_error, probe_after=60.0,
+                                 kind=notices.KIND_OF_ERROR.get(code, notices.POLICY))
 
     def _connection_events(self) -> None:
         assert self.transport is not None
         for event in self.transport.events():
-            if event == DISCONNECTED and self.stats.state == STATE_DAEMON:
+            if type(event) is SyncRefused:
+                self._sync_refused(event.code, event.message)
+            elif event == DISCONNECTED and self.stats.state == STATE_DAEMON:
                 self._enter_fallback("daemon disconnected")
             elif event == CONNECTED and self.stats.state != STATE_DAEMON:
                 self.probe_at = 0.0  # a daemon is there: probe now
@@ -451,9 +441,8 @@ class Delivery:
             self.batcher.max_bytes = min(self.s.batch_bytes, max(1024, limit // 2))
             # A record the daemon would refuse (or libzmq cut off) is never sent.
             self.stats.record_limit = min(RECORD_LIMIT, limit // 2)
-        if self.renderer is not None:
-            self.renderer.limit = self.stats.record_limit
-            self.renderer.fields = self.fields_ok
+        if self.transport is not None:
+            self.transport.answered(self.fields_ok)
 
     def _enter_fallback(self, reason: str, probe_after: Optional[float] = None,
                         kind: str = notices.NO_DAEMON) -> None:

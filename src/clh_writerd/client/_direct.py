@@ -92,7 +92,7 @@ class Fallback:
 
 class Confirmed:
     """Writes one line and returns only once it is in the file: through the
-    daemon (a SyncChannel) when it is reachable, else through the fallback."""
+    daemon (the transport's SyncLane) when it is reachable, else through the fallback."""
 
     def __init__(self, sync: Optional[Any], fallback: Fallback, stats: ClientStats) -> None:
         self.sync = sync

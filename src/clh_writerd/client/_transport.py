@@ -1,15 +1,20 @@
-"""The zmq side of delivery: the DEALER socket batches travel on (behind the
-small interface ``Delivery`` drives, so tests give it a fake) and the REQ
-round trip for sync records."""
+"""The zmq side of delivery: one transport per handler and process, with two
+lanes to the same daemon endpoint. Batches travel on a DEALER socket behind
+the small interface ``Delivery`` drives (so tests give it a fake); sync
+records make a REQ round trip on the sync lane, from the callers' threads.
+What the sync lane learns that matters to delivery (the daemon refused this
+file) comes back through ``events()``, on the driver's thread, like the
+batch lane's connection events."""
 
 import struct
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from collections import deque
+from typing import Any, Deque, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import zmq
 
 from .. import protocol
-from ._plans import plan_of, values_of
+from ._plans import Item, plan_of, to_line, values_of
 from ._stats import STATE_FALLBACK, ClientStats
 from ._trust import CurveKeys, EndpointTrust
 
@@ -17,19 +22,44 @@ CONNECTED = "connected"
 DISCONNECTED = "disconnected"
 
 
-class ZmqTransport:
-    """A DEALER socket and its monitor: ``send``/``recv`` never block, and
-    ``events`` reports connections made and lost. It connects only once
-    ``usable()`` found the endpoint trustworthy (``EndpointTrust``)."""
+class SyncRefused(NamedTuple):
+    """An event: the daemon refused a sync record (``Delivery`` decides
+    whether that means the fallback for the whole file)."""
+    code: str
+    message: str
 
-    def __init__(self, context: zmq.Context, endpoint: str, trust: Optional[EndpointTrust] = None,
-                 curve: Optional[CurveKeys] = None) -> None:
+
+Event = Union[str, SyncRefused]
+
+
+class ZmqTransport:
+    """Both lanes to one endpoint. The batch lane (``open()`` for each run
+    of the sender, ``close()`` at its end) is a DEALER socket and its
+    monitor: ``send``/``recv`` never block, and ``events`` reports
+    connections made and lost and the sync lane's refusals. It connects only
+    once ``usable()`` found the endpoint trustworthy (``EndpointTrust``).
+    The sync lane (``sync``) lives as long as the transport (``release()``):
+    an asyncio handler writes sync records before any sender runs."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
+                 client_id: protocol.ClientId, path: str, options: Dict[str, Any],
+                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None) -> None:
+        self.context = context
         self.endpoint = endpoint
         self.trust = trust
+        self.curve = curve
         self.connected = False
-        dealer = context.socket(zmq.DEALER)
-        if curve is not None:
-            curve.apply(dealer)
+        self.dealer: Optional[zmq.Socket] = None
+        self.monitor: Optional[zmq.Socket] = None
+        self.sync = SyncLane(context, endpoint, settings, stats, client_id, path, options, trust, curve)
+
+    def open(self) -> "ZmqTransport":
+        """The batch lane, for one run of the sender."""
+        self.close()
+        self.connected = False
+        dealer = self.context.socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve.apply(dealer)
         dealer.setsockopt(zmq.LINGER, 0)
         # Queue only on completed connections: with no daemon, send() fails
         # at once instead of parking records in a zmq queue nobody drains.
@@ -39,9 +69,15 @@ class ZmqTransport:
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.monitor: Optional[zmq.Socket] = dealer.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self.dealer: Optional[zmq.Socket] = dealer
+        self.monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.dealer = dealer
+        return self
+
+    def answered(self, renders: bool) -> None:
+        """A daemon answered a probe; ``renders``: it renders field values
+        (protocol 2). Called on the driver's thread; the sync lane reads it
+        on callers' threads (one bool, replaced whole)."""
+        self.sync.renders = renders
 
     def usable(self) -> str:
         """"" once connected to a trusted endpoint; else why not (nothing is connected then)."""
@@ -80,7 +116,10 @@ class ZmqTransport:
         except zmq.Again:
             return None
 
-    def events(self) -> Iterator[str]:
+    def events(self) -> Iterator[Event]:
+        refusals = self.sync.refusals
+        while refusals:
+            yield refusals.popleft()
         while self.monitor is not None:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
@@ -93,6 +132,7 @@ class ZmqTransport:
                 yield CONNECTED
 
     def close(self) -> None:
+        """The batch lane (the end of a sender's run)."""
         if self.dealer is not None:
             try:
                 self.dealer.disable_monitor()
@@ -102,6 +142,11 @@ class ZmqTransport:
                 self.monitor.close(linger=0)
             self.dealer.close(linger=0)
             self.dealer = self.monitor = None
+
+    def release(self) -> None:
+        """Both lanes (the handler is done with this process's sockets)."""
+        self.close()
+        self.sync.close()
 
 
 def _monitor_event(frames: List[bytes]) -> int:
@@ -113,7 +158,7 @@ def _monitor_event(frames: List[bytes]) -> int:
     return int(struct.unpack("=Hi", frames[0])[0])
 
 
-class SyncChannel:
+class SyncLane:
     """REQ round trips for records confirmed before the call returns.
 
     Thread-safe (one lock, one socket). Lazy Pirate: after a timeout or a
@@ -122,11 +167,14 @@ class SyncChannel:
 
     def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
                  client_id: protocol.ClientId, path: str, options: Dict[str, Any],
-                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None,
-                 on_refused: Optional[Callable[[str, str], None]] = None) -> None:
-        """``on_refused(code, message)``: the daemon refused a sync record
-        (called on the caller's thread; must not block)."""
-        self.on_refused = on_refused
+                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None) -> None:
+        # The daemon renders field values (ZmqTransport.answered); until one
+        # said so, values are rendered here: any daemon takes a line.
+        self.renders = False
+        # Refused sync records, appended on callers' threads, taken by the
+        # driver (ZmqTransport.events()); bounded: one says what it must,
+        # and no sender may be running yet to take them.
+        self.refusals: Deque[SyncRefused] = deque(maxlen=64)
         self.context = context
         self.trust = trust
         self.curve = curve
@@ -141,9 +189,11 @@ class SyncChannel:
         self._ids = 0
         self._frames: Dict[Any, protocol.SyncFrame] = {}  # by field format (None: a rendered line)
 
-    def write(self, line: Any) -> bool:
+    def write(self, line: Item) -> bool:
         """True once the daemon confirmed the line (or field values: the
         daemon renders them) is written; False: use the fallback."""
+        if type(line) is not str and not self.renders:
+            line = to_line(line)
         with self._lock:
             if self.stats.state == STATE_FALLBACK:
                 return False  # became unreachable while we waited for the lock
@@ -151,7 +201,7 @@ class SyncChannel:
             if req is None:
                 return False
             self._ids += 1
-            if type(line) is str:
+            if isinstance(line, str):
                 payload = self._frame(None).encode(self._ids, line)
             else:
                 payload = self._frame(plan_of(line).format).encode(self._ids, values_of(line))
@@ -208,8 +258,7 @@ class SyncChannel:
         if isinstance(reply, protocol.Ok):
             return True, ""
         if isinstance(reply, protocol.Error):
-            if self.on_refused is not None:
-                self.on_refused(reply.code, reply.message)
+            self.refusals.append(SyncRefused(reply.code, reply.message))
             return False, f"daemon refused a sync record: {reply.code}: {reply.message}"
         return False, f"unexpected reply {reply!r}"
 

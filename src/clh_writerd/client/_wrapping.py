@@ -22,10 +22,10 @@ from ._direct import Confirmed, Fallback
 from ._options import HandlerOptions
 from ._core import SenderCore
 from ._notices import DROP_WARNING_EVERY
+from ._items import ItemMaker
 from ._plans import Item, record_of
-from ._renderer import Renderer
 from ._stats import STATE_EMBEDDED, ClientStats
-from ._transport import SyncChannel, ZmqTransport
+from ._transport import ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
 # close(): seconds to wait for a write in progress before closing the file.
@@ -99,7 +99,9 @@ class WrappingHandler(logging.Handler):
         self.drain_timeout = self.opts.drain_timeout
         if handler.formatter is not None and self.formatter is None:
             super().setFormatter(handler.formatter)
-        self._renderer = Renderer(handler)
+        # Field values travel when a daemon may render them (it is told so
+        # at every connection; values meet any other daemon as lines).
+        self._items = ItemMaker(handler, fields=self.opts.daemon_render and self.endpoint is not None)
         self._closed = False
         self._new_process_state()
         self._pid = os.getpid()
@@ -115,46 +117,36 @@ class WrappingHandler(logging.Handler):
         self._fallback = Fallback(self.handler, self.stats)
         self._confirmed = Confirmed(None, self._fallback, self.stats)
         self._context: Optional[zmq.Context] = None
-        self._sync: Optional[SyncChannel] = None
         self._transport: Optional[ZmqTransport] = None
         self._core = None
         self._queue: Deque[Any] = deque()  # prepared records and Flush markers
         _process.account(self)
 
-    def _open_sync(self) -> None:
-        """The context and the REQ channel for sync records (with a daemon)."""
+    def _open_transport(self) -> None:
+        """The context and the transport (with a daemon): its sync lane is
+        usable from now on, its batch lane from the sender's first run."""
         if self.endpoint is not None and self._context is None:
             self._context = zmq.Context()
             # Every socket of the handler: a reply larger than this is dropped by libzmq, never buffered.
             self._context.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_HANDLER_REPLY_BYTES)
-            self._sync = SyncChannel(self._context, self.endpoint, self.opts, self.stats, self._client_id,
-                                     self.path, self.options, self._trust, self._curve, self._sync_refused)
-            self._confirmed.sync = self._sync
-
-    def _sync_refused(self, code: str, message: str) -> None:
-        """A sync record refused (caller's thread): the sender decides on
-        the fallback and its warning, as for a refused batch (it looks within
-        half a second; no wake-up, which is not thread-safe on a loop)."""
-        core = self._core
-        if core is not None:
-            core.sync_refused(code, message)
+            self._transport = ZmqTransport(self._context, self.endpoint, self.opts, self.stats, self._client_id,
+                                           self.path, self.options, self._trust, self._curve)
+            self._confirmed.sync = self._transport.sync
 
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""
-        self._open_sync()
-        if self._context is not None and self.endpoint is not None:
-            self._transport = ZmqTransport(self._context, self.endpoint, self._trust, self._curve)
-        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._transport,
-                            renderer=self._renderer if self.opts.daemon_render else None)
-        self._core = SenderCore(delivery, self._renderer, self.stats, self._render_failed, summary=self.get_stats,
+        self._open_transport()
+        transport = self._transport.open() if self._transport is not None else None
+        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, transport)
+        self._core = SenderCore(delivery, self._items, self.stats, self._render_failed, summary=self.get_stats,
                                 monitor_interval=self.opts.monitor_interval)
         return self._core
 
     def _release_sockets(self) -> None:
-        """After the sender ended: the REQ socket and the context."""
-        if self._sync is not None:
-            self._sync.close()
-        self._sync = self._confirmed.sync = None
+        """After the sender ended: both lanes and the context."""
+        if self._transport is not None:
+            self._transport.release()
+        self._transport = self._confirmed.sync = None
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -250,7 +242,7 @@ class WrappingHandler(logging.Handler):
         FileHandler reopens its file; counted. If even that fails it is lost:
         counted, and handleError (the caller's) says why."""
         self.stats.closed_count += 1
-        if not self._fallback.write([self._renderer.render_now(record)]):
+        if not self._fallback.write([self._items.finish_now(record)]):
             self.stats.lose(1, self.stats.last_error)
             raise OSError(self.stats.last_error) from self._fallback.error
 
@@ -280,7 +272,7 @@ class WrappingHandler(logging.Handler):
             "name": "clh_writerd", "levelno": logging.WARNING, "levelname": "WARNING",
             "msg": "clh-writerd: " + msg, "args": args, "created": near.created, "msecs": near.msecs,
         })
-        return self._renderer.render_now(record)
+        return self._items.finish_now(record, self.stats.record_limit)
 
 
 def build_clh(filename: Any, use_timed: bool, kwargs: Dict[str, Any]) -> CLHHandler:

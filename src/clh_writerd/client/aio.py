@@ -58,7 +58,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         self._loop_thread = -1
         self._driver = None
         self._blocked_warnings = 0
-        self._open_sync()  # before any loop: sync records without a loop use it
+        self._open_transport()  # before any loop: sync records without a loop use its sync lane
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -169,13 +169,13 @@ class AsyncConcurrentHandler(WrappingHandler):
             if self._closed:
                 self._after_close(record)
             elif threading.get_ident() == self._loop_thread and loop is not None and loop.is_running():
-                self._emit_item(self._renderer.freeze(record), record.levelno)
+                self._emit_item(self._items.freeze(record), record.levelno)
             elif loop is not None and loop.is_running() and self.belongs_here():
-                item = self._renderer.freeze(record)
+                item = self._items.freeze(record)
                 try:
                     loop.call_soon_threadsafe(self._emit_item, item, record.levelno)
                 except RuntimeError:  # the loop closed meanwhile
-                    self._confirmed.write(self._renderer.render(item))
+                    self._confirmed.write(self._items.finish(item, self.stats.record_limit))
             else:
                 self._emit_without_loop(record)
         except Exception:
@@ -188,7 +188,7 @@ class AsyncConcurrentHandler(WrappingHandler):
             asyncio.get_running_loop()
         except RuntimeError:
             # No loop to protect: write before returning, nothing is lost.
-            self._confirmed.write(self._renderer.render_now(record))
+            self._confirmed.write(self._items.finish_now(record, self.stats.record_limit))
             self.stats.sync_count += int(record.levelno >= self.sync_level)
             return
         if self._driver is not None and self._loop is not None and self._loop.is_closed():
@@ -196,7 +196,7 @@ class AsyncConcurrentHandler(WrappingHandler):
             self._release_sockets()
             self._driver = None
         self.start()
-        self._emit_item(self._renderer.freeze(record), record.levelno)
+        self._emit_item(self._items.freeze(record), record.levelno)
 
     def _emit_item(self, item: Any, levelno: int) -> None:
         driver = self._driver
@@ -204,9 +204,9 @@ class AsyncConcurrentHandler(WrappingHandler):
         if levelno >= self.sync_level or driver.stopping:
             self.stats.sync_count += int(levelno >= self.sync_level)
             if self.fallback_mode == "block" and levelno >= self.sync_level:
-                self._confirmed.write(self._renderer.render(item))
+                self._confirmed.write(self._items.finish(item, self.stats.record_limit))
             else:
-                driver.submit(self._confirmed.write, self._renderer.render(item))  # never dropped
+                driver.submit(self._confirmed.write, self._items.finish(item, self.stats.record_limit))  # never dropped
             return
         if len(self._queue) >= self.queue_size:
             self._queue_full(item, driver)
@@ -223,10 +223,10 @@ class AsyncConcurrentHandler(WrappingHandler):
             if self.block_warning and self._blocked_warnings % DROP_WARNING_EVERY == 1:
                 self._confirmed.write(self._warning_line(
                     record_of(item), "queue full: blocking the event loop to write (%d so far)", self._blocked_warnings))
-            self._confirmed.write(self._renderer.render(item))
+            self._confirmed.write(self._items.finish(item, self.stats.record_limit))
         elif mode == "nowait" and len(driver.overflow) < self.max_nowait:
             self.stats.fallback_count += 1
-            driver.add_overflow(self._renderer.render(item))
+            driver.add_overflow(self._items.finish(item, self.stats.record_limit))
         else:
             self._drop(item, f"fallback_mode={mode!r}")
 
@@ -242,7 +242,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         loop = asyncio.get_running_loop()
         if self._driver is None and not self._closed:
             self.start()
-        line = self._renderer.render_now(record)
+        line = self._items.finish_now(record, self.stats.record_limit)
         executor = self._driver.executor if self._driver is not None else None
         future = loop.run_in_executor(executor, self._confirmed.write, line)
         self.stats.sync_count += 1

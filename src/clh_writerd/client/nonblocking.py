@@ -226,9 +226,9 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             core = None
         if (not self.opts.sync_order or core is None or self._thread is None or self._stopping
                 or core.idle(self._queue)):
-            self._confirmed.write(self._renderer.render_now(record))
+            self._confirmed.write(self._items.finish_now(record, self.stats.record_limit))
             return
-        sync = SyncItem(self._renderer.prepare(record))
+        sync = SyncItem(self._items.prepare(record))
         done = threading.Event()
         self._queue.append(sync)  # never refused: a sync record is never dropped
         self._queue.append(Flush(done.set))
@@ -243,13 +243,13 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         self.stats.last_error = f"sync record not confirmed within {self.opts.sync_timeout}s"
         if not sync.claim("caller"):
             self.stats.resent += 1
-        if not self._fallback.write([self._renderer.render_line(sync.item)]):
+        if not self._fallback.write([self._items.line(sync.item)]):
             self.stats.lose(1, self.stats.last_error)
             raise OSError(self.stats.last_error) from self._fallback.error
 
     def enqueue(self, record: logging.LogRecord) -> None:
         """freeze (the message, and the values the daemon renders) and append; the hot path, kept flat."""
-        item = self._renderer.freeze(record)
+        item = self._items.freeze(record)
         queue = self._queue
         if (len(queue) >= self.queue_size or self._stopping or self._thread is None
                 or (queue and _monotonic() > self._stall_at)):
@@ -271,7 +271,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
             self._sender_stuck()
         if stuck or self.fallback_on_full or self._stopping or self._thread is None:
             self.stats.fallback_count += 1
-            self._confirmed.write(self._renderer.render(item))
+            self._confirmed.write(self._items.finish(item, self.stats.record_limit))
         else:
             self._drop(item, "fallback_on_full=False")
 

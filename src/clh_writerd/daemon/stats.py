@@ -152,7 +152,12 @@ def process_start(pid: Optional[int]) -> Optional[bytes]:
     return fields[19] if len(fields) > 19 else None
 
 
-class ClientStats:
+class ClientEntry:
+    """What the daemon knows of one client (one handler in one process):
+    its peer, what it sent, and its latest report. The client's own
+    counters are ``client._stats.ClientStats``; they reach this entry in
+    reports (``reported``)."""
+
     def __init__(self, client: ClientId, peer: Any = None) -> None:
         self.client = client
         self.peer = peer  # access.Peer: from the kernel / the CURVE handshake, not from the client
@@ -205,7 +210,7 @@ class GoneClients:
         self.max_groups = max_groups
         self.groups: Dict[Any, Dict[str, Any]] = {}
 
-    def add(self, entry: ClientStats) -> None:
+    def add(self, entry: ClientEntry) -> None:
         key: Any = (entry.client.program, entry.file)
         if key not in self.groups and len(self.groups) >= self.max_groups:
             key = (OTHER_PROGRAM, None)
@@ -268,7 +273,7 @@ class DaemonStats:
         self.files: "OrderedDict[str, FileStats]" = OrderedDict()
         # Keyed by what the client claims *and* who the transport says it is,
         # so no client can write into another's entry.
-        self.clients: "OrderedDict[Any, ClientStats]" = OrderedDict()
+        self.clients: "OrderedDict[Any, ClientEntry]" = OrderedDict()
         self.refused_uids: Dict[str, int] = {}
         self.limits: Dict[str, int] = {}
         self._lock = threading.Lock()  # writer threads count refusals too
@@ -313,12 +318,12 @@ class DaemonStats:
             else:
                 self.counters["refused_uids_overflow"] = self.counters.get("refused_uids_overflow", 0) + 1
 
-    def client(self, client: ClientId, peer: Any = None) -> ClientStats:
+    def client(self, client: ClientId, peer: Any = None) -> ClientEntry:
         """The entry for ``client`` as sent by ``peer``, marked as just seen (LRU-bounded)."""
         key: Any = client if peer is None else (client, peer.identity)
         entry = self.clients.get(key)
         if entry is None:
-            entry = self.clients[key] = ClientStats(client, peer)
+            entry = self.clients[key] = ClientEntry(client, peer)
             while len(self.clients) > self.max_clients:
                 self.gone.add(self.clients.popitem(last=False)[1])
         else:
@@ -408,7 +413,7 @@ def _principal(peer: Any) -> Any:
     return getattr(peer, "principal", None)
 
 
-def _trouble(c: ClientStats) -> bool:
+def _trouble(c: ClientEntry) -> bool:
     """Losing, dropping, falling back or refused: listed first when a document must be cut."""
     return bool(c.reported.get("lost") or c.reported.get("dropped") or c.reported.get("fallback") or c.errors
                 or c.state == "fallback")

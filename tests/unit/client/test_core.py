@@ -18,9 +18,9 @@ from clh_writerd.client._delivery import Delivery
 from clh_writerd.client._options import THREAD, HandlerOptions
 from clh_writerd.client._direct import FINAL_LOCK_WAIT, LOCK_WAIT
 from clh_writerd.client._core import GIVE_UP_AFTER, RETRY_DELAY, Flush, SenderCore
-from clh_writerd.client._renderer import Renderer
+from clh_writerd.client._items import ItemMaker
 from clh_writerd.client._stats import ClientStats
-from clh_writerd.client._transport import CONNECTED, DISCONNECTED
+from clh_writerd.client._transport import CONNECTED, DISCONNECTED, SyncRefused
 
 PATH = "/var/log/app/unit.log"
 
@@ -38,12 +38,14 @@ class FakeDaemon:
     test sets: 'ack' (write and ack), 'busy' (refuse as busy), 'silent'
     (accept and never ack, as a wedged writer does)."""
 
-    def __init__(self, connected: bool = True, batches: str = "ack", pings: bool = True) -> None:
+    def __init__(self, connected: bool = True, batches: str = "ack", pings: bool = True, renders: bool = False) -> None:
         self.connected = connected
+        self.daemon_renders = renders  # what its pong says (protocol 2)
+        self.renders: Optional[bool] = None  # what Delivery told the transport
         self.batches = batches
         self.pings = pings
         self.replies: Deque[bytes] = deque()
-        self.pending_events: List[str] = []
+        self.pending_events: List[Any] = []
         self.written: List[str] = []
         self.seqs: List[int] = []
         self.reports: List[protocol.Report] = []
@@ -58,7 +60,10 @@ class FakeDaemon:
         request = protocol.decode_request(payload)
         if isinstance(request, protocol.Ping):
             if self.pings:
-                self.replies.append(protocol.encode_ok(request.id, {"max_message_bytes": 1 << 20}))
+                info = {"max_message_bytes": 1 << 20}
+                if self.daemon_renders:
+                    info["protocol"] = protocol.PROTOCOL_VERSION
+                self.replies.append(protocol.encode_ok(request.id, info))
         elif isinstance(request, protocol.Batch):
             self.seqs.append(request.seq)
             if self.batches == "ack":
@@ -77,9 +82,12 @@ class FakeDaemon:
     def recv(self) -> Optional[bytes]:
         return self.replies.popleft() if self.replies else None
 
-    def events(self) -> Iterator[str]:
+    def events(self) -> Iterator[Any]:
         events, self.pending_events = self.pending_events, []
         return iter(events)
+
+    def answered(self, renders: bool) -> None:
+        self.renders = renders
 
     def close(self) -> None:
         self.closed = True
@@ -106,9 +114,9 @@ class Driver:
                                  transport, self.clock)
         formatter = logging.Handler()
         formatter.setFormatter(logging.Formatter("%(message)s"))
-        self.renderer = Renderer(formatter)  # type: ignore[arg-type]
+        self.items = ItemMaker(formatter)  # type: ignore[arg-type]
         self.render_errors: List[Any] = []
-        self.core = SenderCore(self.delivery, self.renderer, self.stats, self.render_errors.append, self.clock,
+        self.core = SenderCore(self.delivery, self.items, self.stats, self.render_errors.append, self.clock,
                                monitor_interval=opts.monitor_interval)
         self.queue: Deque[Any] = deque()
         self.fallback: List[str] = []
@@ -117,7 +125,7 @@ class Driver:
 
     def log(self, *messages: str) -> None:
         for message in messages:
-            self.queue.append(self.renderer.prepare(logging.makeLogRecord({"msg": message})))
+            self.queue.append(self.items.prepare(logging.makeLogRecord({"msg": message})))
 
     def flush_marker(self) -> List[bool]:
         released: List[bool] = []
@@ -354,7 +362,7 @@ def test_render_errors_are_reported_and_do_not_stop_the_sender():
             return super().format(record)
 
     d = Driver(None)
-    d.renderer.handler.setFormatter(Picky("%(message)s"))  # type: ignore[attr-defined]
+    d.items.handler.setFormatter(Picky("%(message)s"))  # type: ignore[attr-defined]
     d.log("bad", "good")
     d.run(lambda: d.core.drained() and not d.queue, seconds=1)
     assert len(d.render_errors) == 1 and d.fallback == ["good"]
@@ -477,3 +485,33 @@ def test_drops_are_warned_at_the_first_and_every_thousandth():
     message = drop_message(PATH, 1, "fallback_on_full=False", "thread")
     assert "1 records dropped" in message and "fallback_on_full=True" in message
     assert "max_nowait" in drop_message(PATH, 1000, "fallback_mode='nowait'", "async")
+
+
+@pytest.mark.parametrize("renders", [False, True])
+def test_the_transport_is_told_whether_the_daemon_answering_renders_field_values(renders):
+    """The sync lane sends field values only to a daemon that said it renders
+    them (its pong's protocol); to any other it sends the line."""
+    daemon = FakeDaemon(renders=renders)
+    d = Driver(daemon)
+    d.log(*records(3))
+    d.run(lambda: d.core.drained() and d.stats.acked == 3, seconds=2)
+    assert daemon.renders is renders
+
+
+def test_a_refused_sync_record_sends_the_file_to_the_fallback_only_when_the_refusal_is_about_the_file():
+    """Sync refusals reach Delivery as transport events, on the driver's
+    thread: one about a record (too large) changes nothing; one about the
+    file (forbidden path) sends its batches to the fallback with one warning."""
+    daemon = FakeDaemon()
+    d = monitored(daemon)
+    d.log(*records(5))
+    d.run(lambda: d.core.drained() and d.stats.acked == 5, seconds=2)
+    daemon.pending_events.append(SyncRefused(protocol.E_TOO_LARGE, "record too large"))
+    d.log(*records(5, "after-too-large"))
+    d.run(lambda: d.core.drained() and d.stats.acked == 10, seconds=2)
+    assert d.stats.state == "daemon" and not d.fallback and not notices(d)
+    daemon.pending_events += [SyncRefused(protocol.E_FORBIDDEN_PATH, "outside allowed_dirs")] * 2
+    d.log(*records(5, "after-forbidden"))
+    d.run(lambda: d.core.drained() and len(d.fallback) == 5, seconds=2)
+    assert d.stats.state == "fallback" and d.stats.acked == 10
+    assert len(notices(d)) == 1 and "forbidden" in notices(d)[0]

@@ -1,7 +1,13 @@
-"""The renderer both handlers share: ``prepare``/``freeze`` on the caller's
-thread (freeze the message; for queued records, the values the daemon
-renders, not the LogRecord) and ``render`` on the sender (the values for the
-daemon, or the wrapped CLH handler's formatter makes the line)."""
+"""How a LogRecord becomes what travels (an ``Item``), in two halves both
+handlers share: ``prepare``/``freeze`` on the caller's thread (freeze the
+message; for queued records, the values the daemon renders, not the
+LogRecord) and ``finish`` on the sender (the packed values for the daemon,
+or the line the wrapped CLH handler's formatter renders).
+
+"Render" means one thing in this package: making a line's text (the
+wrapped formatter, or ``FieldFormat.render`` from field values, on either
+side). ``ItemMaker`` renders only when the daemon will not.
+"""
 
 import logging
 from typing import Any, Optional, Tuple
@@ -12,14 +18,20 @@ from ._stats import RECORD_LIMIT
 from ._plans import PLANS, FieldPlan, Item, to_line
 
 
-class Renderer:
-    """Turns LogRecords into the lines written to the file, or, for a
-    daemon that renders (``fields`` on), into the values it renders from."""
+class ItemMaker:
+    """Turns LogRecords into the lines written to the file, or, with
+    ``fields`` on, into the values a daemon renders them from.
 
-    def __init__(self, handler: CLHHandler) -> None:
+    ``fields`` is fixed for the handler's life (``daemon_render`` and a
+    daemon endpoint), never switched per connection: callers' threads read it
+    on every record. Values meet a daemon that does not render them (an old
+    one, or none: the fallback) at the encoding, which renders them there
+    (``to_line``): the same text, by the same format.
+    """
+
+    def __init__(self, handler: CLHHandler, fields: bool = False) -> None:
         self.handler = handler
-        self.fields = False  # set while a daemon speaking protocol 2 is in use
-        self.limit = RECORD_LIMIT
+        self.fields = fields
         self._plan: Tuple[Any, Optional[FieldPlan]] = (None, None)  # (formatter, its plan)
 
     def prepare(self, record: logging.LogRecord) -> Tuple[logging.LogRecord, str]:
@@ -34,8 +46,8 @@ class Renderer:
         return record, record.getMessage()
 
     def freeze(self, record: logging.LogRecord) -> Any:
-        """Caller's thread, for queued records: ``prepare``, and while the
-        daemon renders, a tuple of the record's values instead:
+        """Caller's thread, for queued records: ``prepare``, and with
+        ``fields`` on, a tuple of the record's values instead:
         ``(plan number, message, created, msecs, *own values)``.
 
         The LogRecord is then freed at once: records waiting in a queue of
@@ -69,13 +81,15 @@ class Renderer:
             self._plan = (formatter, plan)
         return plan
 
-    def render(self, item: Any) -> Item:
+    def finish(self, item: Any, limit: int = RECORD_LIMIT) -> Item:
         """Sender: the field values for the daemon, when it renders this
-        formatter's lines; else the wrapped handler's formatter on a frozen copy."""
+        formatter's lines (and the line is sure to stay within ``limit``
+        bytes, the daemon's record limit); else the line the wrapped
+        handler's formatter renders from a frozen copy."""
         if type(item[0]) is int:  # frozen by freeze()
             frozen_plan = PLANS[item[0]]
             if self.fields:
-                flight = frozen_plan.flight(item, self.limit)
+                flight = frozen_plan.flight(item, limit)
                 if flight is not None:
                     return flight
             return self.handler.format(frozen_plan.record(item[4:], item[1], item[2], item[3]))
@@ -83,7 +97,7 @@ class Renderer:
         if self.fields:
             plan = self._current_plan()
             if plan is not None:
-                flight = plan.flight_of(record, message, self.limit)
+                flight = plan.flight_of(record, message, limit)
                 if flight is not None:
                     return flight
         # A copy whose message is frozen. exc_info stays: a custom formatter
@@ -94,13 +108,13 @@ class Renderer:
         frozen.msg, frozen.args = message, None
         return self.handler.format(frozen)
 
-    def render_line(self, item: Tuple[logging.LogRecord, str]) -> str:
+    def line(self, item: Tuple[logging.LogRecord, str]) -> str:
         """Always a line (rendered here)."""
-        return to_line(self.render(item))
+        return to_line(self.finish(item))
 
-    def render_now(self, record: logging.LogRecord) -> Item:
-        """Both stages at once, for records written before emit() returns."""
-        return self.render(self.prepare(record))
+    def finish_now(self, record: logging.LogRecord, limit: int = RECORD_LIMIT) -> Item:
+        """Both halves at once, for records written before emit() returns."""
+        return self.finish(self.prepare(record), limit)
 
     def _formatter(self) -> logging.Formatter:
         return self.handler.formatter or logging.Formatter()
