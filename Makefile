@@ -12,7 +12,7 @@ DEMO_STAMP = $(VENV)/.demo-stamp
 # slow: state machines with a fake clock, the daemon's pipeline without a
 # socket, protocol, render, config, paths. About 25 s.
 
-.PHONY: venv demo test test-fast test-matrix bench figures bench-chart guarantees security-table soak lint clean
+.PHONY: venv demo test test-fast test-matrix bench figures bench-chart generated guarantees security-table soak lint clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,13 @@ test-fast: venv
 
 test-matrix:
 	$(PYTHON) scripts/test_matrix.py
+
+# What is generated from the tables in the code (tests fail when a file differs):
+# docs/operations.md's table of keys and the reference config daemon/clh-writerd.toml
+# from the daemon's OPTIONS, docs/client.md's tables from the handler's options and counters.
+generated: venv
+	$(BIN)/python -m clh_writerd.daemon.config docs/operations.md daemon/clh-writerd.toml
+	$(BIN)/python -m clh_writerd.client._options docs/client.md
 
 guarantees: venv
 	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)

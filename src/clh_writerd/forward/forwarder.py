@@ -44,7 +44,7 @@ PRI = 16 * 8 + 6
 class ForwardOptions:
     """What the ``[forward]`` section configures: one field per key, same
     name, no default here (the defaults are the config table's,
-    daemon/config.py ``OPTIONS``; a test checks the two name the same keys);
+    daemon/options.py ``OPTIONS``; a test checks the two name the same keys);
     then the tuning the config file does not expose."""
 
     target: str

@@ -13,6 +13,7 @@ from clh_writerd import protocol
 from clh_writerd._resources import generated_block
 from clh_writerd.daemon import config as config_mod
 from clh_writerd.daemon.config import OPTIONS, Config, ConfigError, FileOverride, load_config
+from clh_writerd.daemon.options import SAME_BLOCK
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 REFERENCE = os.path.join(REPO, "daemon", "clh-writerd.toml")
@@ -301,33 +302,63 @@ def test_as_toml_lists_every_option(env):
 
 
 # -- the reference config -----------------------------------------------------
-def test_reference_config_loads(env):
-    cfg = load_config(REFERENCE)
-    assert isinstance(cfg, Config)
+REGENERATE = "regenerate it: make generated (python -m clh_writerd.daemon.config docs/operations.md " \
+             "daemon/clh-writerd.toml)"
 
 
-def test_reference_config_lists_every_option_in_its_section():
-    with open(REFERENCE) as f:
-        text = f.read()
-    section = None
-    seen = set()
-    for line in text.splitlines():
-        # "[daemon]" and "# [[files]]" open a section; "key =" and "# key =" mention a key.
-        m = re.match(r"^\s*#?\s*\[\[?(\w+)\]\]?\s*$", line)
-        if m:
-            section = m.group(1)
-            continue
-        m = re.match(r"^\s*#?\s*(\w+)\s*=", line)
-        if m:
-            seen.add((section, m.group(1)))
-    expected = [(o.section, o.key) for o in OPTIONS] + [("files", k) for k in ("path", "fsync", "fsync_interval")]
-    missing = [f"{s}.{k}" for s, k in expected if (s, k) not in seen]
-    assert not missing, f"daemon/clh-writerd.toml does not mention {missing}"
+def reference_is_stale(path):
+    """Whether the file at ``path`` differs from what the generator writes from OPTIONS."""
+    with open(path, encoding="utf-8") as f:
+        return f.read() != config_mod.reference_toml()
 
 
-def test_reference_config_values_are_the_defaults(env, tmp_path):
-    """The uncommented values in the reference are the built-in defaults."""
+def test_the_reference_config_is_generated_from_the_options_table():
+    assert not reference_is_stale(REFERENCE), REGENERATE
+
+
+@pytest.mark.parametrize("old, new", [
+    ("Clients compute the same default.", "Clients compute the same defaulT."),  # prose, invisible to the loader
+    ("drain_timeout = 10.0", "drain_timeout = 10.5"),
+])
+def test_an_edited_reference_config_is_stale(tmp_path, old, new):
+    """Negative control: one character changed by hand is caught."""
+    text = Path(REFERENCE).read_text(encoding="utf-8")
+    assert text.count(old) == 1
+    copy = tmp_path / "clh-writerd.toml"
+    copy.write_text(text.replace(old, new), encoding="utf-8")
+    assert reference_is_stale(str(copy))
+
+
+def test_the_reference_config_sets_every_key_to_its_default(env):
+    """Every key is written in its section, reads back as the table's default,
+    and the daemon's loader takes the file as the embedded default."""
+    with open(REFERENCE, "rb") as f:
+        data = config_mod.tomllib.load(f)
+    written = {(section, key): value for section, table in data.items() for key, value in table.items()}
+    assert written == {(opt.section, opt.key): opt.default for opt in OPTIONS}
     assert dataclasses.replace(load_config(REFERENCE), source=config_mod.EMBEDDED) == load_config(None)
+
+
+def test_every_key_has_notes_or_shares_the_block_above():
+    """A key without notes of its own (SAME_BLOCK) is explained by the block of the
+    key above it, so the first key of a section needs its own."""
+    firsts = [next(o for o in OPTIONS if o.section == section) for section in {o.section for o in OPTIONS}]
+    assert [o.key for o in firsts if o.notes == SAME_BLOCK] == []
+    assert all(o.notes == SAME_BLOCK or o.notes.strip() for o in OPTIONS)
+
+
+def test_the_reference_config_s_files_example_is_a_valid_config(env):
+    """The commented [[files]] example, uncommented, loads as the overrides it describes."""
+    lines = Path(REFERENCE).read_text(encoding="utf-8").splitlines()
+    first = lines.index("# [[files]]")
+    example = []
+    for line in lines[first:]:
+        if not line.startswith("#"):
+            break
+        example.append(line[2:])
+    cfg = config_mod.config_from_mapping(config_mod.tomllib.loads("\n".join(example)))
+    assert cfg.files == (FileOverride(os.path.abspath("/var/log/myapp/audit*.log"), "batch", 1.0),
+                         FileOverride(os.path.abspath("/var/log/myapp/*.log"), "interval", 0.5))
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -342,7 +373,7 @@ def test_the_guide_s_table_of_keys_is_the_options_table():
     """docs/operations.md's "Configuration keys" table is generated from OPTIONS."""
     guide = (Path(__file__).resolve().parents[3] / "docs" / "operations.md").read_text()
     assert generated_block(guide, "config-table") == config_mod.markdown_table(), \
-        "regenerate it: python -m clh_writerd.daemon.config docs/operations.md"
+        REGENERATE
     rows = config_mod.markdown_table().splitlines()[2:]
     assert [re.match(r"\| `\[(\w+)\]` `(\w+)`", row).groups() for row in rows] == [(o.section, o.key) for o in OPTIONS]
     assert "| `[limits]` `queue_bytes` | `67108864` (64 MiB) | live |" in guide
