@@ -45,10 +45,10 @@ test-matrix:
 	$(PYTHON) scripts/test_matrix.py
 
 # What is generated from the tables in the code (tests fail when a file differs):
-# docs/operations.md's table of keys and the reference config daemon/clh-writerd.toml
+# docs/operations.md's table of keys, docs/forwarding.md's of [forward], and the reference config daemon/clh-writerd.toml
 # from the daemon's OPTIONS, docs/client.md's tables from the handler's options and counters.
 generated: venv
-	$(BIN)/python -m clh_writerd.daemon.config docs/operations.md daemon/clh-writerd.toml
+	$(BIN)/python -m clh_writerd.daemon.config docs/operations.md docs/forwarding.md daemon/clh-writerd.toml
 	$(BIN)/python -m clh_writerd.client._options docs/client.md
 
 guarantees: venv

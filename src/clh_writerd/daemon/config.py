@@ -311,13 +311,22 @@ def _shown(opt: Option) -> str:
     return text
 
 
-def markdown_table() -> str:
-    """docs/operations.md's table of every key (tests/unit/daemon/test_config.py keeps it in sync)."""
+def markdown_table(section: Optional[str] = None) -> str:
+    """docs/operations.md's table of every key, or with ``section`` the table
+    of one section's keys (docs/forwarding.md's of ``[forward]``);
+    tests/unit/daemon/test_config.py keeps both in sync."""
     rows = ["| key | default | on reload | meaning |", "| --- | --- | --- | --- |"]
     for opt in OPTIONS:
+        if section is not None and opt.section != section:
+            continue
+        key = f"`{opt.key}`" if section else f"`[{opt.section}]` `{opt.key}`"
         reload = "restart" if opt.restart_only else "live"
-        rows.append(f"| `[{opt.section}]` `{opt.key}` | {_shown(opt)} | {reload} | {opt.doc.replace('|', '&#124;')} |")
+        rows.append(f"| {key} | {_shown(opt)} | {reload} | {opt.doc.replace('|', '&#124;')} |")
     return "\n".join(rows) + "\n"
+
+
+# The generated tables of the guides: block name -> the section it shows (None: every key).
+DOC_TABLES = {"config-table": None, "forward-table": "forward"}
 
 
 # The reference config's comments that belong to no key (each key's block is
@@ -380,12 +389,16 @@ if __name__ == "__main__":  # python -m clh_writerd.daemon.config [docs/operatio
     from .._resources import replace_block
 
     # A .toml path is the reference config (rewritten whole); any other file
-    # has the table of keys between its config-table markers.
+    # has tables of keys between the markers of DOC_TABLES' blocks.
     for path in sys.argv[1:]:
         if path.endswith(".toml"):
             with open(path, "w", encoding="utf-8") as f:
                 f.write(reference_toml())
-        else:
-            replace_block(path, "config-table", markdown_table())
+            continue
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        for name, section in DOC_TABLES.items():
+            if f"<!-- {name}:start -->" in text:
+                replace_block(path, name, markdown_table(section))
     if len(sys.argv) == 1:
         print(markdown_table(), end="")

@@ -508,7 +508,7 @@ OPTIONS: Tuple[Option, ...] = (
         Disk budget: unforwarded rotated segments kept after retention.
         """),
     Option("forward", "hold_dir", "", _string,
-           'Where held segments are linked (same filesystem as the logs); "" = "<state_file>.hold".', restart_only=True,
+           'Where held segments are linked (same filesystem as the logs); "" = `<state_file>.hold`.', restart_only=True,
            notes="""
         "" = "<state_file>.hold" (must be on the logs' filesystem).
         """),

@@ -303,7 +303,7 @@ def test_as_toml_lists_every_option(env):
 
 # -- the reference config -----------------------------------------------------
 REGENERATE = "regenerate it: make generated (python -m clh_writerd.daemon.config docs/operations.md " \
-             "daemon/clh-writerd.toml)"
+             "docs/forwarding.md daemon/clh-writerd.toml)"
 
 
 def reference_is_stale(path):
@@ -377,6 +377,16 @@ def test_the_guide_s_table_of_keys_is_the_options_table():
     rows = config_mod.markdown_table().splitlines()[2:]
     assert [re.match(r"\| `\[(\w+)\]` `(\w+)`", row).groups() for row in rows] == [(o.section, o.key) for o in OPTIONS]
     assert "| `[limits]` `queue_bytes` | `67108864` (64 MiB) | live |" in guide
+
+
+def test_the_forwarding_guide_s_table_is_the_forward_section_of_the_options_table():
+    """docs/forwarding.md's table of [forward] keys is generated from OPTIONS
+    too: a default is written once (the table of keys), not again in the guide."""
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "forwarding.md").read_text()
+    assert generated_block(guide, "forward-table") == config_mod.markdown_table("forward"), REGENERATE
+    keys = [re.match(r"\| `(\w+)`", row).group(1) for row in config_mod.markdown_table("forward").splitlines()[2:]]
+    assert keys == [o.key for o in OPTIONS if o.section == "forward"] and "window" in keys
+    assert "| `window` | `256` | restart |" in guide
 
 
 def test_a_key_is_declared_once_its_config_attribute_and_forward_option_follow():
