@@ -3,7 +3,7 @@
 ``Delivery`` decides what to send, when a batch is retired, when the daemon
 counts as unreachable and when to go back to it. It reads the time from the
 clock it is given and talks through a ``Transport`` whose ``send``/``recv``
-never block (``ZmqTransport``, or a fake in tests), so it does no waiting and
+never block (``BatchLane``, or a fake in tests), so it does no waiting and
 no file I/O of its own: ``service()`` hands back the lines the driver must
 write through the fallback.
 """

@@ -1,7 +1,8 @@
 """The zmq side of delivery: one transport per handler and process, with two
-lanes to the same daemon endpoint. Batches travel on a DEALER socket behind
-the small interface ``Delivery`` drives (so tests give it a fake); sync
-records make a REQ round trip on the sync lane, from the callers' threads.
+lanes to the same daemon endpoint. Batches travel on a DEALER socket (the
+batch lane) behind the small interface ``Delivery`` drives (so tests give it
+a fake); sync records make a REQ round trip on the sync lane, from the
+callers' threads.
 What the sync lane learns that matters to delivery (the daemon refused this
 file) comes back through ``events()``, on the driver's thread, like the
 batch lane's connection events."""
@@ -33,13 +34,12 @@ Event = Union[str, SyncRefused]
 
 
 class ZmqTransport:
-    """Both lanes to one endpoint. The batch lane (``open()`` for each run
-    of the sender, ``close()`` at its end) is a DEALER socket and its
-    monitor: ``send``/``recv`` never block, and ``events`` reports
-    connections made and lost and the sync lane's refusals. It connects only
-    once ``usable()`` found the endpoint trustworthy (``EndpointTrust``).
-    The sync lane (``sync``) lives as long as the transport (``release()``):
-    an asyncio handler writes sync records before any sender runs."""
+    """Both lanes to one endpoint, for one process: the sync lane (``sync``,
+    from the start: an asyncio handler writes sync records before any
+    sender runs) and a batch lane for each run of the sender
+    (``batch_lane()``; a run's lane is its own, so a sender that was taken
+    over never touches the next run's socket). ``release()`` closes the
+    sync lane; each batch lane is closed by its run."""
 
     def __init__(self, context: zmq.Context, endpoint: str, settings: Any, stats: ClientStats,
                  client_id: protocol.ClientId, path: str, options: Dict[str, Any],
@@ -48,18 +48,30 @@ class ZmqTransport:
         self.endpoint = endpoint
         self.trust = trust
         self.curve = curve
-        self.connected = False
-        self.dealer: Optional[zmq.Socket] = None
-        self.monitor: Optional[zmq.Socket] = None
         self.sync = SyncLane(context, endpoint, settings, stats, client_id, path, options, trust, curve)
 
-    def open(self) -> "ZmqTransport":
-        """The batch lane, for one run of the sender."""
-        self.close()
+    def batch_lane(self) -> "BatchLane":
+        return BatchLane(self.context, self.endpoint, self.sync, self.trust, self.curve)
+
+    def release(self) -> None:
+        self.sync.close()
+
+
+class BatchLane:
+    """A DEALER socket and its monitor, the interface ``Delivery`` drives:
+    ``send``/``recv`` never block, and ``events`` reports connections made
+    and lost, and the sync lane's refusals. It connects only once
+    ``usable()`` found the endpoint trustworthy (``EndpointTrust``)."""
+
+    def __init__(self, context: zmq.Context, endpoint: str, sync: "SyncLane",
+                 trust: Optional[EndpointTrust] = None, curve: Optional[CurveKeys] = None) -> None:
+        self.endpoint = endpoint
+        self.trust = trust
+        self.sync = sync
         self.connected = False
-        dealer = self.context.socket(zmq.DEALER)
-        if self.curve is not None:
-            self.curve.apply(dealer)
+        dealer = context.socket(zmq.DEALER)
+        if curve is not None:
+            curve.apply(dealer)
         dealer.setsockopt(zmq.LINGER, 0)
         # Queue only on completed connections: with no daemon, send() fails
         # at once instead of parking records in a zmq queue nobody drains.
@@ -69,9 +81,9 @@ class ZmqTransport:
         dealer.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self.dealer = dealer
-        return self
+        self.monitor: Optional[zmq.Socket] = dealer.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self.dealer: Optional[zmq.Socket] = dealer
 
     def answered(self, renders: bool) -> None:
         """A daemon answered a probe; ``renders``: it renders field values
@@ -132,7 +144,6 @@ class ZmqTransport:
                 yield CONNECTED
 
     def close(self) -> None:
-        """The batch lane (the end of a sender's run)."""
         if self.dealer is not None:
             try:
                 self.dealer.disable_monitor()
@@ -142,11 +153,6 @@ class ZmqTransport:
                 self.monitor.close(linger=0)
             self.dealer.close(linger=0)
             self.dealer = self.monitor = None
-
-    def release(self) -> None:
-        """Both lanes (the handler is done with this process's sockets)."""
-        self.close()
-        self.sync.close()
 
 
 def _monitor_event(frames: List[bytes]) -> int:

@@ -25,7 +25,7 @@ from ._notices import DROP_WARNING_EVERY
 from ._items import ItemMaker
 from ._plans import Item, record_of
 from ._stats import STATE_EMBEDDED, ClientStats
-from ._transport import ZmqTransport
+from ._transport import BatchLane, ZmqTransport
 from ._trust import CurveKeys, EndpointTrust
 
 # close(): seconds to wait for a write in progress before closing the file.
@@ -118,6 +118,7 @@ class WrappingHandler(logging.Handler):
         self._confirmed = Confirmed(None, self._fallback, self.stats)
         self._context: Optional[zmq.Context] = None
         self._transport: Optional[ZmqTransport] = None
+        self._batches: Optional[BatchLane] = None  # the current run's batch lane (Delivery closes it)
         self._core = None
         self._queue: Deque[Any] = deque()  # prepared records and Flush markers
         _process.account(self)
@@ -136,17 +137,17 @@ class WrappingHandler(logging.Handler):
     def _new_core(self) -> SenderCore:
         """Sockets (with a daemon) and the sender core, for one run of the sender."""
         self._open_transport()
-        transport = self._transport.open() if self._transport is not None else None
-        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, transport)
+        self._batches = self._transport.batch_lane() if self._transport is not None else None
+        delivery = Delivery(self.opts, self.stats, self.path, self.options, self._client_id, self._batches)
         self._core = SenderCore(delivery, self._items, self.stats, self._render_failed, summary=self.get_stats,
                                 monitor_interval=self.opts.monitor_interval)
         return self._core
 
     def _release_sockets(self) -> None:
-        """After the sender ended: both lanes and the context."""
+        """After the sender ended (its batch lane closed with it): the sync lane and the context."""
         if self._transport is not None:
             self._transport.release()
-        self._transport = self._confirmed.sync = None
+        self._transport = self._batches = self._confirmed.sync = None
         if self._context is not None:
             self._context.term()
             self._context = None

@@ -71,7 +71,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         executor = self.opts.executor or ThreadPoolExecutor(
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix="clh-writerd-async")
         core = self._new_core()
-        sockets = self._transport.sockets() if self._transport is not None else []
+        sockets = self._batches.sockets() if self._batches is not None else []
         self._driver = LoopDriver(loop, core, self._queue, self._fallback, executor, sockets, self.stats,
                                   self.drain_timeout, self.queue_size)
 

@@ -342,7 +342,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         queue = self._queue
         poller = zmq.Poller()
         poller.register(self._wake_r, zmq.POLLIN)
-        for sock in self._transport.sockets() if self._transport is not None else ():
+        for sock in self._batches.sockets() if self._batches is not None else ():
             poller.register(sock, zmq.POLLIN)
         turn = self._turn
         try:

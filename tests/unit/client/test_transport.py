@@ -75,10 +75,11 @@ def _values(message: str) -> Any:
 def test_field_values_go_only_to_a_daemon_that_renders_them(context, renders):
     daemon = Daemon(context, lambda request: protocol.encode_ok(request.id))
     transport = _transport(context)
+    lane = transport.batch_lane()
     try:
         item = _values("hello")
         if renders:
-            transport.answered(True)
+            lane.answered(True)  # as Delivery tells it when a daemon's pong says protocol 2
         assert transport.sync.write(item)
         (request,) = daemon.requests
         if renders:
@@ -86,6 +87,7 @@ def test_field_values_go_only_to_a_daemon_that_renders_them(context, renders):
         else:
             assert request.format is None and request.lines() == ["INFO app hello"]
     finally:
+        lane.close()
         transport.release()
         daemon.close()
 
@@ -94,11 +96,14 @@ def test_a_refused_sync_record_is_an_event_for_the_driver(context):
     daemon = Daemon(context, lambda request: protocol.encode_error(protocol.E_FORBIDDEN_PATH, "outside allowed_dirs",
                                                                    id=request.id))
     transport = _transport(context)
+    lane = transport.batch_lane()
     try:
         assert not transport.sync.write("a line")  # not written: the caller's fallback writes it
         assert transport.sync.stats.last_error.startswith("daemon refused a sync record: forbidden_path")
-        assert list(transport.events()) == [SyncRefused(protocol.E_FORBIDDEN_PATH, "outside allowed_dirs")]
-        assert list(transport.events()) == []  # taken once
+        # The run's batch lane hands it to Delivery, with its connection events.
+        assert list(lane.events()) == [SyncRefused(protocol.E_FORBIDDEN_PATH, "outside allowed_dirs")]
+        assert list(lane.events()) == []  # taken once
     finally:
+        lane.close()
         transport.release()
         daemon.close()
