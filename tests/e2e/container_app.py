@@ -7,7 +7,7 @@ records through NonBlockingConcurrentHandler until SIGTERM (``podman kill
 queue to the daemon or the fallback) and prints one JSON line: how many
 records it logged and the handler's final ``get_stats()``.
 
-usage: python /tests/container_app.py WRITER PATH LIMIT
+usage: python /tests/e2e/container_app.py WRITER PATH LIMIT
 """
 
 import json

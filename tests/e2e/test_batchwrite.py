@@ -33,7 +33,7 @@ from support import (
     wait_for,
 )
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, where support is
 MIXED_LINES = [
     "plain ascii",
     "naïve café ✓ 日本語 🙂",

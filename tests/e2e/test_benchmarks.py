@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROWS = ("daemon ingest", "decode only", "daemon ingest, fields", "decode+render only", "BatchWriter only",
         "CLH per record")
 

@@ -289,7 +289,7 @@ def test_run_with_an_invalid_config_exits_2(tmp_path, no_daemon_env):
 
 
 # -- what ships with the package: example-config, docs ---------------------------
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_example_config_prints_the_reference_config_that_check_config_accepts(tmp_path, no_daemon_env):

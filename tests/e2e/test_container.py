@@ -32,12 +32,12 @@ from typing import Any, Dict, Iterator, List, Optional
 from unittest import mock
 
 import pytest
-from debian import require_debian_packages
+from support.debian import require_debian_packages
 from support import check_sequences, family_files, read_lines, wait_for
 
 from clh_writerd import protocol
 from clh_writerd.client.control import DaemonUnavailable, request
-from tests.test_operations import COMPOSE, DOCKER_CONFIG, DOCKERFILE, REPO, _load_compose, _seconds
+from tests.e2e.test_operations import COMPOSE, DOCKER_CONFIG, DOCKERFILE, REPO, _load_compose, _seconds
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -265,7 +265,7 @@ class Writers:
     def __init__(self, project: Project, names: List[str], limit: int = 10**9) -> None:
         self.project = project
         self.containers = {
-            writer: project.run_app("app1", writer, ["python", "/tests/container_app.py", writer, SEQ_LOG, str(limit)],
+            writer: project.run_app("app1", writer, ["python", "/tests/e2e/container_app.py", writer, SEQ_LOG, str(limit)],
                                     {"PYTHONPATH": "/tests"}, ["-v", f"{REPO / 'tests'}:/tests:ro"])
             for writer in names}
 

@@ -20,7 +20,7 @@ from support import read_lines, short_socket_dir
 
 pytestmark = pytest.mark.e2e  # runs the demo as a user runs it
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "client" / "demo.py"
 PROCESS_LINE = re.compile(
     r"process (\d+): (\d+) calls in \S+s = ([\d.]+) us per call; all written \S+s after the first call: "

@@ -2,7 +2,7 @@
 without permission, stopped under load; client processes killed.
 
 Every scenario runs a real ``clh-writerd`` subprocess and real client
-processes (tests.client.test_delivery's ``Load``: fork children logging
+processes (tests.e2e.client.test_delivery's ``Load``: fork children logging
 sequence records through ``create_nonblocking_handler`` into small,
 gzip-rotating files). The oracle then reads every file of the family
 (rotated, .gz, orphaned .rotate.*): nothing may be missing, no line torn,
@@ -41,7 +41,7 @@ from support.clients import (
 
 from clh_writerd import protocol
 from clh_writerd.client.control import request
-from tests.client import workers
+from tests.e2e.client import workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
 

@@ -41,7 +41,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "clh-writerd.service"
 UNIT_CONFIG = REPO / "systemd" / "clh-writerd.toml"
 DOCKERFILE = REPO / "docker" / "Dockerfile"

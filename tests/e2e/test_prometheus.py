@@ -23,13 +23,13 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 import yaml
-from debian import require_debian_packages
+from support.debian import require_debian_packages
 from support import free_tcp_port, seq_record, wait_for
 from support.monitoring import TroubledClient, stop_all
 
 from clh_writerd import protocol
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "clh-writerd.rules.yml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "clh-writerd.rules.test.yml"
 

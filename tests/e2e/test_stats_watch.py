@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
-from debian import require_debian_packages
+from support.debian import require_debian_packages
 from support import wait_for
 from support.monitoring import TroubledClient, stop_all
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CAPTURE = REPO / "docs" / "stats-watch.txt"
 REVERSE = "\x1b[7m"
 

@@ -32,7 +32,7 @@ from support.clients import (
     total_resent,
 )
 
-from tests.client import workers
+from tests.e2e.client import workers
 
 pytestmark = pytest.mark.e2e
 

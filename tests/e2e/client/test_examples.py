@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import pytest
 from support import check_sequences, drive_web_app, free_tcp_port, read_lines, seq_record, short_socket_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CLIENT = os.path.join(ROOT, "client")
 RECORDS = 2000
 # The examples' format puts the record after "name: "; the oracle wants it alone.

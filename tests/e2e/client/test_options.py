@@ -16,7 +16,7 @@ from support import check_sequences, read_lines, seq_record
 from clh_writerd import NonBlockingConcurrentHandler, create_nonblocking_handler
 from clh_writerd.client._options import ASYNC, THREAD, HandlerOptions, markdown_table, parse_endpoint
 
-DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "client.md")
+DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "client.md")
 # The thread handler runs on Python 3.6+, the asyncio handler on 3.8+ (make test-matrix).
 if sys.version_info >= (3, 8):
     from clh_writerd import AsyncConcurrentHandler, create_async_concurrent_handler

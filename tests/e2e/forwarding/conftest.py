@@ -6,7 +6,7 @@ from typing import Sequence
 
 import pytest
 
-from debian import require_debian_packages
+from support.debian import require_debian_packages
 
 from .netlab import Lab, LoopbackCentral
 

@@ -1,4 +1,4 @@
-"""Measurements for docs/forwarding.md (not a test): ``python tests/forwarding/measure.py intake|imfile``.
+"""Measurements for docs/forwarding.md (not a test): ``python tests/e2e/forwarding/measure.py intake|imfile``.
 
 intake: the central rsyslogd's sustained intake from the lab's three hosts.
 Each host's file is pre-filled with N records, then the three forwarders
@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+E2E = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(E2E), E2E]  # tests/ for support, tests/e2e/ for forwarding
 
 from support import seq_record, wait_for  # noqa: E402
 

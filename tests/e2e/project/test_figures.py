@@ -10,7 +10,7 @@ from pathlib import Path
 
 from benchmarks import summary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 # The docs whose figures come from the benchmark harness (other pages quote
 # measurements of their own tests: docs/security.md, docs/forwarding.md).
 DOCS = [REPO / "README.md", REPO / "benchmarks" / "README.md", REPO / "docs" / "patterns.md",
