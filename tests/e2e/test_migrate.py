@@ -10,10 +10,8 @@ import sys
 import textwrap
 
 import pytest
-from concurrent_log_handler import ConcurrentRotatingFileHandler
 from support import check_sequences, read_lines
 
-from clh_writerd import NonBlockingConcurrentHandler, setup_logging_queues
 
 # An application's logging setup, as people wrote it for CLH: a console and
 # two CLH files, one shared by two loggers; formatters, levels, filters.
@@ -118,26 +116,3 @@ def test_without_a_daemon_the_same_setup_writes_the_files_itself(tmp_path):
         assert stats["state"] == "embedded" and stats["sent"] == 0, stats
     assert sorted(s["fallback_written"] for s in report["stats"]) == [50, 600]
     _check_files(str(tmp_path / "logs"))
-
-
-def test_only_exact_clh_handlers_on_the_given_loggers_are_wrapped(tmp_path):
-    class Custom(ConcurrentRotatingFileHandler):
-        """A subclass may override emit(): it is left alone."""
-
-    logger = logging.getLogger("clh_writerd.tests.migrate")
-    other = logging.getLogger("clh_writerd.tests.migrate.other")
-    plain = ConcurrentRotatingFileHandler(str(tmp_path / "plain.log"))
-    custom = Custom(str(tmp_path / "custom.log"))
-    untouched = ConcurrentRotatingFileHandler(str(tmp_path / "untouched.log"))
-    logger.handlers, other.handlers = [plain, custom], [untouched]
-    try:
-        (wrapper,) = setup_logging_queues([logger], endpoint=None)
-        assert logger.handlers == [wrapper, custom] and isinstance(wrapper, NonBlockingConcurrentHandler)
-        assert other.handlers == [untouched]
-        logger.warning("hello")
-        wrapper.flush()
-        assert (tmp_path / "plain.log").read_text() == "hello\n"
-    finally:
-        for handler in logger.handlers + other.handlers:
-            handler.close()
-        logger.handlers, other.handlers = [], []

@@ -1,4 +1,5 @@
-"""The [forward] section and `clh-writerd forward-config rsyslog`."""
+"""The [forward] section through `clh-writerd check-config`, and `clh-writerd
+forward-config rsyslog`; its validation: tests/unit/daemon/test_config.py."""
 
 import subprocess
 import sys
@@ -7,25 +8,10 @@ import pytest
 
 from support import write_config
 
-from clh_writerd.daemon.config import ConfigError, config_from_mapping, load_config
+from clh_writerd.daemon.config import load_config
 from clh_writerd.forward import options_from_config
 
 from .conftest import require_rsyslog
-
-
-def test_forwarding_is_off_by_default():
-    assert config_from_mapping({}).forward_target == ""
-
-
-def test_a_target_needs_paths():
-    with pytest.raises(ConfigError, match="forward.paths is empty"):
-        config_from_mapping({"forward": {"target": "10.0.0.1:2514"}})
-
-
-@pytest.mark.parametrize("target", ["central", "central:", ":2514", "central:99999"])
-def test_a_bad_target_is_refused_with_its_key(target):
-    with pytest.raises(ConfigError, match="forward.target"):
-        config_from_mapping({"forward": {"target": target, "paths": ["/var/log/a.log"]}})
 
 
 def test_the_section_round_trips_through_check_config(tmp_path):

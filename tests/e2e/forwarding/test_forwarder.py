@@ -339,21 +339,3 @@ def test_the_forwarder_checks_the_central_certificate_name(central, tmp_path):
     good = RelpClient("127.0.0.1", central.port, 5.0, context)
     good.open()
     good.close()
-
-
-def test_a_name_that_now_holds_another_segment_is_not_read_as_the_old_one(tmp_path):
-    """The race found under load: a scan pairs segment B with "app.log", CLH rotates, the
-    reader then opens "app.log" (now segment C). It must refuse instead of sending C's lines under B's id."""
-    from clh_writerd.forward.checkpoint import SegmentState, fingerprint
-    from clh_writerd.forward.segments import SegmentMoved, SegmentReader
-
-    path = tmp_path / "app.log"
-    path.write_bytes(b"SEQ w 0 segment-b\n" * 100)
-    state = SegmentState(fingerprint(path.read_bytes()[:1024]), str(path), str(path), offset=18)
-    reader = SegmentReader(state, str(path), False, 8000)
-    assert reader.read(1)[0] == (18, 36, b"SEQ w 0 segment-b")
-    reader.close()
-    os.rename(path, tmp_path / "app.log.1")
-    path.write_bytes(b"SEQ w 1 segment-c\n" * 100)
-    with pytest.raises(SegmentMoved):
-        SegmentReader(state, str(path), False, 8000)
