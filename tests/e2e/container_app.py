@@ -1,4 +1,4 @@
-"""An app container for tests/test_container.py.
+"""An app container for tests/e2e/test_container.py.
 
 Runs inside the project's image as the app services of docker/compose.yaml do
 (uid 10002, group 10001, the socket and log volumes, CLH_WRITERD_ENDPOINT): logs sequence

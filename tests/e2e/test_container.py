@@ -260,7 +260,7 @@ def project(image: str) -> Iterator[Project]:
 
 
 class Writers:
-    """App containers logging sequence records (tests/container_app.py) until stopped."""
+    """App containers logging sequence records (tests/e2e/container_app.py) until stopped."""
 
     def __init__(self, project: Project, names: List[str], limit: int = 10**9) -> None:
         self.project = project

@@ -4,7 +4,7 @@ start/stop/reload behaviour as seen in its log and exit codes.
 
 Everything runs the real `clh-writerd`. The Docker image's install and start
 steps are also replayed here in a fresh venv, which needs no container engine;
-tests/test_container.py builds the image and runs it with podman.
+tests/e2e/test_container.py builds the image and runs it with podman.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""An application process for tests/client/test_monitoring.py: real handlers
+"""An application process for tests/e2e/client/test_monitoring.py: real handlers
 in their own process, driven line by line over stdin (one JSON reply per
 command on stdout), its stderr left to the test.
 

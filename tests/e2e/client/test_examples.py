@@ -2,7 +2,7 @@
 a real daemon and without one, then the file is checked with the oracle.
 The Flask example runs under a real gunicorn with several workers and real
 HTTP requests. (The FastAPI and aiohttp examples are exercised in
-tests/client/test_async.py.)
+tests/e2e/client/test_async.py.)
 """
 
 import json

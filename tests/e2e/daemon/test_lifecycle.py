@@ -171,7 +171,7 @@ def test_second_sigint_forces_exit_while_draining(start_daemon, raw_client):
 
 
 def test_tcp_loopback_endpoint_serves(start_daemon, raw_client):
-    # Plain tcp only when asked for (CURVE: tests/security/test_peers.py), and warned about.
+    # Plain tcp only when asked for (CURVE: tests/e2e/security/test_peers.py), and warned about.
     daemon = start_daemon(endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", daemon={"tcp_auth": "none"})
     assert 'tcp_auth = "none"' in daemon.stderr()
     client = raw_client(daemon.endpoint)

@@ -8,7 +8,7 @@ in preexec_fn, so the Popen pid is the process itself (SIGKILL hits it, not
 an ``ip netns exec`` wrapper).
 
 Every host runs a real clh-writerd with a ``[forward]`` section (the
-forwarder thread) and real application processes (tests/forwarding/app.py).
+forwarder thread) and real application processes (tests/e2e/forwarding/app.py).
 The central runs the configuration ``clh-writerd forward-config rsyslog``
 prints.
 """

@@ -1,6 +1,6 @@
 """Three hosts forward to one central rsyslogd over RELP: nothing is missing, duplicates stay bounded.
 
-Each scenario runs real processes in network namespaces (tests/forwarding/netlab.py):
+Each scenario runs real processes in network namespaces (tests/e2e/forwarding/netlab.py):
 apps -> clh-writerd (files, rotation, gzip) -> forwarder thread -> RELP -> central
 rsyslogd (the config `clh-writerd forward-config rsyslog` prints). The oracle reads
 the central file. Duplicates the forwarding adds are the central's duplicates minus

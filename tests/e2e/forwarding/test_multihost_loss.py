@@ -1,6 +1,6 @@
 """Loss in forwarding is never silent: each loss is counted, warned with its range, and its figures are exact.
 
-Real processes in network namespaces (tests/forwarding/netlab.py): an app
+Real processes in network namespaces (tests/e2e/forwarding/netlab.py): an app
 logging through the real client with gzip rotation, a real clh-writerd with
 [forward], the central rsyslogd running the generated config. The oracle reads
 the central file and the host's own files; every record missing at the
@@ -21,7 +21,7 @@ LOST = re.compile(r"segment ([0-9a-f]{10}) \(.*\) was deleted before it was forw
 
 
 def record_bytes(writer: str, n: int) -> int:
-    """Bytes of record ``n`` in the host's file (tests/forwarding/app.py's line and its LF)."""
+    """Bytes of record ``n`` in the host's file (tests/e2e/forwarding/app.py's line and its LF)."""
     return len(seq_record(writer, n, f"p{n}-" + "y" * (n % 50)).encode()) + 1
 
 
