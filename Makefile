@@ -7,10 +7,11 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed-stamp
 DEMO_STAMP = $(VENV)/.demo-stamp
 
-# Every test not marked e2e (tests/conftest.py marks each test that uses a
-# process-starting fixture; modules that run commands mark themselves) or
-# slow: state machines with a fake clock, the daemon's pipeline without a
-# socket, protocol, render, config, paths. About 25 s.
+# test-fast is tests/unit: one file per module of src/, no daemon, no
+# subprocess (tests/conftest.py refuses an e2e test there): state machines
+# with a fake clock, the daemon's pipeline without a socket, protocol, config,
+# paths, the batch writer. Everything else is tests/e2e, marked e2e by its
+# conftest. About 10 s.
 
 .PHONY: venv demo test test-fast test-matrix bench figures bench-chart generated guarantees security-table soak lint clean
 
@@ -39,7 +40,7 @@ test: venv
 	$(BIN)/python -m pytest --cov --cov-report=term --cov-fail-under=85 --durations=15 $(PYTEST_ARGS)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test-matrix:
 	$(PYTHON) scripts/test_matrix.py
@@ -54,13 +55,13 @@ generated: venv
 guarantees: venv
 	$(BIN)/python scripts/guarantees.py $(PYTEST_ARGS)
 
-# docs/security.md's attack table from a run of tests/security (needs root: a second user is created).
+# docs/security.md's attack table from a run of tests/e2e/security (needs root: a second user is created).
 security-table: venv
 	$(BIN)/python scripts/guarantees.py --doc security $(PYTEST_ARGS)
 
 soak: venv
 	CLH_SOAK_SECONDS=$${CLH_SOAK_SECONDS:-1800} $(BIN)/python -m pytest -q -s -p no:cacheprovider \
-		tests/test_robustness.py -k soak $(PYTEST_ARGS)
+		tests/e2e/test_robustness.py -k soak $(PYTEST_ARGS)
 
 bench: venv
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

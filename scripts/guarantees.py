@@ -5,7 +5,7 @@ Each such test records what it did (records, missing, duplicates) through the
 the document is generated from a real run, never typed by hand.
 
 `--doc security` (`make security-table`) does the same for the attack tests
-of tests/security (marker `security`, rows from the `security_row` fixture):
+of tests/e2e/security (marker `security`, rows from the `security_row` fixture):
 it rewrites the table between the markers of docs/security.md and leaves the
 hand-written threat model around it alone.
 """
@@ -91,11 +91,11 @@ def _run_rows(env_name: str, pytest_args: list) -> tuple:
 
 
 def security(args: list) -> int:
-    """Run tests/security and rewrite the attack table of docs/security.md."""
+    """Run tests/e2e/security and rewrite the attack table of docs/security.md."""
     import time
 
     started = time.monotonic()
-    rows, code = _run_rows("CLH_SECURITY_OUT", ["tests/security"] + args)
+    rows, code = _run_rows("CLH_SECURITY_OUT", ["tests/e2e/security"] + args)
     seconds = time.monotonic() - started
     if not rows:
         print("no security rows were recorded", file=sys.stderr)

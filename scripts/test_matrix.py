@@ -40,15 +40,18 @@ LAST_PIP = {"3.6": "pip<22", "3.7": "pip<24.1"}
 # Every unit test (tests/unit: no daemon) plus one end-to-end test.
 TEST_FILES = (
     "tests/unit",
-    "tests/daemon/test_smoke.py",
+    "tests/e2e/daemon/test_smoke.py",
 )
 # The thread client on Python 3.6/3.7, against a daemon on a newer Python.
 CLIENT_TEST_FILES = (
     "tests/unit/test_protocol.py",
-    "tests/test_batchwrite.py",
+    "tests/unit/test_batchwrite.py",
+    "tests/e2e/test_batchwrite.py",
     "tests/unit/client/test_core.py",
-    "tests/client/test_options.py",
-    "tests/client/test_handler.py",
+    "tests/unit/client/test_options.py",
+    "tests/e2e/client/test_options.py",
+    "tests/unit/client/test_nonblocking.py",
+    "tests/e2e/client/test_handler.py",
 )
 CLIENT_TEST_PACKAGES = ("pytest", "hypothesis")
 PYTEST_ARGS = ("-q", "-p", "no:cacheprovider")

@@ -5,8 +5,10 @@
 - ``oracle``: sequence records and the oracle that reads every rotated file.
 - ``processes``: ``wait_for``, child processes, resource sampling, a slow disk.
 - ``webapps``: driving the example web apps over HTTP.
+- ``debian``: the real engines (rsyslog, podman, prometheus...) installed or
+  skipped with a reason (import it as ``support.debian``).
 - ``clients``: client processes of the delivery and fault tests (import it
-  as ``support.clients``: it imports ``tests.client.workers``).
+  as ``support.clients``: it imports ``tests.e2e.client.workers``).
 """
 
 from .processes import (  # noqa: F401

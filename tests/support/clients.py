@@ -7,7 +7,7 @@ import re
 import signal
 from typing import Any, Dict, List, Sequence, Tuple
 
-from tests.client import workers
+from tests.e2e.client import workers
 
 from .oracle import OracleReport, check_sequences, family_files, ordered_family, per_writer_order, read_lines
 from .processes import wait_for

@@ -413,3 +413,19 @@ def test_the_reload_notes_of_the_operations_guide_agree_with_the_options():
         assert set(named) <= set(keys) | {"fsync", "files"}, (set(named) - set(keys), note[:60])
         for key in set(named) & set(keys):
             assert keys[key].restart_only == ("`restart`" in note), (key, note[:60])
+
+
+# -- the [forward] section ---------------------------------------------------
+def test_forwarding_is_off_by_default():
+    assert config_mod.config_from_mapping({}).forward_target == ""
+
+
+def test_a_target_needs_paths():
+    with pytest.raises(ConfigError, match="forward.paths is empty"):
+        config_mod.config_from_mapping({"forward": {"target": "10.0.0.1:2514"}})
+
+
+@pytest.mark.parametrize("target", ["central", "central:", ":2514", "central:99999"])
+def test_a_bad_target_is_refused_with_its_key(target):
+    with pytest.raises(ConfigError, match="forward.target"):
+        config_mod.config_from_mapping({"forward": {"target": target, "paths": ["/var/log/a.log"]}})

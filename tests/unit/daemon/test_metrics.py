@@ -1,7 +1,7 @@
 """The metrics collector's client series (issue 15): per (program, file),
 live clients plus the gone groups, counters that never go down, clients per
 state, and the metrics_per_client opt-in. Scrapes of a live daemon are in
-tests/test_operations.py and tests/test_prometheus.py."""
+tests/e2e/test_operations.py and tests/e2e/test_prometheus.py."""
 
 import copy
 from typing import Any, Dict, Tuple
