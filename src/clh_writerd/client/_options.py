@@ -260,7 +260,7 @@ def split_kwargs(handler: str, kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], 
 
 
 def markdown_table() -> str:
-    """docs/client.md's parameter table (tests/client/test_options.py keeps it in sync)."""
+    """docs/client.md's parameter table (tests/unit/client/test_options.py keeps it in sync)."""
     rows = ["| option | default | handlers | meaning |", "| --- | --- | --- | --- |"]
     for f in fields(HandlerOptions):
         meta = f.metadata
