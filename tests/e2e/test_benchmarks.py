@@ -16,7 +16,6 @@ ROWS = ("daemon ingest", "decode only", "daemon ingest, fields", "decode+render 
         "CLH per record")
 
 
-@pytest.mark.e2e
 def test_quick_ingest_run_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
@@ -60,7 +59,6 @@ NEW_SCENARIOS = {
 }
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(NEW_SCENARIOS))
 def test_quick_caller_scenario_prints_its_rows(tmp_path, name):
     rows = NEW_SCENARIOS[name]
@@ -150,7 +148,6 @@ ISSUE16_ROWS = {
 }
 
 
-@pytest.mark.e2e
 def test_quick_app_cost_scenarios_print_their_rows(tmp_path):
     out = tmp_path / "results"
     args = [arg for name in ISSUE16_ROWS for arg in ("--scenario", name)]

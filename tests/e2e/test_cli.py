@@ -16,8 +16,6 @@ from clh_writerd import __version__, protocol
 from clh_writerd.client.control import DaemonUnavailable, request
 from support import short_socket_dir, wait_for, write_config
 
-pytestmark = pytest.mark.e2e  # the command line as subprocesses
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover

@@ -44,7 +44,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = pytest.mark.slow
 
 CACHE = Path(os.environ.get("CLH_WRITERD_TEST_CACHE", "/var/cache/clh-writerd-tests"))
 IMAGE = "localhost/clh-writerd:test"

@@ -15,10 +15,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import pytest
 from support import read_lines, short_socket_dir
-
-pytestmark = pytest.mark.e2e  # runs the demo as a user runs it
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "client" / "demo.py"

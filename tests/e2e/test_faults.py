@@ -43,7 +43,7 @@ from clh_writerd import protocol
 from clh_writerd.client.control import request
 from tests.e2e.client import workers
 
-pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
+pytestmark = pytest.mark.guarantee
 
 
 # -- helpers ------------------------------------------------------------------

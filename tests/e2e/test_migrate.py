@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 from support import check_sequences, read_lines
 
 
@@ -98,7 +97,6 @@ def _check_structure(report: dict) -> None:
     assert sorted(report["levels"]) == [logging.NOTSET, logging.INFO]
 
 
-@pytest.mark.e2e
 def test_a_dictconfig_setup_goes_through_the_daemon(start_daemon, tmp_path):
     daemon = start_daemon()
     report = _run_app(tmp_path, daemon.endpoint)

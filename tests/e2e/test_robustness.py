@@ -56,8 +56,6 @@ from tests.unit.test_protocol import (
     mutated_frames,
 )
 
-pytestmark = pytest.mark.e2e
-
 MIB = 1024
 # The bound the memory checks assert (KiB): generous for a Python process
 # with zmq and CLH loaded (30-60 MB seen here); an unbounded queue under these

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from .. import protocol
-from .options import FSYNC_POLICIES, OPTIONS, SAME_BLOCK, ConfigError, Option, _choice, _positive, _string
+from .options import OPTIONS, SAME_BLOCK, ConfigError, Option
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -191,6 +191,9 @@ def _check_endpoint(config: Config) -> Config:
     raise ConfigError(f"endpoint must start with ipc:// or tcp://, got {endpoint!r}")
 
 
+_FSYNC = {opt.key: opt for opt in OPTIONS if opt.section == "fsync"}
+
+
 def _files(value: Any, defaults: Mapping[str, Any]) -> Tuple[FileOverride, ...]:
     if type(value) is not list:
         raise ConfigError("[[files]] must be an array of tables")
@@ -202,13 +205,15 @@ def _files(value: Any, defaults: Mapping[str, Any]) -> Tuple[FileOverride, ...]:
         unknown = set(entry) - {"path", "fsync", "fsync_interval"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
-        pattern = _string(f"{where}.path", entry.get("path"))
+        pattern = entry.get("path")
+        if type(pattern) is not str:
+            raise ConfigError(f"{where}.path must be a string, got {pattern!r}")
         if not os.path.isabs(pattern):
             pattern = os.path.abspath(pattern)
-        policy = _choice(FSYNC_POLICIES)(f"{where}.fsync", entry.get("fsync", defaults["fsync_policy"]))
-        interval = _positive(float, 0.001, 3600.0)(
-            f"{where}.fsync_interval", entry.get("fsync_interval", defaults["fsync_interval"])
-        )
+        # An override is checked as the [fsync] key it overrides (one declaration).
+        policy = _FSYNC["policy"].check(f"{where}.fsync", entry.get("fsync", defaults["fsync_policy"]))
+        interval = _FSYNC["interval"].check(f"{where}.fsync_interval",
+                                            entry.get("fsync_interval", defaults["fsync_interval"]))
         out.append(FileOverride(pattern, policy, interval))
     return tuple(out)
 

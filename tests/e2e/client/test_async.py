@@ -45,8 +45,6 @@ from support.processes import eventually
 from clh_writerd import AsyncConcurrentHandler, create_async_concurrent_handler
 from tests.e2e.client import workers
 
-pytestmark = pytest.mark.e2e
-
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CHILD_TIMEOUT = 120.0
 # Nothing fails in these scenarios unless the test makes it fail: no client

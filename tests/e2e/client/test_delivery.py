@@ -34,8 +34,6 @@ from support.clients import (
 
 from tests.e2e.client import workers
 
-pytestmark = pytest.mark.e2e
-
 # Scenario 1 logs this many records from each of 8 processes. The issue asks
 # for 50k each; that takes well under a minute here (2 cores, shared).
 RECORDS_PER_PROCESS = 50_000

@@ -122,7 +122,6 @@ def test_plain_script_with_the_daemon_unreachable_uses_the_fallback(tmp_path):
 FLASK_LINE = re.compile(r"^\S+ \S+ (INFO|WARNING) (\d+) app: (.*)$")
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("mode", ["daemon", "no-daemon"])
 def test_flask_under_gunicorn_every_request_is_logged(start_daemon, tmp_path, mode):
     pytest.importorskip("flask")

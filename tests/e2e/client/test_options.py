@@ -87,7 +87,6 @@ def _read(path: str, encoding: str) -> Any:
     return lines
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("factory", FACTORIES, ids=["thread", "async"][:len(FACTORIES)])
 def test_every_clh_argument_constructs_a_handler_and_records_reach_the_file(tmp_path, start_daemon, factory):
     daemon = start_daemon()  # allowed_dirs: tmp_path/logs

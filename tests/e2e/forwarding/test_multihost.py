@@ -22,7 +22,7 @@ from support import check_sequences, wait_for
 
 from .certs import Certs, central_tls_args
 
-pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
+pytestmark = pytest.mark.guarantee
 
 HOSTS = (1, 2, 3)
 RATE = 400        # records/s per app

@@ -14,7 +14,7 @@ import pytest
 
 from support import seq_record, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.guarantee]
+pytestmark = pytest.mark.guarantee
 
 GAP = re.compile(r"after segment ([0-9a-f]{10}) .* before segment ([0-9a-f]{10})")
 LOST = re.compile(r"segment ([0-9a-f]{10}) \(.*\) was deleted before it was forwarded: (\d+) byte\(s\) lost")

@@ -17,8 +17,6 @@ from support import check_sequences, hold_clh_lock, read_lines
 
 from .shapes import run_script
 
-pytestmark = [pytest.mark.e2e]
-
 RECORDS = 100
 
 # Logs RECORDS records through a handler on PATH, closes it, prints its

@@ -22,8 +22,6 @@ from support import check_sequences, read_lines, wait_for
 
 from .shapes import app_env, write_app
 
-pytestmark = [pytest.mark.e2e]
-
 # The app of the import test: logs steadily, a sync record now and then,
 # through a daemon SIGKILL and restart driven by the test (files say when).
 IMPORTS_APP = '''

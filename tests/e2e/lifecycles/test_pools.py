@@ -20,8 +20,6 @@ from clh_writerd.client import _process
 
 from .shapes import run_script
 
-pytestmark = [pytest.mark.e2e]
-
 TASKS = 3000
 
 POOL_APP = '''

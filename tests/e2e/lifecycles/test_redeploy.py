@@ -10,13 +10,10 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from support import check_sequences, read_lines, wait_for
 
 from .shapes import app_env, run_script, write_app
-
-pytestmark = [pytest.mark.e2e]
 
 # Logs RECORDS records as WRITER with maxBytes MAX, then (if told) waits for
 # a line on stdin before closing; prints its stats.

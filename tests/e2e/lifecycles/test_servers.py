@@ -22,8 +22,6 @@ from support.webapps import http_answers
 
 from .shapes import app_env, write_app
 
-pytestmark = [pytest.mark.e2e]
-
 REQUESTS = 600
 
 # Each request logs one record named by its number (/log/<n>).

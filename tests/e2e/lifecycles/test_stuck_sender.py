@@ -5,13 +5,10 @@ with a warning, and close() takes over what the sender still holds."""
 
 import json
 
-import pytest
 
 from support import check_sequences, read_lines
 
 from .shapes import run_script
-
-pytestmark = [pytest.mark.e2e]
 
 STUCK_APP = '''
 import threading

@@ -29,8 +29,6 @@ from support import DaemonProcess, check_sequences, read_lines, seq_record
 from clh_writerd.daemon.paths import Authority
 from clh_writerd.daemon.safefiles import DirHandle, build_safe_handler
 
-pytestmark = [pytest.mark.e2e]
-
 
 @pytest.fixture(scope="module")
 def app_user() -> Iterator[Tuple[str, int, int]]:

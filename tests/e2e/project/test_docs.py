@@ -36,8 +36,6 @@ from typing import List, Optional
 import pytest
 from support import DaemonProcess, short_socket_dir
 
-pytestmark = pytest.mark.e2e  # every snippet runs as a subprocess
-
 REPO = Path(__file__).resolve().parents[3]
 RUNNABLE = {"python": "python", "py": "python", "sh": "sh", "bash": "sh", "shell": "sh"}
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")

@@ -20,8 +20,6 @@ from pathlib import Path
 import pytest
 from support import check_sequences, read_lines, short_socket_dir, wait_for, write_config
 
-pytestmark = pytest.mark.e2e  # builds and installs the package in subprocesses
-
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -141,7 +139,6 @@ CLIENT = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.e2e
 def test_the_wheel_installed_in_a_fresh_venv_runs_the_daemon_and_a_client(dist, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
