@@ -178,7 +178,7 @@ class SyncLane:
         # said so, values are rendered here: any daemon takes a line.
         self.renders = False
         # Refused sync records, appended on callers' threads, taken by the
-        # driver (ZmqTransport.events()); bounded: one says what it must,
+        # driver (BatchLane.events()); bounded: one says what it must,
         # and no sender may be running yet to take them.
         self.refusals: Deque[SyncRefused] = deque(maxlen=64)
         self.context = context
