@@ -219,6 +219,8 @@ FILE_OPTIONS: Dict[str, Tuple[Tuple[type, ...], Any, Any]] = {
     "utc": (_BOOL, None, None),
 }
 WHEN_VALUES = ("S", "M", "H", "D", "MIDNIGHT") + tuple(f"W{i}" for i in range(7))
+# How a tcp endpoint is authenticated (the daemon's tcp_auth; a handler's must match).
+TCP_AUTH = ("curve", "none")
 UNICODE_POLICIES = ("ignore", "replace", "strict")
 
 
@@ -772,7 +774,7 @@ def decode_reply(data: bytes) -> Reply:
 
 
 __all__ = [
-    "PROTOCOL_VERSION", "LINES_VERSION", "SUPPORTED_VERSIONS", "RENDER_LINES", "RENDER_FIELDS",
+    "PROTOCOL_VERSION", "LINES_VERSION", "TCP_AUTH", "SUPPORTED_VERSIONS", "RENDER_LINES", "RENDER_FIELDS",
     "FieldFormat", "check_format", "render_records", "MAX_FRAME_BYTES", "MAX_RECORDS_PER_BATCH", "MAX_RECORD_BYTES",
     "MAX_PATH_BYTES", "MAX_NAME_CHARS", "ProtocolError", "ClientId", "Batch", "SyncRecord",
     "StatsRequest", "Ping", "Report", "Ack", "Ok", "Error", "ERROR_CODES", "RETRYABLE_ERRORS",

@@ -133,15 +133,14 @@ def from_env(name: str) -> Callable[[Any], Optional[str]]:
     return convert
 
 
-TCP_AUTH = ("curve", "none")
 
 
 def _tcp_auth(value: Any) -> str:
     """None (the default) -> $CLH_WRITERD_TCP_AUTH, else "curve"."""
     if value is None:
         value = os.environ.get("CLH_WRITERD_TCP_AUTH") or "curve"
-    if value not in TCP_AUTH:
-        raise ValueError(f"must be one of {TCP_AUTH}")
+    if value not in protocol.TCP_AUTH:
+        raise ValueError(f"must be one of {protocol.TCP_AUTH}")
     return str(value)
 
 

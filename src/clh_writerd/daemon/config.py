@@ -1,10 +1,11 @@
 """The daemon's configuration: plain, validated data with one loader.
 
 Every option is declared once, in ``OPTIONS`` (daemon/options.py). The TOML
-loader, ``check-config``'s printout, the docs table of keys and the reference
-config (daemon/clh-writerd.toml) all come from that table: after adding or
-changing a key, ``python -m clh_writerd.daemon.config docs/operations.md
-daemon/clh-writerd.toml`` (``make generated``) rewrites the last two.
+loader, ``check-config``'s printout, the guides' tables of keys and the
+reference config (daemon/clh-writerd.toml) all come from that table: after
+adding or changing a key, ``make generated`` (``python -m
+clh_writerd.daemon.config docs/operations.md docs/forwarding.md
+daemon/clh-writerd.toml``) rewrites the last two.
 Relative paths are resolved against the daemon's working directory.
 """
 

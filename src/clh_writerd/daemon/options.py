@@ -18,7 +18,6 @@ from .._sockdir import group_id, user_id
 
 FSYNC_POLICIES = ("never", "batch", "interval")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-TCP_AUTH = ("curve", "none")
 
 
 class ConfigError(ValueError):
@@ -254,7 +253,7 @@ OPTIONS: Tuple[Option, ...] = (
            notes="""
         Allow a tcp endpoint on an address that is not loopback.
         """),
-    Option("daemon", "tcp_auth", "curve", _choice(TCP_AUTH),
+    Option("daemon", "tcp_auth", "curve", _choice(protocol.TCP_AUTH),
            'tcp endpoints: "curve" (clients need a key in curve_public_keys_dir) or "none" (anyone who can '
            "reach the port may write; warned at every start).", restart_only=True,
            notes="""
