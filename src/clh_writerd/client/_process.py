@@ -19,7 +19,8 @@ Every live handler (thread-based or asyncio) registers here.
   later (gunicorn) replaces ours and drains through its own graceful exit;
   one whose handler was there first (uvicorn, whose lifespan builds ours)
   has it called after the drain, and its asyncio handlers are left to that
-  graceful exit.
+  graceful exit. A SIGTERM that only set CPython's flag (the main thread
+  asleep in C) is seen through by ``_sigwatch``.
 - **Exit.** At exit (atexit, and multiprocessing's finalizers for children
   that leave through os._exit) every handler is stopped, which drains its
   queue; a process that lost or dropped records says so in one line on
@@ -27,18 +28,20 @@ Every live handler (thread-based or asyncio) registers here.
 """
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
 import threading
 import time
 import weakref
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .._batchwrite import rotating_part
 from . import _notices
 from ._core import SyncItem
 from ._plans import PLANS_LOCK
+from ._sigwatch import SigtermWatch
 
 # Anything with .handler (the wrapped CLH handler), .mark_forked(),
 # .belongs_here(), .stop(), .park_for_fork(deadline), .resume_after_fork()
@@ -62,7 +65,13 @@ _after_bootstrap_registered = False
 _previous_sigterm: Any = None  # what SIGTERM did before _on_sigterm
 _sigterm_pid = 0  # the process _on_sigterm was installed in (once per process)
 _sigterm_ran = 0  # the process it ran in
+# Nudges the main thread where a SIGTERM set CPython's flag but our handler
+# never ran (see _sigwatch).
+_WATCH = SigtermWatch(lambda: _sigterm_ran == os.getpid())
 _hooked = False
+# The drain under way on a thread, in this process (pid), and what a SIGTERM
+# taken during it does once it ends (then).
+_drain_here = threading.local()
 _exit_reported = False
 
 
@@ -149,6 +158,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _exit_reported
     _release_fork_locks()
+    _WATCH.forget_in_child()
     _exit_reported = False
     _accounts.clear()  # the parent's losses are its own; each handler accounts again as it rebuilds
     handlers = list(_live)
@@ -181,7 +191,8 @@ def _drain_on_sigterm() -> None:
     default. Not where SIGTERM is ignored, and once per process: a handler
     set over ours since (coverage's, in a multiprocessing child) calls ours
     when it is done; putting ours over it again would make the two call
-    each other."""
+    each other. The watch (``_WATCH``) sees that a SIGTERM that only set
+    CPython's flag still reaches it."""
     global _previous_sigterm, _sigterm_pid
     try:
         if threading.current_thread() is not threading.main_thread() or _sigterm_pid == os.getpid():
@@ -190,10 +201,10 @@ def _drain_on_sigterm() -> None:
         if current == signal.SIG_IGN:
             return
         _sigterm_pid = os.getpid()
-        if current is _on_sigterm:
-            return  # inherited from the parent, with what it found there
-        _previous_sigterm = current
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        if current is not _on_sigterm:  # else inherited from the parent, with what it found there
+            _previous_sigterm = current
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        _WATCH.start()
     except (ValueError, OSError, AttributeError):  # no signals here (another interpreter, Windows)
         pass
 
@@ -203,7 +214,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     before ours: the previous handler, or end the process as the default
     would (the same exit status for whoever waits for us). A second SIGTERM
     while draining goes straight there; one that reaches ours again (a
-    handler that calls the one it found, which was ours) ends the process."""
+    handler that calls the one it found, which was ours) ends the process.
+    One that comes while this thread drains already (an exit's drain, a
+    close()) waits for that drain to end: a drain started inside it would
+    wait for the locks the interrupted one holds, for ever."""
     global _sigterm_ran
     if _sigterm_ran == os.getpid():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -212,6 +226,13 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     _sigterm_ran = os.getpid()
     previous = _previous_sigterm
     signal.signal(signal.SIGTERM, previous if callable(previous) else signal.SIG_DFL)
+    if getattr(_drain_here, "pid", 0) == os.getpid():
+        _drain_here.then.append(lambda: _drain_then_as_before(previous, signum, frame))
+        return
+    _drain_then_as_before(previous, signum, frame)
+
+
+def _drain_then_as_before(previous: Any, signum: int, frame: Any) -> None:
     try:
         # An app with its own SIGTERM handler (uvicorn's, set before its
         # lifespan built our handler) shuts down gracefully: an asyncio
@@ -220,13 +241,31 @@ def _on_sigterm(signum: int, frame: Any) -> None:
         # the app's last records to the fallback.
         stop_all(leave_running_loops=callable(previous))
     finally:
+        # What SIGTERM did before ours: the handler it found, or the default.
         if callable(previous):
             previous(signum, frame)
         else:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def draining() -> Iterator[None]:
+    """Around every drain (stop_all, each handler's stop()): a SIGTERM
+    handled on this thread meanwhile acts once the outermost drain ends."""
+    if getattr(_drain_here, "pid", 0) == os.getpid():
+        yield
+        return
+    _drain_here.pid, _drain_here.then = os.getpid(), []
+    try:
+        yield
+    finally:
+        then, _drain_here.pid = _drain_here.then, 0
+        for action in then:
+            action()
+
+
 # -- exit ------------------------------------------------------------------------------
+@draining()
 def stop_all(timeout: Optional[float] = None, leave_running_loops: bool = False) -> None:
     """Drain and stop every handler of this process (exit hooks), then say in
     one line on stderr if records were lost or dropped. ``leave_running_loops``:

@@ -101,6 +101,7 @@ class AsyncConcurrentHandler(WrappingHandler):
         loop = self._loop
         return loop is not None and loop.is_running() and threading.get_ident() == self._loop_thread
 
+    @_process.draining()
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Synchronous stop, for code outside the loop (atexit, another thread)."""
         loop, driver = self._loop, self._driver

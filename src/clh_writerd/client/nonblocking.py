@@ -123,6 +123,7 @@ class NonBlockingConcurrentHandler(WrappingHandler):
         self._thread = threading.Thread(target=self._run, args=(core,), name="clh-writerd-sender", daemon=True)
         self._thread.start()
 
+    @_process.draining()
     def stop(self, timeout: Optional[float] = None) -> bool:
         """Drain the queue (to the daemon or the fallback) and stop the sender.
 
