@@ -133,8 +133,6 @@ def from_env(name: str) -> Callable[[Any], Optional[str]]:
     return convert
 
 
-
-
 def _tcp_auth(value: Any) -> str:
     """None (the default) -> $CLH_WRITERD_TCP_AUTH, else "curve"."""
     if value is None:

@@ -73,20 +73,19 @@ def test_every_task_record_is_in_the_file_when_the_pool_exits(tmp_path, daemon, 
     report.assert_complete(allow_duplicates=True)
 
 
-def test_the_apps_own_sigterm_handler_still_runs_after_the_drain(tmp_path, daemon):
-    """A worker whose app (or a tool: coverage does) handles SIGTERM itself:
-    ours drains first, then the app's runs, with its consequences (here an
-    exit code of its own), and every record is in the file."""
-    path = os.path.join(daemon.log_dir, "own.log")
-    done = run_script(str(tmp_path), '''
-import signal
+def sigterm_child_app(child_end: str, records: int = 500, prelude: str = "", child_start: str = "") -> str:
+    """An app (``prelude`` first) with a live handler that logs one record,
+    then forks a child; the child runs ``child_start``, logs ``records``
+    records and runs ``child_end`` (which ends it by a SIGTERM, or never).
+    The parent prints the child's exit status, or "hung" after 20 s."""
+    def child(code: str) -> str:
+        return textwrap.indent(textwrap.dedent(code), "    ")
+    return f'''
+import signal, threading
 from clh_writerd import create_nonblocking_handler
+from clh_writerd.client import _process, _transport
 PATH = sys.argv[1]
-
-def own(signum, frame):
-    os._exit(3)
-
-signal.signal(signal.SIGTERM, own)
+{textwrap.dedent(prelude)}
 handler = create_nonblocking_handler(PATH)
 handler.setFormatter(logging.Formatter("%(message)s"))
 log = logging.getLogger("app")
@@ -95,15 +94,45 @@ log.setLevel(logging.INFO)
 log.info(seq_record("parent", 0))
 pid = os.fork()
 if pid == 0:
-    for n in range(500):
+{child(child_start)}
+    for n in range({records}):
         log.info(seq_record("child", n))
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
+{child(child_end)}
     os._exit(0)
-_, status = os.waitpid(pid, 0)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    print("hung")
+    sys.exit(0)
 handler.close()
 print(os.waitstatus_to_exitcode(status))
-''', path, endpoint=daemon.endpoint)
+'''
+
+
+# The child sends itself SIGTERM and would sleep on without a handler that ends it.
+SIGTERM_SELF = """
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(30)
+"""
+
+
+def test_the_apps_own_sigterm_handler_still_runs_after_the_drain(tmp_path, daemon):
+    """A worker whose app (or a tool: coverage does) handles SIGTERM itself:
+    ours drains first, then the app's runs, with its consequences (here an
+    exit code of its own), and every record is in the file."""
+    path = os.path.join(daemon.log_dir, "own.log")
+    done = run_script(str(tmp_path), sigterm_child_app(SIGTERM_SELF, prelude="""
+        def own(signum, frame):
+            os._exit(3)
+
+        signal.signal(signal.SIGTERM, own)
+    """), path, endpoint=daemon.endpoint)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == 3
     check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
@@ -118,37 +147,18 @@ def test_a_tool_handler_that_chains_back_to_ours_still_ends_the_process(tmp_path
     for it for ever (1 run in 10 of the forkserver pool under coverage). Ours
     runs once per process; the next SIGTERM ends the process."""
     path = os.path.join(daemon.log_dir, "chain.log")
-    done = run_script(str(tmp_path), '''
-import signal
-from clh_writerd import create_nonblocking_handler
-from clh_writerd.client import _process
-PATH = sys.argv[1]
-handler = create_nonblocking_handler(PATH)
-handler.setFormatter(logging.Formatter("%(message)s"))
-log = logging.getLogger("app")
-log.addHandler(handler)
-log.setLevel(logging.INFO)
-pid = os.fork()
-if pid == 0:
-    class Tool:  # what coverage's sigterm option does
-        def on_sigterm(self, signum, frame):
-            signal.signal(signal.SIGTERM, self.old)
-            os.kill(os.getpid(), signal.SIGTERM)
-    tool = Tool()
-    tool.old = signal.signal(signal.SIGTERM, tool.on_sigterm)
-    _process._drain_on_sigterm()  # multiprocessing's after-bootstrap hook asks again
-    for n in range(200):
-        log.info(seq_record("child", n))
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
-    os._exit(0)
-_, status = os.waitpid(pid, 0)
-handler.close()
-print(os.waitstatus_to_exitcode(status))
-''', path, endpoint=daemon.endpoint, timeout=60)
+    done = run_script(str(tmp_path), sigterm_child_app(SIGTERM_SELF, records=200, child_start="""
+        class Tool:  # what coverage's sigterm option does
+            def on_sigterm(self, signum, frame):
+                signal.signal(signal.SIGTERM, self.old)
+                os.kill(os.getpid(), signal.SIGTERM)
+        tool = Tool()
+        tool.old = signal.signal(signal.SIGTERM, tool.on_sigterm)
+        _process._drain_on_sigterm()  # multiprocessing's after-bootstrap hook asks again
+    """), path, endpoint=daemon.endpoint, timeout=60)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == -signal.SIGTERM, done.stderr
-    check_sequences(read_lines(path), {"child": 200}).assert_complete()
+    check_sequences(read_lines(path), {"parent": 1, "child": 200}).assert_complete()
 
 
 def test_where_sigterm_is_ignored_ours_is_not_installed():
@@ -167,66 +177,10 @@ def test_the_sigterm_of_a_forked_child_still_ends_it_as_sigterm(tmp_path, daemon
     """After draining, the child ends as SIGTERM would have ended it: its
     parent sees -SIGTERM, and its records are in the file."""
     path = os.path.join(daemon.log_dir, "term.log")
-    done = run_script(str(tmp_path), '''
-import signal
-from clh_writerd import create_nonblocking_handler
-PATH = sys.argv[1]
-handler = create_nonblocking_handler(PATH)
-handler.setFormatter(logging.Formatter("%(message)s"))
-log = logging.getLogger("child")
-log.addHandler(handler)
-log.setLevel(logging.INFO)
-log.info(seq_record("parent", 0))
-pid = os.fork()
-if pid == 0:
-    for n in range(500):
-        log.info(seq_record("child", n))
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(30)
-    os._exit(0)
-_, status = os.waitpid(pid, 0)
-handler.close()
-print(os.waitstatus_to_exitcode(status))
-''', path, endpoint=daemon.endpoint)
+    done = run_script(str(tmp_path), sigterm_child_app(SIGTERM_SELF), path, endpoint=daemon.endpoint)
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == -15
     check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
-
-
-def sigterm_child_app(child_end: str, imports: str = "") -> str:
-    """An app that forks a child with a live handler; the child logs 500
-    records, then runs ``child_end`` (which ends it by a SIGTERM, or never).
-    The parent prints the child's exit status, or "hung" after 20 s."""
-    return f'''
-import signal, threading
-from clh_writerd import create_nonblocking_handler
-{imports}
-PATH = sys.argv[1]
-handler = create_nonblocking_handler(PATH)
-handler.setFormatter(logging.Formatter("%(message)s"))
-log = logging.getLogger("app")
-log.addHandler(handler)
-log.setLevel(logging.INFO)
-pid = os.fork()
-if pid == 0:
-    for n in range(500):
-        log.info(seq_record("child", n))
-{textwrap.indent(textwrap.dedent(child_end), "    ")}
-    os._exit(0)
-deadline = time.monotonic() + 20
-while time.monotonic() < deadline:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        break
-    time.sleep(0.05)
-else:
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    print("hung")
-    sys.exit(0)
-handler.close()
-print(os.waitstatus_to_exitcode(status))
-'''
 
 
 def test_a_sigterm_that_sets_only_cpythons_flag_still_drains_and_ends_the_child(tmp_path, daemon):
@@ -261,7 +215,7 @@ def test_a_sigterm_that_sets_only_cpythons_flag_still_drains_and_ends_the_child(
     '''), path, endpoint=daemon.endpoint)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(-signal.SIGTERM), "the child did not end: " + done.stdout + done.stderr
-    check_sequences(read_lines(path), {"child": 500}).assert_complete()
+    check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
 
 
 def test_a_sigterm_during_a_drain_acts_once_the_drain_is_done(tmp_path, daemon):
@@ -283,10 +237,10 @@ def test_a_sigterm_during_a_drain_acts_once_the_drain_is_done(tmp_path, daemon):
 
         _transport.SyncLane._drop = drop_with_sigterm
         handler.close()
-    ''', imports="from clh_writerd.client import _transport"), path, endpoint=daemon.endpoint)
+    '''), path, endpoint=daemon.endpoint)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(-signal.SIGTERM), "the child did not end as SIGTERM: " + done.stdout + done.stderr
-    check_sequences(read_lines(path), {"child": 500}).assert_complete()
+    check_sequences(read_lines(path), {"parent": 1, "child": 500}).assert_complete()
 
 
 def test_the_workers_of_a_finished_pool_leave_the_daemons_stats(tmp_path, daemon):
